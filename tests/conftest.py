@@ -1,0 +1,31 @@
+"""Shared test setup: paths to ../shared, the offline tokenizer cache, and a runner for the real CLIs."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+DATA = SHARED / "data"
+sys.path.insert(0, str(ROOT))
+
+# No network in CI: tiktoken reads the GPT-2 BPE files from the shared cache (it checks their hashes).
+if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken-cache").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken-cache")
+
+
+def run_cli(*args, cwd=None, env=None, timeout=600):
+    """Runs `python <args>` from the repo root as a real subprocess; returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd or ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def small_text(tmp_path_factory):
+    """The first 60k characters of Tiny Shakespeare: real text, quick to tokenize."""
+    path = tmp_path_factory.mktemp("data") / "small.txt"
+    path.write_text((ROOT / "input.txt").read_text()[:60000])
+    return path

@@ -1,0 +1,61 @@
+"""Distributed training under torchrun on CPU (gloo): 2 ranks train what 1 process with twice the gradient
+accumulation trains, and a 2-rank checkpoint resumes in 1 process."""
+import shutil
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+ARGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "32",
+        "--total_batch_size", "256", "--warmup_steps", "2", "--eval_every", "2", "--sample_every", "0",
+        "--checkpoint_every", "3", "--val_tokens", "1000", "--max_steps", "6", "--device", "cpu", "--dtype", "fp32"]
+
+
+def torchrun(n, *args):
+    return run_cli("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args)
+
+
+def read_log(path):
+    """{(step, kind): value} from log.txt."""
+    return {(int(s), k): float(v) for s, k, v in (ln.split() for ln in path.read_text().splitlines())}
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(abs(a[k] - b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(small_text, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ddp")
+    one = run_cli("train_gpt2.py", "--data", small_text, "--log_dir", d / "one", *ARGS)
+    assert one.returncode == 0, one.stderr
+    assert "1 ranks x 4 accumulation steps" in one.stdout
+    two = torchrun(2, "train_gpt2.py", "--data", small_text, "--log_dir", d / "two", *ARGS)
+    assert two.returncode == 0, two.stderr
+    assert "2 ranks x 2 accumulation steps" in two.stdout
+    return d
+
+
+def test_two_ranks_log_what_one_process_logs(runs):
+    one, two = read_log(runs / "one" / "log.txt"), read_log(runs / "two" / "log.txt")
+    assert len(one) == 6 + 4  # 6 train lines, val at 0, 2, 4, 6
+    diff = max_diff(one, two)
+    print(f"max |diff| over {len(one)} logged losses, 1 process vs 2 ranks: {diff:.2e}")
+    assert diff < 1e-4
+    w1 = torch.load(runs / "one" / "model_00006.pt", weights_only=True)["model"]
+    w2 = torch.load(runs / "two" / "model_00006.pt", weights_only=True)["model"]
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+
+
+def test_two_rank_checkpoint_resumes_in_one_process(runs, small_text, tmp_path):
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(runs / "two" / "model_00003.pt", tmp_path / "resumed")
+    out = run_cli("train_gpt2.py", "--data", small_text, "--log_dir", tmp_path / "resumed", *ARGS, "--resume", "auto")
+    assert out.returncode == 0, out.stderr
+    assert "resumed at step 3" in out.stdout
+    two = {k: v for k, v in read_log(runs / "two" / "log.txt").items() if k[0] >= 3}
+    diff = max_diff(two, read_log(tmp_path / "resumed" / "log.txt"))
+    print(f"max |diff| resumed in 1 process vs continued on 2 ranks: {diff:.2e}")
+    assert diff < 1e-4

@@ -1,0 +1,243 @@
+"""The model is GPT-2: logits equal Hugging Face transformers' GPT2LMHeadModel on the same weights, in
+every checkpoint layout; the KV cache changes no token; the pure pieces (schedule, batch arithmetic,
+optimizer groups, data loader) against brute-force references."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+import train_gpt2 as tg
+
+SHAPES = [  # (n_layer, n_head, n_embd, vocab_size, n_positions)
+    (1, 1, 16, 50257, 64),
+    (2, 4, 32, 1000, 128),
+    (3, 2, 48, 777, 96),
+]
+
+
+def random_hf_model(n_layer, n_head, n_embd, vocab, n_pos, seed=0):
+    """A random transformers GPT-2 with every parameter perturbed away from its init (biases and LayerNorm
+    included), so a missed bias, transpose or tie shows up in the logits."""
+    import transformers
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab,
+                                  n_positions=n_pos, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def save_layout(hf, path, layout):
+    """Saves hf as real checkpoints come: save_pretrained's safetensors, the old pytorch_model.bin with
+    causal-mask buffers and no 'transformer.' prefix, or one with an explicit lm_head.weight."""
+    from safetensors.torch import save_file
+    path.mkdir()
+    if layout == "save_pretrained":
+        hf.save_pretrained(path)
+        return
+    hf.config.to_json_file(path / "config.json")
+    sd = {k: v.clone().contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    T = hf.config.n_positions
+    if layout == "bin_no_prefix_with_buffers":
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+        for i in range(hf.config.n_layer):
+            sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(T, T)).view(1, 1, T, T)
+            sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        torch.save(sd, path / "pytorch_model.bin")
+    elif layout == "safetensors_with_lm_head":
+        sd["lm_head.weight"] = hf.lm_head.weight.detach().clone()
+        save_file(sd, path / "model.safetensors")
+    else:
+        raise ValueError(layout)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["save_pretrained", "bin_no_prefix_with_buffers", "safetensors_with_lm_head"])
+def test_from_pretrained_logits_equal_transformers(tmp_path, shape, layout):
+    hf = random_hf_model(*shape)
+    save_layout(hf, tmp_path / "ckpt", layout)
+    ours = tg.GPT.from_pretrained(str(tmp_path / "ckpt")).eval()
+    vocab, n_pos = shape[3], shape[4]
+    idx = torch.randint(0, vocab, (2, n_pos), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        logits, _ = ours(idx)
+    assert logits.shape[-1] % 128 == 0 and logits.shape[-1] >= vocab
+    diff = (logits[..., :vocab] - ref).abs().max().item()
+    assert diff < 1e-4, diff
+    assert torch.isneginf(logits[..., vocab:]).all()  # the padded rows can never win
+
+
+def test_loss_is_cross_entropy_of_the_real_vocab():
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=32, vocab_size=100, n_layer=1, n_head=2, n_embd=16))
+    idx = torch.randint(0, 100, (3, 32))
+    tgt = torch.randint(0, 100, (3, 32))
+    logits, loss = model(idx, tgt)
+    ref = torch.nn.functional.cross_entropy(logits[..., :100].reshape(-1, 100), tgt.view(-1))
+    assert abs(loss.item() - ref.item()) < 1e-6
+
+
+def test_gpt2_124m_shape_and_init():
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(**tg.PRESETS["gpt2"]))
+    # 124,439,808: OpenAI GPT-2 small's count; padding the vocab to 50304 adds 47 * 768
+    assert model.num_params() == 124_439_808 + (50304 - 50257) * 768
+    assert model.transformer.wte.weight is model.lm_head.weight
+    proj = model.transformer.h[0].attn.c_proj.weight
+    assert abs(proj.std().item() - 0.02 / math.sqrt(2 * 12)) < 2e-4
+    assert abs(model.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 2e-4
+    names = {n for n, _ in model.named_parameters()}
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight",
+            "transformer.h.0.attn.c_proj.bias", "transformer.h.11.mlp.c_fc.weight", "transformer.ln_f.weight"} <= names
+
+
+@pytest.mark.parametrize("block_size,prompt_len,new", [(64, 5, 40), (24, 10, 30)])
+def test_kv_cache_gives_the_tokens_of_full_recomputation(block_size, prompt_len, new):
+    """Greedy decoding with and without the cache, also past the block size (24 < 10 + 30)."""
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=block_size, vocab_size=300, n_layer=2, n_head=2, n_embd=32))
+    idx = torch.randint(0, 300, (3, prompt_len))
+    fast = tg.generate(model, idx, new, temperature=0, use_cache=True)
+    slow = tg.generate(model, idx, new, temperature=0, use_cache=False)
+    assert fast.shape == (3, prompt_len + new)
+    assert torch.equal(fast, slow)
+
+
+def test_sampling_respects_top_k_and_seed():
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=32, vocab_size=300, n_layer=1, n_head=2, n_embd=32))
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    logits, _ = model(idx)
+    allowed = set(torch.topk(logits[0, -1], 3).indices.tolist())
+    outs = [tg.generate(model, idx, 1, top_k=3, generator=torch.Generator().manual_seed(s))[0, 1].item()
+            for s in range(30)]
+    assert set(outs) <= allowed and len(set(outs)) > 1
+    a = tg.generate(model, idx, 8, generator=torch.Generator().manual_seed(5))
+    b = tg.generate(model, idx, 8, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_get_lr_matches_the_formula():
+    max_lr, warm, total = 6e-4, 10, 100
+    lrs = [tg.get_lr(s, max_lr, warm, total) for s in range(total + 5)]
+    assert lrs[0] == pytest.approx(max_lr / warm) and lrs[warm - 1] == pytest.approx(max_lr)
+    assert all(b > a for a, b in zip(lrs[:warm], lrs[1:warm]))  # warmup rises linearly
+    assert all(b <= a for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # then only decays
+    for s in range(warm, total):  # cosine from max_lr to 0.1 * max_lr
+        ref = 0.1 * max_lr + 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm))) * 0.9 * max_lr
+        assert lrs[s] == pytest.approx(ref)
+    assert lrs[total] == pytest.approx(0.1 * max_lr) and lrs[-1] == pytest.approx(0.1 * max_lr)
+    assert tg.get_lr(55, max_lr, warm, total) == pytest.approx(0.55 * max_lr)  # halfway: the mean
+
+
+def test_grad_accum_arithmetic():
+    assert tg.grad_accum_steps(524288, 16, 1024, 1) == 32
+    assert tg.grad_accum_steps(524288, 64, 1024, 8) == 1
+    with pytest.raises(tg.UserError, match="--total_batch_size"):
+        tg.grad_accum_steps(524288, 12, 1024, 1)
+
+
+def test_weight_decay_only_on_matrices():
+    model = tg.GPT(tg.GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=16))
+    opt = tg.configure_optimizer(model, 1e-3, 0.1, "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
+
+
+def make_shards(dirpath, sizes, prefix="edufineweb"):
+    """build-nanogpt's layout: np.save of uint16 arrays, shard 0 is val."""
+    dirpath.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = []
+    for i, n in enumerate(sizes):
+        a = rng.integers(0, 50257, n, dtype=np.uint16)
+        np.save(dirpath / f"{prefix}_{'val' if i == 0 else 'train'}_{i:06d}.npy", a)
+        arrays.append(a)
+    return arrays
+
+
+def test_shards_load_in_numeric_order(tmp_path):
+    arrays = make_shards(tmp_path / "d", [100, 50, 60, 70])
+    (tmp_path / "d" / "edufineweb_train_000001.npy").rename(tmp_path / "d" / "edufineweb_train_1.npy")
+    np.save(tmp_path / "d" / "edufineweb_train_10.npy", arrays[3])  # "10" sorts after "3" by number
+    (tmp_path / "d" / "edufineweb_train_000003.npy").unlink()
+    train = tg.load_split(str(tmp_path / "d"), "train")
+    assert [len(a) for a in train] == [50, 60, 70]
+    assert np.array_equal(train[0], arrays[1]) and np.array_equal(tg.load_split(str(tmp_path / "d"), "val")[0], arrays[0])
+
+
+def test_text_file_split_and_tokens(small_text):
+    import tiktoken
+    ref = tiktoken.get_encoding("gpt2").encode_ordinary(small_text.read_text())
+    train, val = tg.load_split(str(small_text), "train")[0], tg.load_split(str(small_text), "val")[0]
+    assert list(train) + list(val) == ref and len(val) == len(ref) // 10
+
+
+def test_loader_ranks_see_the_micro_batches_of_one_process():
+    """N ranks x A accumulation steps == 1 process x N*A, batch for batch, across shard boundaries."""
+    rng = np.random.default_rng(0)
+    shards = [rng.integers(0, 50257, n, dtype=np.uint16) for n in (300, 200, 250)]
+    B, T, N, A = 2, 16, 2, 3
+    # brute force: the stream of (B*T+1)-token windows, a window that does not fit starts the next shard
+    windows, s, p = [], 0, 0
+    for _ in range(60):
+        if p + B * T + 1 > len(shards[s]):
+            s, p = (s + 1) % len(shards), 0
+        windows.append(shards[s][p: p + B * T + 1].astype(np.int64))
+        p += B * T
+    one = tg.DataLoader(shards, B, T)
+    ranks = [tg.DataLoader(shards, B, T, rank=r, world_size=N) for r in range(N)]
+    for step in range(10):
+        single = [one.next_batch() for _ in range(N * A)]
+        multi = [None] * (N * A)
+        for a in range(A):
+            for r in range(N):
+                multi[a * N + r] = ranks[r].next_batch()
+        for j, ((x1, y1), (x2, y2)) in enumerate(zip(single, multi)):
+            w = windows[step * N * A + j]
+            assert torch.equal(x1, x2) and torch.equal(y1, y2)
+            assert np.array_equal(x1.flatten().numpy(), w[:-1]) and np.array_equal(y1.flatten().numpy(), w[1:])
+        assert one.state_dict() == ranks[0].state_dict() == ranks[1].state_dict()
+
+
+def test_val_batches_are_split_over_ranks_without_loss_or_overlap():
+    tokens = np.arange(1000, dtype=np.uint16)
+    full = [x for x, _ in tg.val_batches([tokens], 500, 3, 16)]
+    parts = [x for r in range(3) for x, _ in tg.val_batches([tokens], 500, 3, 16, rank=r, world_size=3)]
+    rows = lambda xs: sorted(map(tuple, torch.cat(xs).tolist()))  # noqa: E731
+    assert rows(full) == rows(parts) and len(rows(full)) == 500 // 16
+
+
+def test_import_has_no_side_effects():
+    code = ("import sys, torch, torch.distributed as dist; import train_gpt2; "
+            "assert 'tiktoken' not in sys.modules and 'transformers' not in sys.modules; "
+            "assert 'matplotlib' not in sys.modules and 'hellaswag' not in sys.modules; "
+            "assert not dist.is_initialized() and not torch.cuda.is_initialized()")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == "" and out.stderr == "", out.stderr
+
+
+def test_checkpoint_config_is_plain_json(tmp_path):
+    model = tg.GPT(tg.GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=1, n_embd=8))
+    opt = tg.configure_optimizer(model, 1e-3, 0.1, "cpu")
+    loader = tg.DataLoader([np.arange(100, dtype=np.uint16)], 2, 8)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    tg.save_checkpoint(str(tmp_path / "model_00001.pt"), model, opt, scaler, 1, loader, tg.TrainConfig())
+    ckpt = torch.load(tmp_path / "model_00001.pt", weights_only=True)
+    json.dumps(ckpt["config"]) and json.dumps(ckpt["train_config"])
+    assert {"model", "optimizer", "config", "step", "loader", "rng", "scaler"} <= ckpt.keys()
+    assert [p.name for p in tmp_path.iterdir()] == ["model_00001.pt"]  # no temporary left behind
+    again = tg.model_from_checkpoint(ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

@@ -1,0 +1,236 @@
+"""train_gpt2.py as users run it: real subprocesses that train, get killed, resume, sample and export.
+The references are independent: an uninterrupted run, transformers' forward pass, brute-force hashes."""
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+
+import train_gpt2 as tg
+
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "32",
+        "--total_batch_size", "128", "--warmup_steps", "3", "--max_lr", "1e-3", "--val_tokens", "256",
+        "--sample_every", "0", "--device", "cpu"]
+
+
+def train_args(data, log_dir, *extra, steps=8):
+    return ["train_gpt2.py", "--data", data, "--log_dir", log_dir, *TINY, "--max_steps", str(steps),
+            "--eval_every", "3", "--checkpoint_every", "2", *extra]
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(small_text, tmp_path_factory):
+    """An uninterrupted 8-step run: the reference every interrupted run must reproduce bit for bit."""
+    log_dir = tmp_path_factory.mktemp("reference")
+    out = run_cli(*train_args(small_text, log_dir))
+    assert out.returncode == 0, out.stderr
+    return log_dir
+
+
+def test_log_format_and_checkpoints(reference):
+    lines = (reference / "log.txt").read_text().splitlines()
+    kinds = [(int(s), kind) for s, kind, _ in (ln.split() for ln in lines)]
+    assert kinds == [(0, "val"), (0, "train"), (1, "train"), (2, "train"), (3, "val"), (3, "train"),
+                     (4, "train"), (5, "train"), (6, "val"), (6, "train"), (7, "train"), (8, "val")]
+    assert all(len(ln.split()[2].split(".")[1]) >= 6 for ln in lines)
+    assert sorted(p.name for p in reference.glob("model_*.pt")) == [f"model_{s:05d}.pt" for s in (2, 4, 6, 8)]
+    ckpt = torch.load(reference / "model_00008.pt", weights_only=True)
+    assert ckpt["step"] == 8 and {"optimizer", "config", "loader", "rng", "scaler"} <= ckpt.keys()
+    first, last = float(lines[0].split()[2]), float(lines[-1].split()[2])
+    assert last < first  # it learns
+
+
+def run_until(args, pattern, sig, cwd=ROOT):
+    """Starts training, waits until stdout prints a line containing pattern, then sends sig.
+    Returns (exit code, stdout so far)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if pattern in line:
+            proc.send_signal(sig)
+            break
+    rest, err = proc.communicate(timeout=300)
+    return proc.returncode, "".join(seen) + rest, err
+
+
+@pytest.mark.parametrize("kill_after", ["step     1 | loss", "step     4 | loss", "step     6 | val"])
+def test_sigkill_then_resume_is_bit_identical(reference, small_text, tmp_path, kill_after):
+    log_dir = tmp_path / "run"
+    rc, _, _ = run_until(train_args(small_text, log_dir), kill_after, signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    assert not [p for p in log_dir.iterdir() if p.name.startswith("model_") and not tg.CHECKPOINT_RE.match(p.name)
+                and not p.name.endswith(".tmp")]
+    out = run_cli(*train_args(small_text, log_dir, "--resume", "auto"))
+    assert out.returncode == 0, out.stderr
+    assert_same_weights(weights(reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
+    assert (log_dir / "log.txt").read_text() == (reference / "log.txt").read_text()
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_143(reference, small_text, tmp_path):
+    log_dir = tmp_path / "run"
+    rc, out, err = run_until(train_args(small_text, log_dir), "step     2 | loss", signal.SIGTERM)
+    assert rc == 143, err
+    assert "stopped by signal" in out
+    steps = sorted(int(tg.CHECKPOINT_RE.match(p.name)[1]) for p in log_dir.glob("model_*.pt"))
+    assert steps and steps[-1] in (3, 4)  # the step in progress finished, then a checkpoint
+    out = run_cli(*train_args(small_text, log_dir, "--resume", "auto"))
+    assert out.returncode == 0, out.stderr
+    assert_same_weights(weights(reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
+
+
+def test_resume_auto_skips_a_bad_newest_checkpoint(reference, small_text, tmp_path):
+    log_dir = tmp_path / "run"
+    shutil.copytree(reference, log_dir)
+    for s in (6, 8):
+        (log_dir / f"model_{s:05d}.pt").unlink()
+    data = (log_dir / "model_00004.pt").read_bytes()
+    (log_dir / "model_00006.pt").write_bytes(data[: len(data) // 2])  # truncated, as a crash could leave it
+    out = run_cli(*train_args(small_text, log_dir, "--resume", "auto"))
+    assert out.returncode == 0, out.stderr
+    assert "model_00006.pt" in out.stderr and "warning" in out.stderr
+    assert (log_dir / "model_00006.pt").read_bytes() == data[: len(data) // 2]  # left untouched
+    assert_same_weights(weights(reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
+
+
+def test_trains_on_build_nanogpt_shards(tmp_path):
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    text = (ROOT / "input.txt").read_text()
+    d = tmp_path / "shards"
+    d.mkdir()
+    for i, (split, chunk) in enumerate([("val", text[:20000]), ("train", text[20000:60000]),
+                                        ("train", text[60000:90000])]):
+        np.save(d / f"edufineweb_{split}_{i:06d}.npy", np.array(enc.encode_ordinary(chunk), dtype=np.uint16))
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    out = run_cli(*train_args(d, tmp_path / "log", steps=4))
+    assert out.returncode == 0, out.stderr
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # shards load unchanged
+
+
+def tree_hashes(path):
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(path).rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, reference):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.txt").write_text("  \n")
+    (d / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (d / "int32").mkdir()
+    np.save(d / "int32" / "x_train_000001.npy", np.arange(5000, dtype=np.int32))
+    np.save(d / "int32" / "x_val_000000.npy", np.arange(5000, dtype=np.int32))
+    (d / "noval").mkdir()
+    np.save(d / "noval" / "x_train_000001.npy", np.arange(5000, dtype=np.uint16))
+    (d / "trunc").mkdir()
+    np.save(d / "trunc" / "x_val_000000.npy", np.arange(5000, dtype=np.uint16))
+    (d / "trunc" / "x_train_000001.npy").write_bytes((d / "trunc" / "x_val_000000.npy").read_bytes()[:500])
+    (d / "other_shape").mkdir()
+    shutil.copy(reference / "model_00002.pt", d / "other_shape" / "model_00002.pt")
+    (d / "garbage").mkdir()
+    (d / "garbage" / "model_00001.pt").write_bytes(b"not a checkpoint")
+    return d
+
+
+BAD = {  # name: (extra args replacing defaults, words the one-line message must contain)
+    "missing data": (["--data", "{d}/nope.txt"], "does not exist"),
+    "empty text": (["--data", "{d}/empty.txt"], "empty"),
+    "non-utf8 text": (["--data", "{d}/latin1.txt"], "UTF-8"),
+    "int32 shard": (["--data", "{d}/int32"], "uint16"),
+    "no val shard": (["--data", "{d}/noval"], "val"),
+    "truncated shard": (["--data", "{d}/trunc"], "not a readable"),
+    "unknown preset": (["--model", "gpt5"], "unknown --model"),
+    "indivisible batch": (["--total_batch_size", "100"], "not a multiple"),
+    "seq_len > block": (["--seq_len", "2048", "--total_batch_size", "4096"], "block size"),
+    "unknown device": (["--device", "tpu"], "unknown --device"),
+    "cuda without gpu": (["--device", "cuda"], "CUDA"),
+    "fp16 on cpu": (["--dtype", "fp16"], "fp16"),
+    "resume nowhere": (["--resume", "{d}/none.pt"], "does not exist"),
+    "checkpoint of another shape": (["--resume", "auto", "--log_dir", "{d}/other_shape", "--n_embd", "64"],
+                                    "shape"),
+    "no valid checkpoint": (["--resume", "auto", "--log_dir", "{d}/garbage"], "none of the 1 checkpoints"),
+    "unreadable checkpoint": (["--resume", "{d}/garbage/model_00001.pt"], "not a valid checkpoint"),
+    "unknown init_from": (["--init_from", "gpt7"], "neither a directory"),
+}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda case expects a machine without a GPU")
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_input_one_line_exit_2(bad_files, small_text, tmp_path, case):
+    extra, words = BAD[case]
+    extra = [a.format(d=bad_files) for a in extra]
+    args = train_args(small_text, tmp_path / "log", steps=2)
+    before = tree_hashes(bad_files)
+    out = run_cli(*args, *extra)  # argparse: the last occurrence of a flag wins
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    lines = [ln for ln in out.stderr.splitlines() if not ln.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert words in lines[0] and "Traceback" not in out.stderr
+    assert tree_hashes(bad_files) == before
+
+
+def test_sample_cli_checkpoint_and_interactive(reference):
+    out = run_cli("train_gpt2.py", "sample", "--checkpoint", reference / "model_00008.pt", "--prompt", "ROMEO:",
+                  "--max_new_tokens", "8", "--num_samples", "2", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("--- sample") == 2 and out.stdout.count("ROMEO:") == 2
+    proc = subprocess.run([sys.executable, "train_gpt2.py", "sample", "--checkpoint", str(reference / "model_00008.pt"),
+                           "--interactive", "--max_new_tokens", "4", "--num_samples", "1", "--temperature", "0"],
+                          cwd=ROOT, input="First prompt\nSecond prompt\n", capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "First prompt" in proc.stdout and "Second prompt" in proc.stdout and proc.stdout.count("--- sample") == 2
+
+
+def test_export_round_trip_through_transformers(reference, tmp_path):
+    import transformers
+    out = run_cli("train_gpt2.py", "export", "--checkpoint", reference / "model_00008.pt", "--out", tmp_path / "hf")
+    assert out.returncode == 0, out.stderr
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ours = tg.load_model(str(reference / "model_00008.pt")).eval()
+    idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(idx)[0][..., :50257] - hf(idx).logits).abs().max().item()
+    assert diff < 1e-4, diff
+    back = tg.GPT.from_pretrained(str(tmp_path / "hf"))
+    real_vocab = lambda sd: {k: v[:50257] if k in ("transformer.wte.weight", "lm_head.weight") else v  # noqa: E731
+                             for k, v in sd.items()}  # export drops the padding rows
+    assert_same_weights(real_vocab(ours.state_dict()), real_vocab(back.state_dict()))
+
+
+def test_init_from_local_hf_directory(reference, small_text, tmp_path):
+    out = run_cli("train_gpt2.py", "export", "--checkpoint", reference / "model_00008.pt", "--out", tmp_path / "hf")
+    assert out.returncode == 0, out.stderr
+    args = train_args(small_text, tmp_path / "ft", "--init_from", tmp_path / "hf", "--eval_every", "1", steps=1)
+    args.remove("--n_layer"), args.remove("2")  # shape comes from the weights; the flags are optional
+    out = run_cli(*args)
+    assert out.returncode == 0, out.stderr
+    first_val = float((tmp_path / "ft" / "log.txt").read_text().split()[2])
+    ref_val = float([ln for ln in (reference / "log.txt").read_text().splitlines() if ln.startswith("8 val")][0].split()[2])
+    assert abs(first_val - ref_val) < 1e-6  # step 0 of fine-tuning evaluates the exported weights
+
+
+def test_plot(reference, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = run_cli("train_gpt2.py", "plot", "--log_dir", reference, "--out", tmp_path / "p.png")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

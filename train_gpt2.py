@@ -1,0 +1,1048 @@
+"""
+Train GPT-2 from scratch: one readable file with the model, the data loader, DDP, the learning-rate
+schedule, evaluation (val loss, HellaSwag), checkpoints and sampling.
+
+Launch:
+    python train_gpt2.py --data input.txt --n_layer 4 --n_head 4 --n_embd 256 ...   # laptop CPU
+    python train_gpt2.py --data edu_fineweb10B                                       # one GPU
+    torchrun --standalone --nproc_per_node=8 train_gpt2.py --data edu_fineweb10B     # 8 GPUs
+    python train_gpt2.py sample --checkpoint log/model_19073.pt --prompt "Hello"     # play with it
+    python train_gpt2.py export --checkpoint log/model_19073.pt --out gpt2-mine       # to Hugging Face
+    python train_gpt2.py plot --log_dir log                                          # loss curves
+See README.md for every flag.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import glob
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+
+
+class UserError(Exception):
+    """Bad input from the user: main() prints the message as one line and exits with code 2."""
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # maximum sequence length (context)
+    vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+    @property
+    def padded_vocab_size(self):
+        # Why: 50257 is an awkward number for matmul kernels; rounding the embedding table up to a
+        # multiple of 128 (50304 for GPT-2) makes lm_head measurably faster. The extra rows are never
+        # targets, and forward() masks their logits to -inf, so they can never win.
+        return (self.vocab_size + 127) // 128 * 128
+
+
+# GPT-2 shapes of the OpenAI checkpoints (GPT-2 paper, table 2; see ../shared/REFERENCE.md).
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+def arg(default, help):
+    """A config field with the one-line help that --help shows."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    data: str = arg("input.txt", "a text file (last 10%% is val) or a directory of uint16 .npy shards from fineweb.py")
+    log_dir: str = arg("log", "where log.txt and the model_<step>.pt checkpoints go")
+    model: str = arg("gpt2", "model shape preset: " + ", ".join(PRESETS))
+    n_layer: int = arg(None, "number of layers (overrides the preset)")
+    n_head: int = arg(None, "number of attention heads (overrides the preset)")
+    n_embd: int = arg(None, "embedding width (overrides the preset)")
+    init_from: str = arg(None, "start from these weights: a Hugging Face GPT-2 name/directory or a checkpoint")
+    resume: str = arg(None, "'auto': continue from the newest valid checkpoint in --log_dir; or a checkpoint path")
+    # batch: the GPT-3 paper's 124M ("Small") recipe uses 0.5M tokens per optimizer step
+    total_batch_size: int = arg(524288, "tokens per optimizer step, over all ranks and accumulation steps (2**19)")
+    batch_size: int = arg(16, "sequences per micro-step on each rank (gradient accumulation makes up the rest)")
+    seq_len: int = arg(1024, "tokens per sequence, at most the model's block size (1024)")
+    # optimizer and schedule: GPT-3 paper, appendix B; step counts from the 10B-token reproduction
+    max_lr: float = arg(6e-4, "peak learning rate, reached after warmup")
+    min_lr_ratio: float = arg(0.1, "the cosine decays to max_lr * min_lr_ratio at max_steps")
+    warmup_steps: int = arg(715, "linear warmup steps (375M tokens / 2**19)")
+    max_steps: int = arg(19073, "optimizer steps in all (10B tokens / 2**19: one epoch of sample-10BT)")
+    weight_decay: float = arg(0.1, "AdamW weight decay on 2-D tensors")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    # machine
+    device: str = arg("auto", "auto, cpu, cuda or mps")
+    dtype: str = arg("auto", "auto (bf16 where supported, fp16 on older GPUs, else fp32), bf16, fp16 or fp32")
+    compile: str = arg("auto", "torch.compile the model: on, off, or auto (on for CUDA)")
+    seed: int = arg(1337, "random seed (model init, sampling)")
+    # periodic work, in optimizer steps; 0 = off
+    eval_every: int = arg(250, "val loss every this many steps (0 = off)")
+    val_tokens: int = arg(20 * 65536, "val tokens per evaluation: always the same first ones of the val split")
+    sample_every: int = arg(250, "print samples every this many steps (0 = off)")
+    prompt: str = arg("Hello, I'm a language model,", "prompt for the samples printed during training")
+    hellaswag_every: int = arg(0, "HellaSwag accuracy every this many steps (0 = off)")
+    hellaswag_data: str = arg(None, "local hellaswag_val.jsonl (default: download it once)")
+    hellaswag_limit: int = arg(0, "score only the first N HellaSwag examples (0 = all 10,042)")
+    checkpoint_every: int = arg(5000, "write model_<step>.pt every this many steps, and at the end (0 = off)")
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_PROJ = True  # scaled at init, see GPT._init_weights
+
+    def forward(self, x, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, nh, T_past + T, hs)
+        # A query attends to itself and the past. With a cache and one new token the whole past is
+        # visible, so no mask is needed; with no cache the usual causal mask applies.
+        assert cache is None or T == 1 or k.size(2) == T, "a cached forward takes one token at a time"
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=(k.size(2) == T and T > 1))  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation of GELU
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_PROJ = True
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)  # eps 1e-5, as in GPT-2
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):
+        # pre-LayerNorm: the residual stream x itself is never normalized, only what branches off it
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class KVCache:
+    """Keys and values of every token seen so far, per layer, so sampling feeds one new token per step."""
+
+    def __init__(self, n_layer):
+        self.kv = [None] * n_layer
+        self.layer = 0  # which layer the next update() belongs to
+
+    def __len__(self):
+        return 0 if self.kv[0] is None else self.kv[0][0].size(2)
+
+    def update(self, k, v):
+        if self.kv[self.layer] is not None:
+            k = torch.cat([self.kv[self.layer][0], k], dim=2)
+            v = torch.cat([self.kv[self.layer][1], v], dim=2)
+        self.kv[self.layer] = (k, v)
+        self.layer = (self.layer + 1) % len(self.kv)
+        return k, v
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token embeddings
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # Weight tying (as in GPT-2): the input embedding and the output projection are one matrix.
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # GPT-2 init: N(0, 0.02), biases zero; each residual projection scaled by 1/sqrt(2 * n_layer)
+        # because every block adds two of them to the residual stream (GPT-2 paper, section 2.3).
+        if isinstance(module, nn.Linear):
+            std = 0.02 * (2 * self.config.n_layer) ** -0.5 if hasattr(module, "RESIDUAL_PROJ") else 0.02
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, cache=None):
+        B, T = idx.shape
+        start = len(cache) if cache is not None else 0
+        assert start + T <= self.config.block_size, f"sequence of {start + T} > block_size {self.config.block_size}"
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, cache)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, padded_vocab)
+        if self.config.padded_vocab_size > self.config.vocab_size:
+            logits[..., self.config.vocab_size:] = float("-inf")  # padding rows are never a token
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # the tied wte/lm_head counted once
+
+    @classmethod
+    def from_pretrained(cls, path_or_name):
+        """A GPT-2 from a Hugging Face checkpoint: a local directory (config.json + model.safetensors or
+        pytorch_model.bin) or a hub name such as "gpt2" (downloaded through huggingface_hub)."""
+        path = path_or_name
+        if not os.path.isdir(path):
+            if path not in PRESETS:
+                raise UserError(f"--init_from {path!r} is neither a directory nor one of {', '.join(PRESETS)}; "
+                                "give a Hugging Face GPT-2 directory or a GPT-2 name")
+            try:
+                from huggingface_hub import snapshot_download
+                path = snapshot_download(path, allow_patterns=["config.json", "model.safetensors"])
+            except Exception as e:
+                raise UserError(f"could not download {path_or_name!r} from the Hugging Face hub ({type(e).__name__}); "
+                                "check the network, or pass a local directory") from None
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise UserError(f"{path} has no config.json; give a Hugging Face GPT-2 directory")
+        with open(cfg_file) as f:
+            hf = json.load(f)
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+        if os.path.isfile(os.path.join(path, "model.safetensors")):
+            from safetensors.torch import load_file
+            sd_hf = load_file(os.path.join(path, "model.safetensors"))
+        elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+            sd_hf = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        else:
+            raise UserError(f"{path} has neither model.safetensors nor pytorch_model.bin")
+        model = cls(config)
+        model.load_state_dict(hf_to_ours(sd_hf, config))
+        return model
+
+
+# Hugging Face stores these four as Conv1D, (in, out): the transpose of nn.Linear's (out, in).
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_to_ours(sd_hf, config):
+    """Hugging Face GPT-2 state dict (any real layout) -> our state dict."""
+    sd = {}
+    for k, v in sd_hf.items():
+        k = k.removeprefix("transformer.")
+        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
+            continue  # causal-mask buffers, and the output head that is tied to wte anyway
+        sd["transformer." + k] = v.t() if k.endswith(CONV1D) else v
+    wte = sd["transformer.wte.weight"]  # (vocab, C) -> padded (padded_vocab, C) with zero rows
+    sd["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(config.padded_vocab_size - wte.size(0), wte.size(1))])
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    return sd
+
+
+def ours_to_hf(sd, config):
+    """Our state dict -> Hugging Face GPT-2 layout (transformer. prefix, Conv1D weights, real vocab only)."""
+    out = {}
+    for k, v in sd.items():
+        k = k.removeprefix("_orig_mod.")
+        if k == "lm_head.weight":
+            continue
+        if k == "transformer.wte.weight":
+            v = v[: config.vocab_size]  # drop the padding rows
+        out[k] = (v.t() if k.endswith(CONV1D) else v).contiguous()
+    return out
+
+
+def configure_optimizer(model, lr, weight_decay, device_type):
+    """AdamW as in the GPT-3 paper: betas (0.9, 0.95), eps 1e-8, weight decay on matrices only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Why: decaying 2-D tensors (matmul weights, embeddings) regularizes; decaying biases and LayerNorm
+    # gains only pulls them towards zero for no benefit.
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # The fused kernel updates all parameters in one launch on CUDA; elsewhere use the default.
+    fused = device_type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def load_tokens(path):
+    """A uint16 token shard (.npy), memory-mapped: it is read from disk only as batches need it."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable .npy token shard ({e}); re-create it with fineweb.py") from None
+    if arr.dtype != np.uint16 or arr.ndim != 1:
+        raise UserError(f"{path} holds {arr.dtype} of shape {arr.shape}, expected a 1-D uint16 token array; "
+                        "re-create it with fineweb.py")
+    return arr
+
+
+def shard_paths(data_dir, split):
+    """The shards of one split ("train"/"val") in a directory, ordered by the number in their name."""
+    paths = [p for p in glob.glob(os.path.join(data_dir, "*.npy")) if split in os.path.basename(p)]
+    return sorted(paths, key=lambda p: [int(n) for n in re.findall(r"\d+", os.path.basename(p))] or [0])
+
+
+def load_split(data, split):
+    """Token arrays of one split. data is a directory of .npy shards, or a text file of which the last
+    10% is the val split."""
+    if os.path.isdir(data):
+        paths = shard_paths(data, split)
+        if not paths:
+            raise UserError(f"{data} has no {split} shards (*{split}*.npy); create them with fineweb.py")
+        return [load_tokens(p) for p in paths]
+    if not os.path.isfile(data):
+        raise UserError(f"--data {data} does not exist; give a text file or a directory of .npy shards")
+    try:
+        with open(data, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{data} is not UTF-8 text (byte {e.start}); convert it to UTF-8 first") from None
+    if not text.strip():
+        raise UserError(f"{data} is empty; give a text file with some text in it")
+    tokens = np.array(get_encoding().encode_ordinary(text), dtype=np.uint16)
+    n_val = len(tokens) // 10
+    return [tokens[: len(tokens) - n_val]] if split == "train" else [tokens[len(tokens) - n_val:]]
+
+
+def get_encoding():
+    import tiktoken  # imported here so that importing this file stays free of side effects
+    return tiktoken.get_encoding("gpt2")
+
+
+class DataLoader:
+    """Micro-batches of B sequences of T tokens, read in order through the shards.
+
+    The token stream is cut into a fixed sequence of micro-batches (B*T tokens each, plus one for the
+    targets); a micro-batch that would run past the end of a shard starts the next shard instead.
+    Micro-batch j of that sequence goes to rank j % world_size, so N ranks with A accumulation steps
+    see exactly the micro-batches one process with N*A accumulation steps sees. The position
+    (shard, offset) is the same on every rank and does not depend on the world size, so a checkpoint
+    resumes on any number of ranks.
+    """
+
+    def __init__(self, shards, B, T, rank=0, world_size=1):
+        self.shards, self.B, self.T, self.rank, self.world_size = shards, B, T, rank, world_size
+        for i, s in enumerate(shards):
+            if len(s) < B * T + 1:
+                raise UserError(f"shard {i} has {len(s)} tokens, fewer than batch_size*seq_len+1 = {B * T + 1}; "
+                                "lower --batch_size or --seq_len, or use more data")
+        self.shard, self.pos = 0, 0
+
+    def state_dict(self):
+        return {"shard": self.shard, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.shard, self.pos = int(state["shard"]), int(state["pos"])
+
+    def _advance(self):
+        """Returns where the next micro-batch starts and moves past it."""
+        n = self.B * self.T
+        if self.pos + n + 1 > len(self.shards[self.shard]):
+            self.shard, self.pos = (self.shard + 1) % len(self.shards), 0  # past the last shard: a new epoch
+        where = (self.shard, self.pos)
+        self.pos += n
+        return where
+
+    def next_batch(self):
+        for r in range(self.world_size):  # the micro-batches of the other ranks are skipped, not read
+            shard, pos = self._advance()
+            if r == self.rank:
+                buf = torch.from_numpy(self.shards[shard][pos: pos + self.B * self.T + 1].astype(np.int64))
+        x = buf[:-1].view(self.B, self.T)  # (B, T) inputs
+        y = buf[1:].view(self.B, self.T)  # (B, T) targets: the next token at every position
+        return x, y
+
+
+def val_batches(shards, n_tokens, B, T, rank=0, world_size=1):
+    """The fixed val set: the first n_tokens // T sequences of the val split, the same at every
+    evaluation and for any world size; sequence i is evaluated on rank i % world_size."""
+    tokens = np.concatenate([np.asarray(s[: n_tokens + 1]) for s in shards])[: n_tokens + 1]
+    n_seq = (len(tokens) - 1) // T
+    if n_seq == 0:
+        raise UserError(f"the val split has {len(tokens)} tokens, fewer than seq_len+1 = {T + 1}; "
+                        "lower --seq_len or give more val data")
+    mine = list(range(rank, n_seq, world_size))
+    for i in range(0, len(mine), B):
+        rows = [torch.from_numpy(tokens[j * T: (j + 1) * T + 1].astype(np.int64)) for j in mine[i: i + B]]
+        buf = torch.stack(rows)  # (b, T + 1)
+        yield buf[:, :-1], buf[:, 1:]
+
+
+# -----------------------------------------------------------------------------
+# learning-rate schedule and batch arithmetic
+
+
+def get_lr(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
+    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr_ratio * max_lr at max_steps
+    (GPT-3 paper, appendix B), flat after that."""
+    min_lr = max_lr * min_lr_ratio
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def grad_accum_steps(total_batch_size, batch_size, seq_len, world_size):
+    """Micro-steps per optimizer step so that all ranks together process total_batch_size tokens."""
+    per_micro = batch_size * seq_len * world_size
+    if total_batch_size % per_micro != 0:
+        raise UserError(f"--total_batch_size {total_batch_size} is not a multiple of batch_size * seq_len * "
+                        f"world_size = {batch_size} * {seq_len} * {world_size} = {per_micro}; change "
+                        f"--total_batch_size (e.g. to {max(1, total_batch_size // per_micro) * per_micro}) "
+                        "or --batch_size")
+    return total_batch_size // per_micro
+
+
+def flops_per_token(config, T):
+    """Training FLOPs per token: 6 per parameter in matmuls (forward 2, backward 4) plus attention's
+    12 * L * E * T (PaLM paper, appendix B)."""
+    L, E, V = config.n_layer, config.n_embd, config.padded_vocab_size
+    return 6 * (12 * L * E * E + V * E) + 12 * L * E * T
+
+
+# Dense bf16/fp16 tensor-core peaks in FLOP/s (vendor data sheets); fp32 for cards without them.
+GPU_PEAK_FLOPS = {"H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12,
+                  "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L4": 121e12, "L40S": 362e12, "V100": 125e12,
+                  "T4": 65e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "GTX 960": 2.4e12}
+
+
+def peak_flops(rt):
+    """The device's peak FLOP/s for MFU: a table for GPUs; on CPU, measured on the spot with a matmul."""
+    if rt.device_type == "cuda":
+        name = torch.cuda.get_device_name(rt.device)
+        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+    if rt.device_type != "cpu":
+        return None
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    with rt.autocast():
+        a @ b  # warm up
+        t0 = time.perf_counter()
+        for _ in range(8):
+            a @ b
+        dt = time.perf_counter() - t0
+    return 8 * 2 * n ** 3 / dt
+
+
+# -----------------------------------------------------------------------------
+# device, dtype and distributed setup
+
+
+@dataclass
+class Runtime:
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    master: bool
+    device: str
+    device_type: str
+    dtype: str  # "bf16", "fp16" or "fp32"
+
+    def autocast(self):
+        if self.dtype == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=torch.bfloat16 if self.dtype == "bf16" else torch.float16)
+
+
+def cpu_has_bf16():
+    # Without AVX512-BF16/AMX, bf16 matmuls on CPU are emulated and slower than fp32.
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def setup_runtime(device="auto", dtype="auto"):
+    """The one place that reads the environment: rank and world size from torchrun, the device, the dtype."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # set by torchrun
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown --device {device}; use auto, cpu, cuda or mps")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but PyTorch sees no CUDA GPU; use --device cpu (or auto)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps but MPS is not available here; use --device cpu (or auto)")
+    device_type = device
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    bf16_ok = (torch.cuda.is_bf16_supported(including_emulation=False) if device_type == "cuda"
+               else cpu_has_bf16() if device_type == "cpu" else False)
+    if dtype == "auto":
+        # bf16 where the hardware does it natively; fp16 (with a GradScaler) on older GPUs such as the
+        # GTX 960 this project started on; fp32 everywhere else.
+        dtype = "bf16" if bf16_ok else "fp16" if device_type == "cuda" else "fp32"
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise UserError(f"unknown --dtype {dtype}; use auto, bf16, fp16 or fp32")
+    if dtype == "bf16" and device_type == "cuda" and not bf16_ok:
+        raise UserError("--dtype bf16 but this GPU has no bf16 support; use --dtype fp16 (or auto)")
+    if dtype == "fp16" and device_type == "cpu":
+        raise UserError("--dtype fp16 is not supported for training on CPU; use --dtype bf16 or fp32 (or auto)")
+    if device_type == "cpu":
+        # torchrun sets OMP_NUM_THREADS=1 per process; share the cores between the local ranks instead.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if ddp and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return Runtime(ddp, rank, local_rank, world_size, rank == 0, device, device_type, dtype)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+CHECKPOINT_FORMAT = 1  # bump when the layout of the checkpoint dict changes
+CHECKPOINT_RE = re.compile(r"^model_(\d{5,})\.pt$")
+
+
+def rng_state():
+    """Every random generator, as plain types and tensors so that torch.load(weights_only=True) reads it."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": np_state["state"]["pos"],
+                  "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": np_state["key"].numpy().astype(np.uint32),
+                         "pos": np_state["pos"]}, "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary name, then rename: a crash at any moment leaves either the old file or
+    the complete new one under `path`, never half a file."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise UserError(f"could not write {path}: {e.strerror or e}; free some disk space or choose another "
+                        "--log_dir (earlier checkpoints are intact)") from None
+
+
+def save_checkpoint(path, model, optimizer, scaler, step, loader, train_config):
+    atomic_save({
+        "format_version": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "config": dataclasses.asdict(model.config),  # GPTConfig(**ckpt["config"]) rebuilds the model
+        "train_config": dataclasses.asdict(train_config),
+        "step": step,  # optimizer steps done
+        "loader": loader.state_dict(),
+        "rng": rng_state(),
+        "scaler": scaler.state_dict(),
+    }, path)
+
+
+def load_checkpoint(path):
+    """A checkpoint dict, read without unpickling arbitrary objects (weights_only=True), or a UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; check the path (or use --resume auto)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = "it holds objects other than tensors, which are refused" if "weights_only" in str(e) else \
+            "it is truncated or not a PyTorch file"
+        raise UserError(f"{path} is not a valid checkpoint ({reason}); delete it or point to another one") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= ckpt.keys():
+        raise UserError(f"{path} is not a checkpoint of train_gpt2.py (no model/config/step); point to another one")
+    if ckpt.get("format_version", 0) > CHECKPOINT_FORMAT:
+        raise UserError(f"{path} has checkpoint format {ckpt['format_version']}, newer than this train_gpt2.py "
+                        f"reads ({CHECKPOINT_FORMAT}); update train_gpt2.py")
+    return ckpt
+
+
+def find_checkpoints(log_dir):
+    """Checkpoint paths in log_dir, newest step first."""
+    names = [n for n in os.listdir(log_dir) if CHECKPOINT_RE.match(n)] if os.path.isdir(log_dir) else []
+    return [os.path.join(log_dir, n) for n in sorted(names, key=lambda n: -int(CHECKPOINT_RE.match(n)[1]))]
+
+
+def resume_checkpoint(resume, log_dir):
+    """The checkpoint dict to resume from, or None to start fresh (only where log_dir has none)."""
+    if resume != "auto":
+        return load_checkpoint(resume)
+    paths = find_checkpoints(log_dir)
+    for path in paths:
+        try:
+            return load_checkpoint(path)
+        except UserError as e:
+            print(f"warning: skipping {path}: {e}", file=sys.stderr)
+    if paths:
+        raise UserError(f"--resume auto: none of the {len(paths)} checkpoints in {log_dir} is valid; "
+                        "move them away to start fresh, or --resume a good checkpoint")
+    return None
+
+
+def model_from_checkpoint(ckpt, path="checkpoint"):
+    try:
+        model = GPT(GPTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError) as e:
+        raise UserError(f"{path} does not hold a GPT-2 of this program ({str(e).splitlines()[0]})") from None
+    return model
+
+
+def load_model(path_or_name):
+    """A model from one of our checkpoints (model_*.pt) or from Hugging Face GPT-2 weights (name or directory)."""
+    if os.path.isfile(path_or_name):
+        return model_from_checkpoint(load_checkpoint(path_or_name), path_or_name)
+    return GPT.from_pretrained(path_or_name)
+
+
+# -----------------------------------------------------------------------------
+# evaluation and sampling
+
+
+@torch.no_grad()
+def evaluate_loss(model, val_shards, n_tokens, batch_size, seq_len, rt):
+    """Mean cross-entropy over the fixed val tokens, split over the ranks and summed back together."""
+    model.eval()
+    loss_sum, count = 0.0, 0
+    for x, y in val_batches(val_shards, n_tokens, batch_size, seq_len, rt.rank, rt.world_size):
+        x, y = x.to(rt.device), y.to(rt.device)
+        with rt.autocast():
+            logits, _ = model(x)
+        loss_sum += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    model.train()
+    totals = torch.tensor([loss_sum, count], dtype=torch.float64, device=rt.device if rt.ddp else "cpu")
+    if rt.ddp:
+        dist.all_reduce(totals)
+    return (totals[0] / totals[1]).item()
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
+    """Continues idx (B, T) by max_new_tokens tokens. temperature 0 is greedy decoding.
+
+    With the KV cache each new token costs one position's forward instead of the whole context's.
+    When the context fills the block size, the cache is rebuilt from the last block_size tokens: exactly
+    what recomputing the cropped context does, so both paths give the same tokens.
+    """
+    model.eval()
+    block_size = model.config.block_size
+    cache = None
+    for _ in range(max_new_tokens):
+        if not use_cache:
+            logits, _ = model(idx[:, -block_size:])
+        elif cache is None or len(cache) >= block_size:
+            cache = KVCache(model.config.n_layer)
+            logits, _ = model(idx[:, -block_size:], cache=cache)
+        else:
+            logits, _ = model(idx[:, -1:], cache=cache)
+        logits = logits[:, -1, :].float()  # (B, vocab)
+        if temperature == 0:
+            next_tok = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            next_tok = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)  # (B, 1)
+        idx = torch.cat([idx, next_tok], dim=1)
+    return idx
+
+
+def sample_texts(model, enc, prompt, num_samples, max_new_tokens, rt, temperature=1.0, top_k=50, seed=0):
+    tokens = enc.encode(prompt)
+    if not tokens:
+        raise UserError("the prompt is empty; give some text to continue")
+    idx = torch.tensor([tokens] * num_samples, dtype=torch.long, device=rt.device)  # (num_samples, T)
+    gen = torch.Generator(device=rt.device).manual_seed(seed)
+    with rt.autocast():
+        out = generate(model, idx, max_new_tokens, temperature, top_k, gen)
+    return [enc.decode(row) for row in out.tolist()]
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+class StopSignal:
+    """SIGTERM/SIGINT (preemption, Ctrl-C) ask for a clean stop: the step in progress finishes, a checkpoint
+    is written, and the program exits with 128 + the signal number (143 for SIGTERM, 130 for SIGINT), which
+    schedulers tell from success. A second signal gets the default behaviour: exit at once."""
+
+    def __init__(self):
+        self.signum = 0
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_DFL)
+
+
+def model_config(cfg, ckpt=None, init_model=None):
+    """The model shape: from the checkpoint when resuming, from the weights when fine-tuning, else the preset."""
+    if cfg.model not in PRESETS:
+        raise UserError(f"unknown --model {cfg.model!r}; choose one of {', '.join(PRESETS)}")
+    overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k) is not None}
+    config = GPTConfig(**{**PRESETS[cfg.model], **overrides})
+    if ckpt is not None or init_model is not None:
+        given = GPTConfig(**ckpt["config"]) if ckpt is not None else init_model.config
+        if overrides and any(getattr(given, k) != v for k, v in overrides.items()):
+            raise UserError(f"the checkpoint holds a model of shape {dataclasses.asdict(given)}, not the "
+                            f"{overrides} asked for; drop the shape flags or start a new --log_dir")
+        config = given
+    if config.n_embd % config.n_head:
+        raise UserError(f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}; change one of them")
+    if cfg.seq_len > config.block_size:
+        raise UserError(f"--seq_len {cfg.seq_len} is larger than the model's block size {config.block_size}; "
+                        f"use --seq_len {config.block_size} or less")
+    return config
+
+
+def rewrite_log(log_file, start_step):
+    """On resume, keep only the log lines of the steps before start_step: the run repeats the rest."""
+    lines = []
+    if start_step > 0 and os.path.exists(log_file):
+        with open(log_file) as f:
+            lines = [ln for ln in f if ln.split()[:1] and ln.split()[0].isdigit() and int(ln.split()[0]) < start_step]
+    with open(log_file + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(log_file + ".tmp", log_file)
+
+
+def train(cfg):
+    rt = setup_runtime(cfg.device, cfg.dtype)
+    for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_tokens"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.resume and cfg.init_from:
+        raise UserError("--resume and --init_from exclude each other: resume continues a run, init_from starts one")
+    if cfg.compile not in ("auto", "on", "off"):
+        raise UserError(f"--compile {cfg.compile}: use on, off or auto")
+    ckpt = resume_checkpoint(cfg.resume, cfg.log_dir) if cfg.resume else None
+    init_model = load_model(cfg.init_from) if cfg.init_from else None
+    config = model_config(cfg, ckpt, init_model)
+    grad_accum = grad_accum_steps(cfg.total_batch_size, cfg.batch_size, cfg.seq_len, rt.world_size)
+    train_loader = DataLoader(load_split(cfg.data, "train"), cfg.batch_size, cfg.seq_len, rt.rank, rt.world_size)
+    val_shards = load_split(cfg.data, "val") if cfg.eval_every else None
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = init_model or GPT(config)
+    model.to(rt.device)
+    optimizer = configure_optimizer(model, cfg.max_lr, cfg.weight_decay, rt.device_type)
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 have fp32's exponent range and need none
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "fp16")
+    start_step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        train_loader.load_state_dict(ckpt["loader"])
+        set_rng_state(ckpt["rng"])
+        start_step = ckpt["step"]
+    del ckpt, init_model
+
+    # The model we train may be compiled and DDP-wrapped; evaluation and sampling use the plain module,
+    # which shares its weights, so they are never slowed down by recompilation.
+    raw_model = model
+    if cfg.compile == "on" or (cfg.compile == "auto" and rt.device_type == "cuda"):
+        model = torch.compile(model)
+    if rt.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+
+    log_file = os.path.join(cfg.log_dir, "log.txt")
+    enc = get_encoding() if cfg.sample_every else None
+    hella = None
+    if rt.master:
+        os.makedirs(cfg.log_dir, exist_ok=True)
+        rewrite_log(log_file, start_step)
+        print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {dataclasses.asdict(config)}")
+        print(f"device {rt.device} ({rt.dtype}), world size {rt.world_size}, {cfg.total_batch_size} tokens/step = "
+              f"{cfg.batch_size} x {cfg.seq_len} x {rt.world_size} ranks x {grad_accum} accumulation steps")
+        if start_step:
+            print(f"resumed at step {start_step}")
+    if cfg.hellaswag_every:
+        import hellaswag
+        if rt.master:  # one download, then everyone reads the cached file
+            hellaswag.load_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit)
+        if rt.ddp:
+            dist.barrier()
+        hella = hellaswag.load_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit)
+        enc = enc or get_encoding()
+
+    def log(line):
+        if rt.master:
+            with open(log_file, "a") as f:
+                f.write(line + "\n")
+
+    peak = peak_flops(rt)
+    tokens_flops = flops_per_token(config, cfg.seq_len)
+    stop = StopSignal()
+    stopping = torch.zeros((), device=rt.device)
+    last_ckpt = None
+    for step in range(start_step, cfg.max_steps + 1):
+        last = step == cfg.max_steps
+        ckpt_path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
+        if stopping.item():
+            if rt.master:
+                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg)
+                print(f"stopped by signal at step {step}; wrote {ckpt_path}; continue with --resume auto")
+            sys.exit(128 + (stop.signum or signal.SIGTERM))
+        if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+            val_loss = evaluate_loss(raw_model, val_shards, cfg.val_tokens, cfg.batch_size, cfg.seq_len, rt)
+            log(f"{step} val {val_loss:.6f}")
+            if rt.master:
+                print(f"step {step:5d} | val loss {val_loss:.6f}")
+        if hella is not None and (step % cfg.hellaswag_every == 0 or last):
+            import hellaswag
+            counts = hellaswag.score(raw_model, hella, enc, rt.device, batch_size=cfg.batch_size,
+                                     autocast=rt.autocast, rank=rt.rank, world_size=rt.world_size)
+            totals = torch.tensor([counts["n"], counts["correct"], counts["correct_norm"]], device=rt.device)
+            if rt.ddp:
+                dist.all_reduce(totals)
+            acc = hellaswag.accuracies(dict(zip(("n", "correct", "correct_norm"), totals.tolist())))
+            log(f"{step} hella {acc['acc_norm']:.6f}")
+            if rt.master:
+                print(f"step {step:5d} | hellaswag acc_norm {acc['acc_norm']:.4f} ({acc['n']} examples)")
+        if cfg.sample_every and rt.master and step > 0 and (step % cfg.sample_every == 0 or last):
+            for i, text in enumerate(sample_texts(raw_model, enc, cfg.prompt, 4, 32, rt, seed=cfg.seed + step)):
+                print(f"sample {i}: {text!r}")
+        if cfg.checkpoint_every and step > start_step and (step % cfg.checkpoint_every == 0 or last):
+            if rt.master:
+                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg)
+            last_ckpt = ckpt_path
+        if last:
+            break
+
+        # one optimizer step: grad_accum micro-steps on every rank, gradients averaged once at the end
+        t0 = time.perf_counter()
+        model.train()
+        loss_accum = torch.zeros((), device=rt.device)
+        for micro in range(grad_accum):
+            x, y = train_loader.next_batch()
+            x = x.to(rt.device, non_blocking=True)
+            y = y.to(rt.device, non_blocking=True)
+            # DDP all-reduces gradients in backward(); only the last micro-step needs to
+            sync = contextlib.nullcontext() if not rt.ddp or micro == grad_accum - 1 else model.no_sync()
+            with sync:
+                with rt.autocast():
+                    _, loss = model(x, y)
+                # Why divide: the gradient of the mean over all micro-batches, not the sum
+                loss = loss / grad_accum
+                loss_accum += loss.detach()
+                scaler.scale(loss).backward()
+        if rt.ddp:
+            dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+        lr = get_lr(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        stopping.fill_(1.0 if stop.signum else 0.0)
+        if rt.ddp:  # every rank stops at the same step, whichever got the signal
+            dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
+        loss_val = loss_accum.item()  # waits for the step to finish on the device
+        dt = time.perf_counter() - t0
+        if not math.isfinite(loss_val):
+            raise UserError(f"the loss is {loss_val} at step {step}; stopping. Last good checkpoint: "
+                            f"{last_ckpt or 'none'}; resume from it with a lower --max_lr")
+        log(f"{step} train {loss_val:.6f}")
+        if rt.master:
+            tok_s = cfg.total_batch_size / dt
+            mfu = f"{100 * tok_s * tokens_flops / (peak * rt.world_size):.1f}%" if peak else "n/a"
+            print(f"step {step:5d} | loss {loss_val:.6f} | lr {lr:.4e} | norm {norm.item():.4f} | "
+                  f"{1000 * dt:.1f} ms | {tok_s:,.0f} tok/s | MFU {mfu}")
+
+
+# -----------------------------------------------------------------------------
+# main: train (the default), sample, export, plot
+
+
+def train_main(argv):
+    parser = argparse.ArgumentParser(prog="train_gpt2.py", description="Train GPT-2. Subcommands: sample, "
+                                     "export, plot (python train_gpt2.py sample --help).")
+    for f in dataclasses.fields(TrainConfig):
+        parser.add_argument(f"--{f.name}", type=f.type, default=f.default,
+                            help=f.metadata["help"] + " (default: %(default)s)")
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    try:
+        train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def sample_main(argv):
+    parser = argparse.ArgumentParser(prog="train_gpt2.py sample", description="Generate text from a model.")
+    parser.add_argument("--checkpoint", default="gpt2", help="a model_*.pt checkpoint, or Hugging Face GPT-2 "
+                        "weights: a name (gpt2, gpt2-medium, ...) or a directory (default: %(default)s)")
+    parser.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue (default: %(default)s)")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate (default: %(default)s)")
+    parser.add_argument("--num_samples", type=int, default=4, help="continuations per prompt (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: %(default)s)")
+    parser.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest tokens, 0 = all "
+                        "(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=1337, help="random seed (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
+    parser.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default: %(default)s)")
+    parser.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, "
+                        "until end of input (default: off)")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens <= 0 or args.num_samples <= 0 or args.temperature < 0:
+        raise UserError("--max_new_tokens and --num_samples must be positive and --temperature >= 0")
+    rt = setup_runtime(args.device, args.dtype)
+    model = load_model(args.checkpoint).to(rt.device)
+    enc = get_encoding()
+    prompts = iter(lambda: input("prompt> "), None) if args.interactive else [args.prompt]
+    try:
+        for prompt in prompts:
+            if not prompt.strip():
+                continue
+            texts = sample_texts(model, enc, prompt, args.num_samples, args.max_new_tokens, rt,
+                                 args.temperature, args.top_k, args.seed)
+            for i, text in enumerate(texts):
+                print(f"--- sample {i}\n{text}", flush=True)
+    except EOFError:
+        pass
+
+
+def export_main(argv):
+    parser = argparse.ArgumentParser(prog="train_gpt2.py export",
+                                     description="Write a checkpoint as a Hugging Face GPT-2 directory.")
+    parser.add_argument("--checkpoint", required=True, help="a model_*.pt checkpoint (required)")
+    parser.add_argument("--out", required=True, help="output directory (required)")
+    args = parser.parse_args(argv)
+    from safetensors.torch import save_file
+    model = model_from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint)
+    c = model.config
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+        "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "n_positions": c.block_size,
+        "n_ctx": c.block_size, "vocab_size": c.vocab_size, "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+        "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": True,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    sd = ours_to_hf(model.state_dict(), c)
+    save_file(sd, os.path.join(args.out, "model.safetensors.tmp"), metadata={"format": "pt"})
+    os.replace(os.path.join(args.out, "model.safetensors.tmp"), os.path.join(args.out, "model.safetensors"))
+    with open(os.path.join(args.out, "config.json.tmp"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    os.replace(os.path.join(args.out, "config.json.tmp"), os.path.join(args.out, "config.json"))
+    print(f"wrote {args.out} (config.json, model.safetensors)")
+
+
+def plot_main(argv):
+    parser = argparse.ArgumentParser(prog="train_gpt2.py plot", description="Plot log.txt: losses and HellaSwag.")
+    parser.add_argument("--log_dir", default="log", help="directory holding log.txt (default: %(default)s)")
+    parser.add_argument("--out", default=None, help="PNG to write (default: <log_dir>/plot.png)")
+    args = parser.parse_args(argv)
+    log_file = os.path.join(args.log_dir, "log.txt")
+    if not os.path.isfile(log_file):
+        raise UserError(f"{log_file} does not exist; give the --log_dir of a training run")
+    series = {"train": ([], []), "val": ([], []), "hella": ([], [])}
+    with open(log_file) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[1] in series:
+                series[parts[1]][0].append(int(parts[0]))
+                series[parts[1]][1].append(float(parts[2]))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
+    ax1.plot(*series["train"], label="train loss", alpha=0.6)
+    ax1.plot(*series["val"], label="val loss", marker="o", markersize=3)
+    # reference: OpenAI GPT-2 124M on the FineWeb-Edu val shard (see ../shared/REFERENCE.md)
+    ax1.axhline(3.2924, color="r", linestyle="--", label="OpenAI GPT-2 124M val (3.2924)")
+    ax1.set(xlabel="step", ylabel="loss", title="loss")
+    ax1.legend()
+    ax2.plot(*series["hella"], label="ours", marker="o", markersize=3)
+    ax2.axhline(0.2955, color="r", linestyle="--", label="OpenAI GPT-2 124M (0.2955)")
+    ax2.axhline(0.337, color="g", linestyle="--", label="GPT-3 124M (0.337)")
+    ax2.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
+    ax2.legend()
+    out = args.out or os.path.join(args.log_dir, "plot.png")
+    fig.savefig(out + ".tmp.png", dpi=100, bbox_inches="tight")
+    os.replace(out + ".tmp.png", out)
+    print(f"wrote {out}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"sample": sample_main, "export": export_main, "plot": plot_main}
+    try:
+        if argv and argv[0] in commands:
+            commands[argv[0]](argv[1:])
+        else:
+            train_main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
