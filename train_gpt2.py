@@ -611,6 +611,7 @@ def load_checkpoint(path):
     if ckpt.get("format_version", 0) > CHECKPOINT_FORMAT:
         raise UserError(f"{path} has checkpoint format {ckpt['format_version']}, newer than this train_gpt2.py "
                         f"reads ({CHECKPOINT_FORMAT}); update train_gpt2.py")
+    ckpt["path"] = path  # for messages; not stored in the file
     return ckpt
 
 
@@ -778,6 +779,7 @@ def train(cfg):
     if cfg.compile not in ("auto", "on", "off"):
         raise UserError(f"--compile {cfg.compile}: use on, off or auto")
     ckpt = resume_checkpoint(cfg.resume, cfg.log_dir) if cfg.resume else None
+    last_good = ckpt["path"] if ckpt else None  # the newest checkpoint known to give a finite loss
     init_model = load_model(cfg.init_from) if cfg.init_from else None
     config = model_config(cfg, ckpt, init_model)
     grad_accum = grad_accum_steps(cfg.total_batch_size, cfg.batch_size, cfg.seq_len, rt.world_size)
@@ -815,8 +817,12 @@ def train(cfg):
     enc = get_encoding() if cfg.sample_every else None
     hella = None
     if rt.master:
-        os.makedirs(cfg.log_dir, exist_ok=True)
-        rewrite_log(log_file, start_step)
+        try:
+            os.makedirs(cfg.log_dir, exist_ok=True)
+            rewrite_log(log_file, start_step)
+        except OSError as e:
+            raise UserError(f"cannot write to --log_dir {cfg.log_dir} ({e.strerror}); choose a writable directory") \
+                from None
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {dataclasses.asdict(config)}")
         print(f"device {rt.device} ({rt.dtype}), world size {rt.world_size}, {cfg.total_batch_size} tokens/step = "
               f"{cfg.batch_size} x {cfg.seq_len} x {rt.world_size} ranks x {grad_accum} accumulation steps")
@@ -833,14 +839,18 @@ def train(cfg):
 
     def log(line):
         if rt.master:
-            with open(log_file, "a") as f:
-                f.write(line + "\n")
+            try:
+                with open(log_file, "a") as f:
+                    f.write(line + "\n")
+            except OSError as e:
+                raise UserError(f"cannot append to {log_file} ({e.strerror}); free some disk space and "
+                                "continue with --resume auto") from None
 
     peak = peak_flops(rt)
     tokens_flops = flops_per_token(config, cfg.seq_len)
     stop = StopSignal()
     stopping = torch.zeros((), device=rt.device)
-    last_ckpt = None
+    new_ckpt = None
     for step in range(start_step, cfg.max_steps + 1):
         last = step == cfg.max_steps
         ckpt_path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
@@ -871,7 +881,7 @@ def train(cfg):
         if cfg.checkpoint_every and step > start_step and (step % cfg.checkpoint_every == 0 or last):
             if rt.master:
                 save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg)
-            last_ckpt = ckpt_path
+            new_ckpt = ckpt_path
         if last:
             break
 
@@ -909,7 +919,8 @@ def train(cfg):
         dt = time.perf_counter() - t0
         if not math.isfinite(loss_val):
             raise UserError(f"the loss is {loss_val} at step {step}; stopping. Last good checkpoint: "
-                            f"{last_ckpt or 'none'}; resume from it with a lower --max_lr")
+                            f"{last_good or 'none'}; resume from it with a lower --max_lr")
+        last_good = new_ckpt or last_good  # its weights just gave a finite loss
         log(f"{step} train {loss_val:.6f}")
         if rt.master:
             tok_s = cfg.total_batch_size / dt

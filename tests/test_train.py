@@ -109,7 +109,8 @@ def test_resume_auto_skips_a_bad_newest_checkpoint(reference, small_text, tmp_pa
     out = run_cli(*train_args(small_text, log_dir, "--resume", "auto"))
     assert out.returncode == 0, out.stderr
     assert "model_00006.pt" in out.stderr and "warning" in out.stderr
-    assert (log_dir / "model_00006.pt").read_bytes() == data[: len(data) // 2]  # left untouched
+    # training passed step 6 again, so the truncated file was replaced by the checkpoint it should have been
+    assert_same_weights(weights(reference / "model_00006.pt"), weights(log_dir / "model_00006.pt"))
     assert_same_weights(weights(reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
 
 
@@ -149,6 +150,10 @@ def bad_files(tmp_path_factory, reference):
     shutil.copy(reference / "model_00002.pt", d / "other_shape" / "model_00002.pt")
     (d / "garbage").mkdir()
     (d / "garbage" / "model_00001.pt").write_bytes(b"not a checkpoint")
+    ckpt = torch.load(reference / "model_00002.pt", weights_only=True)
+    torch.save({**ckpt, "format_version": 99}, d / "newer.pt")
+    torch.save({"weights": torch.zeros(3)}, d / "foreign.pt")
+    (d / "a_file").write_text("this is not a directory")
     return d
 
 
@@ -171,6 +176,11 @@ BAD = {  # name: (extra args replacing defaults, words the one-line message must
     "no valid checkpoint": (["--resume", "auto", "--log_dir", "{d}/garbage"], "none of the 1 checkpoints"),
     "unreadable checkpoint": (["--resume", "{d}/garbage/model_00001.pt"], "not a valid checkpoint"),
     "unknown init_from": (["--init_from", "gpt7"], "neither a directory"),
+    "newer checkpoint format": (["--resume", "{d}/newer.pt"], "newer than"),
+    "not our checkpoint": (["--resume", "{d}/foreign.pt"], "not a checkpoint of train_gpt2.py"),
+    "log_dir is a file": (["--log_dir", "{d}/a_file"], "--log_dir"),
+    "resume with init_from": (["--resume", "auto", "--init_from", "gpt2"], "exclude each other"),
+    "zero batch size": (["--batch_size", "0"], "must be positive"),
 }
 
 
@@ -234,3 +244,63 @@ def test_plot(reference, tmp_path):
     out = run_cli("train_gpt2.py", "plot", "--log_dir", reference, "--out", tmp_path / "p.png")
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class Payload:
+    """A pickle that, if unpickled, would create a marker file: what a hostile checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_hostile_pickle_is_refused_and_never_run(small_text, tmp_path):
+    marker = tmp_path / "pwned"
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    torch.save({"model": Payload(str(marker)), "config": {}, "step": 1}, log_dir / "model_00001.pt")
+    for resume in ("auto", str(log_dir / "model_00001.pt")):
+        out = run_cli(*train_args(small_text, log_dir, "--resume", resume, steps=2))
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert "not a valid checkpoint" in out.stderr
+    out = run_cli("train_gpt2.py", "sample", "--checkpoint", log_dir / "model_00001.pt")
+    assert out.returncode == 2 and "not a valid checkpoint" in out.stderr
+    assert not marker.exists()
+
+
+KILL_IN_SAVE = """
+import os, signal, sys, torch, train_gpt2
+real_save = torch.save
+def save_half_then_die(obj, f):
+    if isinstance(obj, dict) and obj.get("step") == 4:
+        real_save(obj, f)
+        f.flush()
+        f.truncate(f.tell() // 2)  # half the bytes are on disk, then the power goes
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(obj, f)
+torch.save = save_half_then_die
+train_gpt2.main(sys.argv[1:])
+"""
+
+
+def test_kill_in_the_middle_of_a_checkpoint_write(reference, small_text, tmp_path):
+    log_dir = tmp_path / "run"
+    args = train_args(small_text, log_dir)[1:]
+    out = run_cli("-c", KILL_IN_SAVE, *args)
+    assert out.returncode == -signal.SIGKILL
+    assert (log_dir / "model_00004.pt.tmp").exists() and not (log_dir / "model_00004.pt").exists()
+    assert_same_weights(weights(reference / "model_00002.pt"), weights(log_dir / "model_00002.pt"))
+    out = run_cli(*train_args(small_text, log_dir, "--resume", "auto"))
+    assert out.returncode == 0, out.stderr
+    assert_same_weights(weights(reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
+
+
+def test_nan_loss_stops_with_a_clear_message(reference, small_text, tmp_path):
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    shutil.copy(reference / "model_00002.pt", log_dir)
+    out = run_cli(*train_args(small_text, log_dir, "--resume", "auto", "--max_lr", "1e9", "--dtype", "fp32"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "the loss is nan at step 3" in out.stderr and "model_00002.pt" in out.stderr
