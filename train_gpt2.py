@@ -232,8 +232,8 @@ class GPT(nn.Module):
         path = path_or_name
         if not os.path.isdir(path):
             if path not in PRESETS:
-                raise UserError(f"--init_from {path!r} is neither a directory nor one of {', '.join(PRESETS)}; "
-                                "give a Hugging Face GPT-2 directory or a GPT-2 name")
+                raise UserError(f"model {path!r} is neither a checkpoint file, a directory, nor one of "
+                                f"{', '.join(PRESETS)}; give a model_*.pt, a Hugging Face GPT-2 directory or name")
             try:
                 from huggingface_hub import snapshot_download
                 path = snapshot_download(path, allow_patterns=["config.json", "model.safetensors"])
@@ -830,11 +830,14 @@ def train(cfg):
             print(f"resumed at step {start_step}")
     if cfg.hellaswag_every:
         import hellaswag
-        if rt.master:  # one download, then everyone reads the cached file
-            hellaswag.load_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit)
-        if rt.ddp:
-            dist.barrier()
-        hella = hellaswag.load_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit)
+        try:
+            if rt.master:  # one download, then everyone reads the cached file
+                hellaswag.load_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit)
+            if rt.ddp:
+                dist.barrier()
+            hella = hellaswag.load_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit)
+        except hellaswag.HellaSwagError as e:
+            raise UserError(f"{e}; fix --hellaswag_data or leave --hellaswag_every at 0") from None
         enc = enc or get_encoding()
 
     def log(line):

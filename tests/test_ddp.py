@@ -5,11 +5,12 @@ import shutil
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import DATA, run_cli
 
 ARGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "32",
         "--total_batch_size", "256", "--warmup_steps", "2", "--eval_every", "2", "--sample_every", "0",
-        "--checkpoint_every", "3", "--val_tokens", "1000", "--max_steps", "6", "--device", "cpu", "--dtype", "fp32"]
+        "--checkpoint_every", "3", "--val_tokens", "1000", "--max_steps", "6", "--device", "cpu", "--dtype", "fp32",
+        "--hellaswag_every", "3", "--hellaswag_limit", "15", "--hellaswag_data", str(DATA / "hellaswag_val.jsonl")]
 
 
 def torchrun(n, *args):
@@ -40,7 +41,7 @@ def runs(small_text, tmp_path_factory):
 
 def test_two_ranks_log_what_one_process_logs(runs):
     one, two = read_log(runs / "one" / "log.txt"), read_log(runs / "two" / "log.txt")
-    assert len(one) == 6 + 4  # 6 train lines, val at 0, 2, 4, 6
+    assert len(one) == 6 + 4 + 3  # 6 train lines, val at 0, 2, 4, 6, hella at 0, 3, 6
     diff = max_diff(one, two)
     print(f"max |diff| over {len(one)} logged losses, 1 process vs 2 ranks: {diff:.2e}")
     assert diff < 1e-4

@@ -175,7 +175,8 @@ BAD = {  # name: (extra args replacing defaults, words the one-line message must
                                     "shape"),
     "no valid checkpoint": (["--resume", "auto", "--log_dir", "{d}/garbage"], "none of the 1 checkpoints"),
     "unreadable checkpoint": (["--resume", "{d}/garbage/model_00001.pt"], "not a valid checkpoint"),
-    "unknown init_from": (["--init_from", "gpt7"], "neither a directory"),
+    "unknown init_from": (["--init_from", "gpt7"], "neither a checkpoint file"),
+    "corrupted hellaswag file": (["--hellaswag_every", "1", "--hellaswag_data", "{d}/empty.txt"], "hellaswag"),
     "newer checkpoint format": (["--resume", "{d}/newer.pt"], "newer than"),
     "not our checkpoint": (["--resume", "{d}/foreign.pt"], "not a checkpoint of train_gpt2.py"),
     "log_dir is a file": (["--log_dir", "{d}/a_file"], "--log_dir"),
@@ -304,3 +305,23 @@ def test_nan_loss_stops_with_a_clear_message(reference, small_text, tmp_path):
     out = run_cli(*train_args(small_text, log_dir, "--resume", "auto", "--max_lr", "1e9", "--dtype", "fp32"))
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "the loss is nan at step 3" in out.stderr and "model_00002.pt" in out.stderr
+
+
+def test_hellaswag_during_training_equals_hellaswag_py(reference, small_text, tmp_path):
+    import tiktoken
+    import hellaswag
+    from conftest import DATA
+    log_dir = tmp_path / "run"
+    log_dir.mkdir()
+    shutil.copy(reference / "model_00006.pt", log_dir)
+    out = run_cli(*train_args(small_text, log_dir, "--resume", "auto", "--hellaswag_every", "2",
+                              "--hellaswag_data", DATA / "hellaswag_val.jsonl", "--hellaswag_limit", "24",
+                              "--dtype", "fp32"))
+    assert out.returncode == 0, out.stderr
+    logged = {int(s): float(v) for s, k, v in (ln.split() for ln in (log_dir / "log.txt").read_text().splitlines())
+              if k == "hella"}
+    assert sorted(logged) == [6, 8]
+    examples = hellaswag.load_examples(DATA / "hellaswag_val.jsonl", limit=24)
+    model = tg.load_model(str(log_dir / "model_00008.pt"))
+    counts = hellaswag.score(model, examples, tiktoken.get_encoding("gpt2"), batch_size=1)
+    assert abs(hellaswag.accuracies(counts)["acc_norm"] - logged[8]) < 1e-6  # log.txt keeps 6 decimals

@@ -1,0 +1,229 @@
+"""Tests for hellaswag.py: scores against Hugging Face's own forward pass, batched == unbatched, the
+verified download, and the CLI. Run: python -m pytest tests/test_hellaswag.py"""
+
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+VAL = SHARED / "data" / "hellaswag_val.jsonl"
+if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken-cache").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken-cache")  # GPT-2 BPE files, no network
+sys.path.insert(0, str(ROOT))
+
+import hellaswag  # noqa: E402
+import train_gpt2  # noqa: E402
+
+N_EXAMPLES = 40
+
+
+@pytest.fixture(scope="module")
+def enc():
+    import tiktoken
+    return tiktoken.get_encoding("gpt2")
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return hellaswag.load_examples(VAL, limit=N_EXAMPLES)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A small random GPT-2 in Hugging Face format. Biases and LayerNorms are moved off their init (0 and 1)
+    so that a dropped bias or a missed transpose changes the scores; weights are large enough that the
+    4 endings get clearly different losses (no near-ties to flip an argmin)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=50257, n_positions=256, initializer_range=0.1)
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("hf_gpt2")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(hf_dir, examples, enc):
+    """Summed ending loss and token count per example and ending, with transformers' forward pass,
+    one (context + ending) sequence at a time: an implementation independent of hellaswag.py."""
+    from transformers import GPT2LMHeadModel
+    model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    total, count = torch.zeros(len(examples), 4, dtype=torch.float64), torch.zeros(len(examples), 4)
+    with torch.no_grad():
+        for i, ex in enumerate(examples):
+            ctx = enc.encode(ex["ctx"])
+            for j, ending in enumerate(ex["endings"]):
+                end = enc.encode(" " + ending)
+                ids = torch.tensor([ctx + end])
+                assert ids.size(1) <= 256
+                logprobs = model(ids).logits[0].double().log_softmax(-1)
+                # the token at position p is predicted by the logits at p - 1
+                total[i, j] = -sum(logprobs[len(ctx) + k - 1, t] for k, t in enumerate(end))
+                count[i, j] = len(end)
+    return total, count
+
+
+@pytest.fixture(scope="module")
+def ours(hf_dir):
+    return train_gpt2.GPT.from_pretrained(str(hf_dir))
+
+
+def test_scores_match_transformers(ours, examples, enc, reference):
+    ref_total, ref_count = reference
+    rendered = [hellaswag.render_example(e, enc) for e in examples]
+    total, count = hellaswag.ending_losses(ours, rendered, batch_size=7)
+    assert torch.equal(count.double(), ref_count.double())
+    torch.testing.assert_close(total, ref_total, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(total / count, ref_total / ref_count, atol=1e-5, rtol=1e-6)
+    # the scores must differ enough that rounding cannot flip a choice, or the checks below prove little
+    for t in (ref_total, ref_total / ref_count):
+        top2 = t.sort(1).values[:, :2]
+        assert (top2[:, 1] - top2[:, 0]).min() > 1e-3
+    assert torch.equal(total.argmin(1), ref_total.argmin(1))
+    assert torch.equal((total / count).argmin(1), (ref_total / ref_count).argmin(1))
+
+    labels = torch.tensor([e["label"] for e in examples])
+    counts = hellaswag.score(ours, examples, enc, batch_size=7)
+    assert counts == dict(n=len(examples), correct=int((ref_total.argmin(1) == labels).sum()),
+                          correct_norm=int(((ref_total / ref_count).argmin(1) == labels).sum()))
+    acc = hellaswag.accuracies(counts)
+    assert acc["n"] == len(examples) and acc["acc"] == counts["correct"] / len(examples)
+
+
+def test_batched_equals_unbatched(ours, examples, enc):
+    rendered = [hellaswag.render_example(e, enc) for e in examples]
+    one_total, one_count = hellaswag.ending_losses(ours, rendered, batch_size=1)
+    all_total, all_count = hellaswag.ending_losses(ours, rendered, batch_size=16)
+    assert torch.equal(one_count, all_count)
+    torch.testing.assert_close(one_total, all_total, atol=1e-5, rtol=0)
+    assert torch.equal(one_total.argmin(1), all_total.argmin(1))
+    assert torch.equal((one_total / one_count).argmin(1), (all_total / all_count).argmin(1))
+
+
+def test_ranks_split_the_examples(ours, examples, enc):
+    examples = examples[:10]
+    full = hellaswag.score(ours, examples, enc)
+    parts = [hellaswag.score(ours, examples, enc, rank=r, world_size=3) for r in range(3)]
+    assert {k: sum(p[k] for p in parts) for k in full} == full
+
+
+def test_eval_mode_restored_and_left_truncation(ours, enc):
+    # A context longer than block_size loses its start; the ending is still scored in full.
+    ex = dict(ctx="word " * 400, endings=["a b c", "d e", "f", "g h i j"], label=0)
+    ours.train()
+    counts = hellaswag.score(ours, [ex], enc)
+    assert ours.training and counts["n"] == 1
+    rendered = [hellaswag.render_example(ex, enc)]
+    _, count = hellaswag.ending_losses(ours, rendered)
+    assert count.tolist() == [[len(e) for e in rendered[0][1]]]
+
+
+def test_bad_local_files(tmp_path):
+    with pytest.raises(hellaswag.HellaSwagError, match="does not exist"):
+        hellaswag.load_examples(tmp_path / "nope.jsonl")
+    partial = tmp_path / "partial.jsonl"
+    partial.write_bytes(VAL.read_bytes()[:5000])  # cut mid-line
+    with pytest.raises(hellaswag.HellaSwagError, match="is not valid JSON"):
+        hellaswag.load_examples(partial)
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps({"ctx": "x", "endings": ["a", "b"], "label": 0}) + "\n")
+    with pytest.raises(hellaswag.HellaSwagError, match="4 endings"):
+        hellaswag.load_examples(wrong)
+
+
+# -----------------------------------------------------------------------------
+# download: a local HTTP server that serves whatever body the test sets
+
+
+@pytest.fixture
+def server():
+    state = dict(body=b"", requests=0)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            state["requests"] += 1
+            if self.path != "/hellaswag_val.jsonl":
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(state["body"])))
+            self.end_headers()
+            self.wfile.write(state["body"])
+
+        def log_message(self, *args):
+            pass  # keep pytest output clean
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_verifies_and_refetches(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # a proxy from the environment must not get these requests
+    good = VAL.read_bytes()
+    cache = tmp_path / "cache"
+    final = cache / "hellaswag_val.jsonl"
+
+    def download():
+        return hellaswag.download("val", cache_dir=cache, base_url=server["url"])
+
+    for bad in (good[: len(good) // 2], good[:100] + b"X" + good[101:]):  # truncated; one byte changed
+        server["body"] = bad
+        with pytest.raises(hellaswag.HellaSwagError, match="corrupted or incomplete"):
+            download()
+        assert not final.exists() and list(cache.iterdir()) == []  # nothing cached, no temp file left
+
+    server["body"] = good
+    assert download() == final
+    assert hashlib.sha256(final.read_bytes()).hexdigest() == hellaswag.SHA256["val"]
+    n = server["requests"]
+    assert download() == final and server["requests"] == n  # a good cached file: no request
+
+    final.write_bytes(good[:-10])  # a partial file in the cache is detected and fetched again
+    assert download() == final and server["requests"] == n + 1
+    assert final.read_bytes() == good
+
+    with pytest.raises(hellaswag.HellaSwagError, match="could not download"):  # HTTP 404
+        hellaswag.download("train", cache_dir=cache, base_url=server["url"])
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "hellaswag.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_cli(hf_dir, tmp_path):
+    r = run_cli("--model", hf_dir, "--data", VAL, "--limit", 12, "--device", "cpu", "--batch_size", 5)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["n"] == 12 and 0 <= out["acc"] <= 1 and 0 <= out["acc_norm"] <= 1 and out["examples_per_s"] > 0
+
+    corrupted = tmp_path / "corrupted.jsonl"
+    corrupted.write_bytes(VAL.read_bytes()[:3000])
+    for args in (["--model", hf_dir, "--data", tmp_path / "missing.jsonl"],
+                 ["--model", hf_dir, "--data", corrupted],
+                 ["--model", tmp_path / "no_such_model", "--data", VAL]):
+        r = run_cli(*args, "--device", "cpu")
+        assert r.returncode == 2, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
