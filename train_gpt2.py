@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------
 # config
@@ -82,7 +83,8 @@ class TrainConfig:
     resume: str = arg(None, "'auto': continue from the newest valid checkpoint in --log_dir; or a checkpoint path")
     # batch: the GPT-3 paper's 124M ("Small") recipe uses 0.5M tokens per optimizer step
     total_batch_size: int = arg(524288, "tokens per optimizer step, over all ranks and accumulation steps (2**19)")
-    batch_size: int = arg(16, "sequences per micro-step on each rank (gradient accumulation makes up the rest)")
+    batch_size: str = arg("16", "sequences per micro-step on each rank, or 'auto': the largest that fits in memory "
+                          "(gradient accumulation makes up the rest)")
     seq_len: int = arg(1024, "tokens per sequence, at most the model's block size (1024)")
     # optimizer and schedule: GPT-3 paper, appendix B; step counts from the 10B-token reproduction
     max_lr: float = arg(6e-4, "peak learning rate, reached after warmup")
@@ -91,6 +93,7 @@ class TrainConfig:
     max_steps: int = arg(19073, "optimizer steps in all (10B tokens / 2**19: one epoch of sample-10BT)")
     weight_decay: float = arg(0.1, "AdamW weight decay on 2-D tensors")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    grad_checkpoint: int = arg(0, "1: recompute each block's activations in backward (less memory, ~30%% slower)")
     # machine
     device: str = arg("auto", "auto, cpu, cuda or mps")
     dtype: str = arg("auto", "auto (bf16 where supported, fp16 on older GPUs, else fp32), bf16, fp16 or fp32")
@@ -193,6 +196,7 @@ class GPT(nn.Module):
         # Weight tying (as in GPT-2): the input embedding and the output projection are one matrix.
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
+        self.grad_checkpoint = False  # set by training to trade compute for memory
 
     def _init_weights(self, module):
         # GPT-2 init: N(0, 0.02), biases zero; each residual projection scaled by 1/sqrt(2 * n_layer)
@@ -212,7 +216,11 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, cache)
+            if self.grad_checkpoint and self.training and cache is None:
+                # keep only the block's input; backward runs the block again to get what it needs
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, padded_vocab)
         if self.config.padded_vocab_size > self.config.vocab_size:
@@ -439,6 +447,54 @@ def grad_accum_steps(total_batch_size, batch_size, seq_len, world_size):
     return total_batch_size // per_micro
 
 
+def pick_batch_size(max_batch, fits):
+    """The largest micro-batch that divides max_batch (so accumulation makes up the rest exactly), at most 64,
+    for which fits(b) says it fits in memory."""
+    for b in range(min(max_batch, 64), 0, -1):
+        if max_batch % b == 0 and fits(b):
+            return b
+    raise UserError("not even --batch_size 1 fits in memory; use --grad_checkpoint 1, a smaller --seq_len or a "
+                    "smaller model")
+
+
+def activation_bytes_per_token(config, dtype, grad_checkpoint=False):
+    """Rough training memory per token beyond weights and optimizer: 34*E bytes per layer in 16-bit with
+    flash attention (Korthikanti et al. 2022, "Reducing Activation Recomputation", section 4), double in fp32;
+    with checkpointing only each block's input (2*E) plus one block's activations; and the logits (16-bit
+    logits, their fp32 copy for the loss and its gradient)."""
+    scale = 1 if dtype in ("bf16", "fp16") else 2
+    per_layer = 34 * config.n_embd * scale
+    layers = config.n_layer * 2 * config.n_embd * scale + per_layer if grad_checkpoint else config.n_layer * per_layer
+    return layers + config.padded_vocab_size * 10 * scale
+
+
+def batch_fits(model, b, seq_len, rt, grad_checkpoint):
+    """Does a micro-batch of b sequences fit? On CUDA by trial (forward and backward, plus room for the AdamW
+    state that is not allocated yet); elsewhere from the memory formula and the RAM available."""
+    n_params = model.num_params()
+    if rt.device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+        try:
+            x = torch.randint(0, model.config.vocab_size, (b, seq_len), device=rt.device)
+            with rt.autocast():
+                _, loss = model(x, x)
+            loss.backward()
+            peak = torch.cuda.max_memory_allocated(rt.device)
+        except torch.cuda.OutOfMemoryError:
+            peak = float("inf")
+        finally:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        return peak + 8 * n_params < 0.9 * torch.cuda.get_device_properties(rt.device).total_memory
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no such counter (macOS): assume half of the RAM is free
+        free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    free //= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    need = 16 * n_params + b * seq_len * activation_bytes_per_token(model.config, rt.dtype, grad_checkpoint)
+    return need < 0.6 * free
+
+
 def flops_per_token(config, T):
     """Training FLOPs per token: 6 per parameter in matmuls (forward 2, backward 4) plus attention's
     12 * L * E * T (PaLM paper, appendix B)."""
@@ -446,9 +502,10 @@ def flops_per_token(config, T):
     return 6 * (12 * L * E * E + V * E) + 12 * L * E * T
 
 
-# Dense bf16/fp16 tensor-core peaks in FLOP/s (vendor data sheets); fp32 for cards without them.
+# Dense bf16/fp16 tensor-core peaks in FLOP/s (vendor data sheets); fp32 for cards without them. The first
+# name contained in the device's name wins, so longer names come before their prefixes.
 GPU_PEAK_FLOPS = {"H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12,
-                  "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L4": 121e12, "L40S": 362e12, "V100": 125e12,
+                  "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12, "V100": 125e12,
                   "T4": 65e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "GTX 960": 2.4e12}
 
 
@@ -459,15 +516,15 @@ def peak_flops(rt):
         return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
     if rt.device_type != "cpu":
         return None
-    n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    # the fastest of a few large square matmuls in the training dtype: what the cores can do at best
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    times = []
     with rt.autocast():
-        a @ b  # warm up
-        t0 = time.perf_counter()
-        for _ in range(8):
+        for _ in range(5):
+            t0 = time.perf_counter()
             a @ b
-        dt = time.perf_counter() - t0
-    return 8 * 2 * n ** 3 / dt
+            times.append(time.perf_counter() - t0)
+    return 2 * 2048 ** 3 / min(times[1:])
 
 
 # -----------------------------------------------------------------------------
@@ -771,7 +828,9 @@ def rewrite_log(log_file, start_step):
 
 def train(cfg):
     rt = setup_runtime(cfg.device, cfg.dtype)
-    for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_tokens"):
+    if cfg.batch_size != "auto" and not (cfg.batch_size.isdigit() and int(cfg.batch_size) > 0):
+        raise UserError(f"--batch_size must be a positive number or auto, got {cfg.batch_size}")
+    for name in ("seq_len", "total_batch_size", "max_steps", "val_tokens"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
     if cfg.resume and cfg.init_from:
@@ -782,8 +841,10 @@ def train(cfg):
     last_good = ckpt["path"] if ckpt else None  # the newest checkpoint known to give a finite loss
     init_model = load_model(cfg.init_from) if cfg.init_from else None
     config = model_config(cfg, ckpt, init_model)
-    grad_accum = grad_accum_steps(cfg.total_batch_size, cfg.batch_size, cfg.seq_len, rt.world_size)
-    train_loader = DataLoader(load_split(cfg.data, "train"), cfg.batch_size, cfg.seq_len, rt.rank, rt.world_size)
+    max_batch = grad_accum_steps(cfg.total_batch_size, 1, cfg.seq_len, rt.world_size)  # sequences per rank-step
+    if cfg.batch_size != "auto":
+        grad_accum_steps(cfg.total_batch_size, int(cfg.batch_size), cfg.seq_len, rt.world_size)  # fail early
+    train_shards = load_split(cfg.data, "train")
     val_shards = load_split(cfg.data, "val") if cfg.eval_every else None
 
     torch.manual_seed(cfg.seed)
@@ -791,6 +852,11 @@ def train(cfg):
     np.random.seed(cfg.seed)
     model = init_model or GPT(config)
     model.to(rt.device)
+    model.grad_checkpoint = bool(cfg.grad_checkpoint)
+    batch_size = (pick_batch_size(max_batch, lambda b: batch_fits(model, b, cfg.seq_len, rt, cfg.grad_checkpoint))
+                  if cfg.batch_size == "auto" else int(cfg.batch_size))
+    grad_accum = grad_accum_steps(cfg.total_batch_size, batch_size, cfg.seq_len, rt.world_size)
+    train_loader = DataLoader(train_shards, batch_size, cfg.seq_len, rt.rank, rt.world_size)
     optimizer = configure_optimizer(model, cfg.max_lr, cfg.weight_decay, rt.device_type)
     # fp16 gradients underflow without loss scaling; bf16 and fp32 have fp32's exponent range and need none
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "fp16")
@@ -825,7 +891,7 @@ def train(cfg):
                 from None
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {dataclasses.asdict(config)}")
         print(f"device {rt.device} ({rt.dtype}), world size {rt.world_size}, {cfg.total_batch_size} tokens/step = "
-              f"{cfg.batch_size} x {cfg.seq_len} x {rt.world_size} ranks x {grad_accum} accumulation steps")
+              f"{batch_size} x {cfg.seq_len} x {rt.world_size} ranks x {grad_accum} accumulation steps")
         if start_step:
             print(f"resumed at step {start_step}")
     if cfg.hellaswag_every:
@@ -863,13 +929,13 @@ def train(cfg):
                 print(f"stopped by signal at step {step}; wrote {ckpt_path}; continue with --resume auto")
             sys.exit(128 + (stop.signum or signal.SIGTERM))
         if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-            val_loss = evaluate_loss(raw_model, val_shards, cfg.val_tokens, cfg.batch_size, cfg.seq_len, rt)
+            val_loss = evaluate_loss(raw_model, val_shards, cfg.val_tokens, batch_size, cfg.seq_len, rt)
             log(f"{step} val {val_loss:.6f}")
             if rt.master:
                 print(f"step {step:5d} | val loss {val_loss:.6f}")
         if hella is not None and (step % cfg.hellaswag_every == 0 or last):
             import hellaswag
-            counts = hellaswag.score(raw_model, hella, enc, rt.device, batch_size=cfg.batch_size,
+            counts = hellaswag.score(raw_model, hella, enc, rt.device, batch_size=batch_size,
                                      autocast=rt.autocast, rank=rt.rank, world_size=rt.world_size)
             totals = torch.tensor([counts["n"], counts["correct"], counts["correct_norm"]], device=rt.device)
             if rt.ddp:

@@ -241,3 +241,47 @@ def test_checkpoint_config_is_plain_json(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model_00001.pt"]  # no temporary left behind
     again = tg.model_from_checkpoint(ckpt)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_grad_checkpoint_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=32, vocab_size=200, n_layer=3, n_head=2, n_embd=32))
+    idx = torch.randint(0, 200, (2, 32))
+    grads = []
+    for ckpt in (False, True):
+        model.grad_checkpoint = ckpt
+        model.zero_grad()
+        _, loss = model(idx, idx)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == grads[1][0]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+def test_pick_batch_size_takes_the_largest_divisor_that_fits():
+    assert tg.pick_batch_size(512, lambda b: b <= 20) == 16  # the largest divisor of 512 that fits
+    assert tg.pick_batch_size(48, lambda b: b <= 30) == 24
+    assert tg.pick_batch_size(1000, lambda b: True) == 50  # at most 64, and a divisor
+    with pytest.raises(tg.UserError, match="--grad_checkpoint"):
+        tg.pick_batch_size(8, lambda b: False)
+
+
+def test_activation_memory_estimate_matches_the_measured_growth():
+    """The formula against what autograd really keeps: the bytes saved for backward per extra token."""
+    config = tg.GPTConfig(block_size=256, vocab_size=50257, n_layer=2, n_head=4, n_embd=128)
+    model = tg.GPT(config)
+
+    def saved_bytes(b):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+            x = torch.randint(0, 50257, (b, 256))
+            _, loss = model(x, x)
+        return total
+    per_token = (saved_bytes(4) - saved_bytes(2)) / (2 * 256)
+    estimate = tg.activation_bytes_per_token(config, "bf16")
+    assert 0.5 * estimate < per_token < 1.5 * estimate, (per_token, estimate)

@@ -181,7 +181,7 @@ BAD = {  # name: (extra args replacing defaults, words the one-line message must
     "not our checkpoint": (["--resume", "{d}/foreign.pt"], "not a checkpoint of train_gpt2.py"),
     "log_dir is a file": (["--log_dir", "{d}/a_file"], "--log_dir"),
     "resume with init_from": (["--resume", "auto", "--init_from", "gpt2"], "exclude each other"),
-    "zero batch size": (["--batch_size", "0"], "must be positive"),
+    "zero batch size": (["--batch_size", "0"], "positive number or auto"),
 }
 
 
@@ -325,3 +325,10 @@ def test_hellaswag_during_training_equals_hellaswag_py(reference, small_text, tm
     model = tg.load_model(str(log_dir / "model_00008.pt"))
     counts = hellaswag.score(model, examples, tiktoken.get_encoding("gpt2"), batch_size=1)
     assert abs(hellaswag.accuracies(counts)["acc_norm"] - logged[8]) < 1e-6  # log.txt keeps 6 decimals
+
+
+def test_batch_size_auto_fills_the_batch(small_text, tmp_path):
+    args = train_args(small_text, tmp_path / "log", "--batch_size", "auto", "--grad_checkpoint", "1", steps=1)
+    out = run_cli(*args)
+    assert out.returncode == 0, out.stderr
+    assert "4 x 32 x 1 ranks x 1 accumulation steps" in out.stdout  # all 128 tokens in one micro-step
