@@ -329,8 +329,10 @@ def load_tokens(path):
 
 
 def shard_paths(data_dir, split):
-    """The shards of one split ("train"/"val") in a directory, ordered by the number in their name."""
-    paths = [p for p in glob.glob(os.path.join(data_dir, "*.npy")) if split in os.path.basename(p)]
+    """The shards of one split ("train"/"val") in a directory: the .npy files with that word in their name
+    (edufineweb_val_000000.npy), ordered by the number in their name."""
+    paths = [p for p in glob.glob(os.path.join(data_dir, "*.npy"))
+             if split in re.split(r"[^a-z]+", os.path.basename(p).lower())]
     return sorted(paths, key=lambda p: [int(n) for n in re.findall(r"\d+", os.path.basename(p))] or [0])
 
 

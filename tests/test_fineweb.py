@@ -228,6 +228,7 @@ BAD = [  # (case, extra args, words the one error line must contain)
     ("other run's source", ["--source", "nofield.jsonl", "--out", "done", "--shard_size", 100], ["source=", "--out"]),
     ("shards without progress", ["--source", "ok.jsonl", "--out", "stray"], ["stray", "no edufineweb_progress.json"]),
     ("not our progress file", ["--source", "ok.jsonl", "--out", "junkprogress"], ["not a progress file"]),
+    ("out is a file", ["--source", "ok.jsonl", "--out", "ok.jsonl"], ["is a file"]),
     ("shard_size 0", ["--source", "ok.jsonl", "--shard_size", 0], ["--shard_size"]),
     ("negative shard_size", ["--source", "ok.jsonl", "--shard_size", -5], ["--shard_size"]),
     ("zero workers", ["--source", "ok.jsonl", "--workers", 0], ["--workers"]),
