@@ -72,7 +72,7 @@ def kv_cache_ratio(device, new_tokens=256):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps per configuration (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per configuration (default: %(default)s)")
     args = p.parse_args()
     dev = ["--device", args.device]
     gpt2 = ["--model", "gpt2"]

@@ -10,6 +10,7 @@ from conftest import DATA, run_cli
 ARGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "32",
         "--total_batch_size", "256", "--warmup_steps", "2", "--eval_every", "2", "--sample_every", "0",
         "--checkpoint_every", "3", "--val_tokens", "1000", "--max_steps", "6", "--device", "cpu", "--dtype", "fp32",
+        "--compile", "off",
         "--hellaswag_every", "3", "--hellaswag_limit", "15", "--hellaswag_data", str(DATA / "hellaswag_val.jsonl")]
 
 

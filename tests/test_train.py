@@ -18,7 +18,7 @@ import train_gpt2 as tg
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "32",
         "--total_batch_size", "128", "--warmup_steps", "3", "--max_lr", "1e-3", "--val_tokens", "256",
-        "--sample_every", "0", "--device", "cpu"]
+        "--sample_every", "0", "--device", "cpu", "--compile", "off"]
 
 
 def train_args(data, log_dir, *extra, steps=8):
@@ -222,6 +222,10 @@ def test_export_round_trip_through_transformers(reference, tmp_path):
     with torch.no_grad():
         diff = (ours(idx)[0][..., :50257] - hf(idx).logits).abs().max().item()
     assert diff < 1e-4, diff
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    import tiktoken
+    text = "Hello, I'm a language model, and 2 + 2 = 4 <|endoftext|> ünïcödé"
+    assert tok(text)["input_ids"] == tiktoken.get_encoding("gpt2").encode(text, allowed_special="all")
     back = tg.GPT.from_pretrained(str(tmp_path / "hf"))
     real_vocab = lambda sd: {k: v[:50257] if k in ("transformer.wte.weight", "lm_head.weight") else v  # noqa: E731
                              for k, v in sd.items()}  # export drops the padding rows
@@ -332,3 +336,15 @@ def test_batch_size_auto_fills_the_batch(small_text, tmp_path):
     out = run_cli(*args)
     assert out.returncode == 0, out.stderr
     assert "4 x 32 x 1 ranks x 1 accumulation steps" in out.stdout  # all 128 tokens in one micro-step
+
+
+def test_compiled_training_matches_eager_and_still_evaluates_and_samples(small_text, tmp_path):
+    logs = {}
+    for mode in ("off", "on"):
+        out = run_cli(*train_args(small_text, tmp_path / mode, "--compile", mode, "--dtype", "fp32", "--eval_every",
+                                  "2", "--sample_every", "2", "--checkpoint_every", "0", steps=2))
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.count("sample ") == 4  # 4 samples at the last step
+        logs[mode] = [(ln.split()[:2], float(ln.split()[2])) for ln in (tmp_path / mode / "log.txt").read_text().splitlines()]
+    assert [k for k, _ in logs["off"]] == [k for k, _ in logs["on"]]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(logs["off"], logs["on"])) < 1e-4
