@@ -1142,7 +1142,9 @@ def plot_main(argv):
     ax2.plot(*series["hella"], label="ours", marker="o", markersize=3)
     ax2.axhline(0.2955, color="r", linestyle="--", label="OpenAI GPT-2 124M (0.2955)")
     ax2.axhline(0.337, color="g", linestyle="--", label="GPT-3 124M (0.337)")
-    ax2.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
+    ax2.axhline(0.25, color="gray", linestyle=":", label="chance (0.25)")
+    ax2.set(xlabel="step", ylabel="acc_norm", title="HellaSwag" if series["hella"][0] else
+            "HellaSwag (not in this log: train with --hellaswag_every)", xlim=ax1.get_xlim(), ylim=(0.2, 0.4))
     ax2.legend()
     out = args.out or os.path.join(args.log_dir, "plot.png")
     fig.savefig(out + ".tmp.png", dpi=100, bbox_inches="tight")
