@@ -181,9 +181,10 @@ def ending_losses(model, rendered, device="cpu", batch_size=16, autocast=context
             mask[r, len(toks) - 1 - n_end:len(toks) - 1] = True
         x, y, mask = x.to(device), y.to(device), mask.to(device)
         with autocast():
-            logits, _ = model(x)  # (rows, T, padded_vocab); padding columns are -inf
-        # Pick the ending positions before the softmax: far less memory than all (rows, T, vocab).
-        tok_loss = F.cross_entropy(logits[mask].float(), y[mask], reduction="none")
+            # Only the ending positions need the output layer: the hidden states of the others are dropped
+            # before it, which saves most of the largest matmul and all of its (rows, T, vocab) logits.
+            logits = model.head(model.features(x)[mask])  # (ending tokens, padded_vocab); padding is -inf
+        tok_loss = F.cross_entropy(logits.float(), y[mask], reduction="none")
         losses = torch.zeros(mask.shape, device=device)
         losses[mask] = tok_loss  # scatter back, then sum each row: a fixed order, so deterministic
         total[idx] = losses.double().sum(1).view(-1, 4).cpu()

@@ -211,6 +211,14 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None, cache=None):
+        logits = self.head(self.features(idx, cache))  # (B, T, padded_vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    def features(self, idx, cache=None):
+        """The final hidden states (B, T, C): everything but the output projection."""
         B, T = idx.shape
         start = len(cache) if cache is not None else 0
         assert start + T <= self.config.block_size, f"sequence of {start + T} > block_size {self.config.block_size}"
@@ -222,14 +230,15 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x, cache)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, padded_vocab)
+        return self.transformer.ln_f(x)
+
+    def head(self, x):
+        """Hidden states (..., C) -> logits (..., padded_vocab). Scoring only some positions (HellaSwag's
+        ending tokens) can call it on just those, saving most of the largest matmul."""
+        logits = self.lm_head(x)
         if self.config.padded_vocab_size > self.config.vocab_size:
             logits[..., self.config.vocab_size:] = float("-inf")  # padding rows are never a token
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
+        return logits
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied wte/lm_head counted once
