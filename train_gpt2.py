@@ -644,11 +644,12 @@ def atomic_save(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a full disk as a RuntimeError
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise UserError(f"could not write {path}: {e.strerror or e}; free some disk space or choose another "
-                        "--log_dir (earlier checkpoints are intact)") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed; is the disk full?"
+        raise UserError(f"could not write {path}: {reason}; free some disk space or choose another --log_dir "
+                        "(earlier checkpoints are intact), then continue with --resume auto") from None
 
 
 def save_checkpoint(path, model, optimizer, scaler, step, loader, train_config):
@@ -805,6 +806,9 @@ class StopSignal:
         self.signum = signum
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, signal.SIG_DFL)
+        # os.write, not print: a handler may interrupt a print in progress
+        os.write(2, f"{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+                    "(signal again to exit at once)\n".encode())
 
 
 def model_config(cfg, ckpt=None, init_model=None):

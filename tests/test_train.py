@@ -348,3 +348,41 @@ def test_compiled_training_matches_eager_and_still_evaluates_and_samples(small_t
         logs[mode] = [(ln.split()[:2], float(ln.split()[2])) for ln in (tmp_path / mode / "log.txt").read_text().splitlines()]
     assert [k for k, _ in logs["off"]] == [k for k, _ in logs["on"]]
     assert max(abs(a - b) for (_, a), (_, b) in zip(logs["off"], logs["on"])) < 1e-4
+
+
+def test_second_signal_exits_at_once_and_damages_nothing(reference, small_text, tmp_path):
+    log_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, *map(str, train_args(small_text, log_dir))], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "step     2 | loss" in line:
+            proc.send_signal(signal.SIGTERM)
+        if "finishing this step" in line:  # the first signal was handled: the second one is the default
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGTERM
+    assert_same_weights(weights(reference / "model_00002.pt"), weights(log_dir / "model_00002.pt"))
+    out = run_cli(*train_args(small_text, log_dir, "--resume", "auto"))
+    assert out.returncode == 0, out.stderr
+    assert_same_weights(weights(reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 30 MB filesystem: room for log.txt and one checkpoint of the tiny model (19 MB), not two."""
+    path = tmp_path / "small_disk"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30M", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield path
+    subprocess.run(["umount", str(path)])
+
+
+def test_disk_full_while_checkpointing(reference, small_text, small_disk):
+    out = run_cli(*train_args(small_text, small_disk))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "could not write" in out.stderr and "model_00004.pt" in out.stderr and "disk space" in out.stderr
+    assert sorted(p.name for p in small_disk.iterdir()) == ["log.txt", "model_00002.pt"]  # no half file left
+    assert_same_weights(weights(reference / "model_00002.pt"), weights(small_disk / "model_00002.pt"))
