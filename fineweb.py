@@ -229,7 +229,6 @@ def write_shards(texts, out, state, workers):
     out, params = Path(out), state["params"]
     size, prefix = params["shard_size"], params["prefix"]
     meta = out / f"{prefix}_progress.json"
-    kill_after = int(os.environ.get("FINEWEB_TEST_KILL_AFTER_SHARD", -1))  # test hook: simulate a crash
 
     def commit(shard, next_doc, next_offset, done=False):
         k = state["shards"]
@@ -237,8 +236,6 @@ def write_shards(texts, out, state, workers):
         if not meta.exists():  # written before shard 0, so our shards never exist without it
             save_json(meta, state)
         save_atomic(shard_path(out, prefix, k), lambda f: np.save(f, shard))
-        if k == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)  # shard k is in place, the progress file does not know it yet
         state.update(shards=k + 1, next_doc=int(next_doc), next_offset=int(next_offset),
                      tokens=state["tokens"] + len(shard), done=done)
         save_json(meta, state)

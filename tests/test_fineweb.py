@@ -103,12 +103,28 @@ def test_rerun_of_a_finished_run_changes_nothing(clean_run):
     assert snapshot(out) == before
 
 
+KILL_AFTER_SHARD = """
+import os, signal, sys
+import fineweb
+k = int(sys.argv.pop(1))
+real_save = fineweb.save_atomic
+def save_then_die(path, write):
+    real_save(path, write)
+    if str(path).endswith(f"_{k:06d}.npy"):  # shard k is in place, the progress file does not know it yet
+        os.kill(os.getpid(), signal.SIGKILL)
+fineweb.save_atomic = save_then_die
+fineweb.main()
+"""
+
+
 @pytest.mark.parametrize("kill_after", [0, 2])
 def test_killed_run_resumes_to_identical_files(tmp_path, clean_run, kill_after):
     src, clean_out, _ = clean_run
     args = ("--source", src, "--out", "out", "--shard_size", SHARD)
     # The process SIGKILLs itself right after shard `kill_after` is renamed into place, before its progress is saved.
-    r = fineweb_cli(*args, "--workers", 2, cwd=tmp_path, env={"FINEWEB_TEST_KILL_AFTER_SHARD": str(kill_after)})
+    r = subprocess.run([sys.executable, "-c", KILL_AFTER_SHARD, str(kill_after), *map(str, args), "--workers", "2"],
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == -9
     progress = json.loads((tmp_path / "out" / "edufineweb_progress.json").read_text())
     assert progress["shards"] == kill_after and not progress["done"]
