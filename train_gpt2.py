@@ -261,10 +261,14 @@ class GPT(nn.Module):
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
             raise UserError(f"{path} has no config.json; give a Hugging Face GPT-2 directory")
-        with open(cfg_file) as f:
-            hf = json.load(f)
-        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+        try:
+            with open(cfg_file) as f:
+                hf = json.load(f)
+            config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                               n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{cfg_file} is not a GPT-2 config ({type(e).__name__}: {e}); give a GPT-2 directory") \
+                from None
         if os.path.isfile(os.path.join(path, "model.safetensors")):
             from safetensors.torch import load_file
             sd_hf = load_file(os.path.join(path, "model.safetensors"))
@@ -273,7 +277,10 @@ class GPT(nn.Module):
         else:
             raise UserError(f"{path} has neither model.safetensors nor pytorch_model.bin")
         model = cls(config)
-        model.load_state_dict(hf_to_ours(sd_hf, config))
+        try:
+            model.load_state_dict(hf_to_ours(sd_hf, config))
+        except (KeyError, RuntimeError) as e:
+            raise UserError(f"the weights in {path} are not GPT-2's ({str(e).splitlines()[0][:200]})") from None
         return model
 
 
@@ -370,7 +377,11 @@ def load_split(data, split):
 
 def get_encoding():
     import tiktoken  # imported here so that importing this file stays free of side effects
-    return tiktoken.get_encoding("gpt2")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        raise UserError(f"could not load the GPT-2 tokenizer ({type(e).__name__}); tiktoken downloads it once, so "
+                        "connect to the network or point TIKTOKEN_CACHE_DIR at a folder holding its files") from None
 
 
 class DataLoader:
@@ -498,9 +509,10 @@ def batch_fits(model, b, seq_len, rt, grad_checkpoint):
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
         return peak + 8 * n_params < 0.9 * torch.cuda.get_device_properties(rt.device).total_memory
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # no such counter (macOS): assume half of the RAM is free
+    try:  # MemAvailable counts the page cache that the kernel can reclaim (the memory-mapped shards)
+        with open("/proc/meminfo") as f:
+            free = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration):  # not Linux: assume half of the RAM is free
         free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
     free //= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     need = 16 * n_params + b * seq_len * activation_bytes_per_token(model.config, rt.dtype, grad_checkpoint)
@@ -561,8 +573,13 @@ class Runtime:
 
 
 def cpu_has_bf16():
-    # Without AVX512-BF16/AMX, bf16 matmuls on CPU are emulated and slower than fp32.
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    # Only AVX512-BF16 or AMX do bf16 matmuls natively; elsewhere they are emulated and slower than fp32.
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:  # not Linux: stay with fp32
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def setup_runtime(device="auto", dtype="auto"):
@@ -581,6 +598,9 @@ def setup_runtime(device="auto", dtype="auto"):
         raise UserError("--device mps but MPS is not available here; use --device cpu (or auto)")
     device_type = device
     if device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {local_rank} but only {torch.cuda.device_count()} GPUs; use "
+                            f"--nproc_per_node={torch.cuda.device_count()} or fewer")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     bf16_ok = (torch.cuda.is_bf16_supported(including_emulation=False) if device_type == "cuda"
@@ -693,12 +713,20 @@ def find_checkpoints(log_dir):
 
 def resume_checkpoint(resume, log_dir):
     """The checkpoint dict to resume from, or None to start fresh (only where log_dir has none)."""
+    def load_resumable(path):
+        ckpt = load_checkpoint(path)
+        missing = {"optimizer", "loader", "rng", "scaler"} - ckpt.keys()
+        if missing:
+            raise UserError(f"{path} holds weights but not the training state ({', '.join(sorted(missing))}); "
+                            "start a new run from it with --init_from instead")
+        return ckpt
+
     if resume != "auto":
-        return load_checkpoint(resume)
+        return load_resumable(resume)
     paths = find_checkpoints(log_dir)
     for path in paths:
         try:
-            return load_checkpoint(path)
+            return load_resumable(path)
         except UserError as e:
             print(f"warning: skipping {path}: {e}", file=sys.stderr)
     if paths:
@@ -778,7 +806,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=
 
 
 def sample_texts(model, enc, prompt, num_samples, max_new_tokens, rt, temperature=1.0, top_k=50, seed=0):
-    tokens = enc.encode(prompt)
+    tokens = enc.encode(prompt, allowed_special="all")
     if not tokens:
         raise UserError("the prompt is empty; give some text to continue")
     idx = torch.tensor([tokens] * num_samples, dtype=torch.long, device=rt.device)  # (num_samples, T)
@@ -795,16 +823,21 @@ def sample_texts(model, enc, prompt, num_samples, max_new_tokens, rt, temperatur
 class StopSignal:
     """SIGTERM/SIGINT (preemption, Ctrl-C) ask for a clean stop: the step in progress finishes, a checkpoint
     is written, and the program exits with 128 + the signal number (143 for SIGTERM, 130 for SIGINT), which
-    schedulers tell from success. A second signal gets the default behaviour: exit at once."""
+    schedulers tell from success. A second signal gets the default behaviour: exit at once. Under torchrun a
+    repeated SIGTERM is expected (the scheduler signals every process and torchrun forwards its own), so
+    there only a second Ctrl-C exits at once."""
 
-    def __init__(self):
+    def __init__(self, ddp=False):
         self.signum = 0
+        self.ddp = ddp
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
+        if self.signum:
+            return  # a repeated SIGTERM under torchrun: already stopping
         self.signum = signum
-        for s in (signal.SIGTERM, signal.SIGINT):
+        for s in (signal.SIGINT,) if self.ddp else (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, signal.SIG_DFL)
         # os.write, not print: a handler may interrupt a print in progress
         os.write(2, f"{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
@@ -846,13 +879,22 @@ def train(cfg):
     rt = setup_runtime(cfg.device, cfg.dtype)
     if cfg.batch_size != "auto" and not (cfg.batch_size.isdigit() and int(cfg.batch_size) > 0):
         raise UserError(f"--batch_size must be a positive number or auto, got {cfg.batch_size}")
-    for name in ("seq_len", "total_batch_size", "max_steps", "val_tokens"):
+    for name in ("seq_len", "total_batch_size", "max_steps", "val_tokens", "max_lr"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "eval_every", "sample_every",
+                 "hellaswag_every", "checkpoint_every", "hellaswag_limit"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
+    if cfg.sample_every and not get_encoding().encode(cfg.prompt, allowed_special="all"):
+        raise UserError("--prompt is empty; give some text for the samples (or --sample_every 0)")
     if cfg.resume and cfg.init_from:
         raise UserError("--resume and --init_from exclude each other: resume continues a run, init_from starts one")
     if cfg.compile not in ("auto", "on", "off"):
         raise UserError(f"--compile {cfg.compile}: use on, off or auto")
+    if not cfg.resume and find_checkpoints(cfg.log_dir):
+        raise UserError(f"{cfg.log_dir} already holds checkpoints of a run; continue it with --resume auto, or "
+                        "start a new run with another --log_dir")
     ckpt = resume_checkpoint(cfg.resume, cfg.log_dir) if cfg.resume else None
     last_good = ckpt["path"] if ckpt else None  # the newest checkpoint known to give a finite loss
     init_model = load_model(cfg.init_from) if cfg.init_from else None
@@ -871,6 +913,10 @@ def train(cfg):
     model.grad_checkpoint = bool(cfg.grad_checkpoint)
     batch_size = (pick_batch_size(max_batch, lambda b: batch_fits(model, b, cfg.seq_len, rt, cfg.grad_checkpoint))
                   if cfg.batch_size == "auto" else int(cfg.batch_size))
+    if rt.ddp and cfg.batch_size == "auto":  # every rank must use the same: the smallest that fits everywhere
+        agreed = torch.tensor(batch_size, device=rt.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        batch_size = int(agreed.item())
     grad_accum = grad_accum_steps(cfg.total_batch_size, batch_size, cfg.seq_len, rt.world_size)
     train_loader = DataLoader(train_shards, batch_size, cfg.seq_len, rt.rank, rt.world_size)
     optimizer = configure_optimizer(model, cfg.max_lr, cfg.weight_decay, rt.device_type)
@@ -880,7 +926,11 @@ def train(cfg):
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if scaler.is_enabled() and ckpt["scaler"]:  # a bf16/fp32 run's scaler holds nothing to restore
+            scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["loader"]["shard"] >= len(train_shards):
+            raise UserError(f"{ckpt['path']} was trained on more shards than --data {cfg.data} has; resume with "
+                            "the same --data")
         train_loader.load_state_dict(ckpt["loader"])
         set_rng_state(ckpt["rng"])
         start_step = ckpt["step"]
@@ -937,7 +987,7 @@ def train(cfg):
 
     peak = peak_flops(rt)
     tokens_flops = flops_per_token(config, cfg.seq_len)
-    stop = StopSignal()
+    stop = StopSignal(rt.ddp)
     stopping = torch.zeros((), device=rt.device)
     new_ckpt = None
     for step in range(start_step, cfg.max_steps + 1):
@@ -947,6 +997,8 @@ def train(cfg):
             if rt.master:
                 save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg)
                 print(f"stopped by signal at step {step}; wrote {ckpt_path}; continue with --resume auto")
+            if rt.ddp:  # no rank leaves before the checkpoint is written: torchrun stops all once one exits
+                dist.barrier()
             sys.exit(128 + (stop.signum or signal.SIGTERM))
         if cfg.eval_every and (step % cfg.eval_every == 0 or last):
             val_loss = evaluate_loss(raw_model, val_shards, cfg.val_tokens, batch_size, cfg.seq_len, rt)
@@ -1054,8 +1106,8 @@ def sample_main(argv):
     parser.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, "
                         "until end of input (default: off)")
     args = parser.parse_args(argv)
-    if args.max_new_tokens <= 0 or args.num_samples <= 0 or args.temperature < 0:
-        raise UserError("--max_new_tokens and --num_samples must be positive and --temperature >= 0")
+    if args.max_new_tokens <= 0 or args.num_samples <= 0 or args.temperature < 0 or args.top_k < 0:
+        raise UserError("--max_new_tokens and --num_samples must be positive, --temperature and --top_k >= 0")
     rt = setup_runtime(args.device, args.dtype)
     model = load_model(args.checkpoint).to(rt.device)
     enc = get_encoding()
@@ -1092,12 +1144,19 @@ def export_main(argv):
     except OSError as e:
         raise UserError(f"cannot create --out {args.out} ({e.strerror}); choose another directory") from None
     sd = ours_to_hf(model.state_dict(), c)
-    save_file(sd, os.path.join(args.out, "model.safetensors.tmp"), metadata={"format": "pt"})
-    os.replace(os.path.join(args.out, "model.safetensors.tmp"), os.path.join(args.out, "model.safetensors"))
-    with open(os.path.join(args.out, "config.json.tmp"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    os.replace(os.path.join(args.out, "config.json.tmp"), os.path.join(args.out, "config.json"))
-    written = ["config.json", "model.safetensors"] + export_tokenizer(args.out)
+    tmp = os.path.join(args.out, "model.safetensors.tmp")
+    try:
+        save_file(sd, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(args.out, "model.safetensors"))
+        with open(os.path.join(args.out, "config.json.tmp"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        os.replace(os.path.join(args.out, "config.json.tmp"), os.path.join(args.out, "config.json"))
+        written = ["config.json", "model.safetensors"] + export_tokenizer(args.out)
+    except (OSError, RuntimeError) as e:
+        for name in ("model.safetensors.tmp", "config.json.tmp"):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(args.out, name))
+        raise UserError(f"could not write {args.out} ({e}); free some disk space or choose another --out") from None
     print(f"wrote {args.out} ({', '.join(written)})")
 
 
@@ -1142,7 +1201,10 @@ def plot_main(argv):
             if len(parts) == 3 and parts[1] in series:
                 series[parts[1]][0].append(int(parts[0]))
                 series[parts[1]][1].append(float(parts[2]))
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("plot needs matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
@@ -1160,6 +1222,8 @@ def plot_main(argv):
             "HellaSwag (not in this log: train with --hellaswag_every)", xlim=ax1.get_xlim(), ylim=(0.2, 0.4))
     ax2.legend()
     out = args.out or os.path.join(args.log_dir, "plot.png")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise UserError(f"the folder of --out {out} does not exist; create it or choose another --out")
     fig.savefig(out + ".tmp.png", dpi=100, bbox_inches="tight")
     os.replace(out + ".tmp.png", out)
     print(f"wrote {out}")
@@ -1176,6 +1240,9 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C before training started (or in sample): nothing to save
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

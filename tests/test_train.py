@@ -182,6 +182,10 @@ BAD = {  # name: (extra args replacing defaults, words the one-line message must
     "log_dir is a file": (["--log_dir", "{d}/a_file"], "--log_dir"),
     "resume with init_from": (["--resume", "auto", "--init_from", "gpt2"], "exclude each other"),
     "zero batch size": (["--batch_size", "0"], "positive number or auto"),
+    "negative grad_clip": (["--grad_clip", "-1"], "must not be negative"),
+    "empty prompt": (["--sample_every", "1", "--prompt", ""], "--prompt is empty"),
+    "fresh run beside checkpoints": (["--log_dir", "{d}/other_shape"], "already holds checkpoints"),
+    "not a GPT-2 directory": (["--init_from", "{d}/int32"], "no config.json"),
 }
 
 
