@@ -895,7 +895,14 @@ def train(cfg):
     if not cfg.resume and find_checkpoints(cfg.log_dir):
         raise UserError(f"{cfg.log_dir} already holds checkpoints of a run; continue it with --resume auto, or "
                         "start a new run with another --log_dir")
-    ckpt = resume_checkpoint(cfg.resume, cfg.log_dir) if cfg.resume else None
+    ckpt = resume_checkpoint(cfg.resume, cfg.log_dir) if cfg.resume and rt.master else None
+    if cfg.resume and rt.ddp:  # rank 0 chooses; every rank then loads that same checkpoint
+        chosen = [ckpt["path"] if ckpt else None]
+        dist.broadcast_object_list(chosen, src=0)
+        if not rt.master and chosen[0]:
+            if not os.path.isfile(chosen[0]):
+                raise UserError(f"rank {rt.rank} cannot see {chosen[0]}; put --log_dir on storage every node shares")
+            ckpt = load_checkpoint(chosen[0])
     last_good = ckpt["path"] if ckpt else None  # the newest checkpoint known to give a finite loss
     init_model = load_model(cfg.init_from) if cfg.init_from else None
     config = model_config(cfg, ckpt, init_model)

@@ -61,3 +61,15 @@ def test_two_rank_checkpoint_resumes_in_one_process(runs, small_text, tmp_path):
     diff = max_diff(two, read_log(tmp_path / "resumed" / "log.txt"))
     print(f"max |diff| resumed in 1 process vs continued on 2 ranks: {diff:.2e}")
     assert diff < 1e-4
+
+
+def test_two_ranks_resume_their_own_checkpoint(runs, small_text, tmp_path):
+    run = tmp_path / "two"
+    shutil.copytree(runs / "two", run)
+    (run / "model_00006.pt").unlink()
+    out = torchrun(2, "train_gpt2.py", "--data", small_text, "--log_dir", run, *ARGS, "--resume", "auto")
+    assert out.returncode == 0, out.stderr
+    assert "resumed at step 3" in out.stdout
+    w1 = torch.load(runs / "two" / "model_00006.pt", weights_only=True)["model"]
+    w2 = torch.load(run / "model_00006.pt", weights_only=True)["model"]
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # same ranks, same order of sums: bit-identical
