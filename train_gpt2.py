@@ -1118,7 +1118,8 @@ def sample_main(argv):
     rt = setup_runtime(args.device, args.dtype)
     model = load_model(args.checkpoint).to(rt.device)
     enc = get_encoding()
-    prompts = iter(lambda: input("prompt> "), None) if args.interactive else [args.prompt]
+    ask = "prompt> " if sys.stdin.isatty() else ""  # no prompt text in piped output
+    prompts = iter(lambda: input(ask), None) if args.interactive else [args.prompt]
     try:
         for prompt in prompts:
             if not prompt.strip():
