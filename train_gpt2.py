@@ -15,6 +15,7 @@ See README.md for every flag.
 import argparse
 import contextlib
 import dataclasses
+import gc
 import glob
 import json
 import math
@@ -1031,6 +1032,8 @@ def train(cfg):
                 save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg)
             new_ckpt = ckpt_path
         if last:
+            if rt.ddp:  # leave together: a rank that tears down the group while others still use it can abort
+                dist.barrier()
             break
 
         # one optimizer step: grad_accum micro-steps on every rank, gradients averaged once at the end
@@ -1094,6 +1097,7 @@ def train_main(argv):
         train(cfg)
     finally:
         if dist.is_initialized():
+            gc.collect()  # free the DDP wrapper (and its hold on the process group) before destroying the group
             dist.destroy_process_group()
 
 
