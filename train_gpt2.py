@@ -655,19 +655,28 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary name, then rename: a crash at any moment leaves either the old file or
-    the complete new one under `path`, never half a file."""
+def write_atomic(path, write, mode="wb"):
+    """Every file this program writes goes through here: write(f) fills a temporary file, which is then
+    renamed to `path`, so a crash at any moment leaves either the old file or the complete new one under
+    `path`, never half a file. A write that fails removes its temporary file."""
     tmp = f"{path}.tmp"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a full disk as a RuntimeError
+    except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        raise
+
+
+def atomic_save(obj, path):
+    """torch.save, atomically (see write_atomic); a failed write is a UserError that leaves the rest intact."""
+    try:
+        write_atomic(path, lambda f: torch.save(obj, f))
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a full disk as a RuntimeError
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed; is the disk full?"
         raise UserError(f"could not write {path}: {reason}; free some disk space or choose another --log_dir "
                         "(earlier checkpoints are intact), then continue with --resume auto") from None
@@ -871,9 +880,7 @@ def rewrite_log(log_file, start_step):
     if start_step > 0 and os.path.exists(log_file):
         with open(log_file) as f:
             lines = [ln for ln in f if ln.split()[:1] and ln.split()[0].isdigit() and int(ln.split()[0]) < start_step]
-    with open(log_file + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(log_file + ".tmp", log_file)
+    write_atomic(log_file, lambda f: f.writelines(lines), mode="w")
 
 
 def train(cfg):
@@ -1142,7 +1149,7 @@ def export_main(argv):
     parser.add_argument("--checkpoint", required=True, help="a model_*.pt checkpoint (required)")
     parser.add_argument("--out", required=True, help="output directory (required)")
     args = parser.parse_args(argv)
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     model = model_from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint)
     c = model.config
     hf_config = {
@@ -1156,18 +1163,11 @@ def export_main(argv):
     except OSError as e:
         raise UserError(f"cannot create --out {args.out} ({e.strerror}); choose another directory") from None
     sd = ours_to_hf(model.state_dict(), c)
-    tmp = os.path.join(args.out, "model.safetensors.tmp")
     try:
-        save_file(sd, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(args.out, "model.safetensors"))
-        with open(os.path.join(args.out, "config.json.tmp"), "w") as f:
-            json.dump(hf_config, f, indent=2)
-        os.replace(os.path.join(args.out, "config.json.tmp"), os.path.join(args.out, "config.json"))
+        write_atomic(os.path.join(args.out, "model.safetensors"), lambda f: f.write(save(sd, {"format": "pt"})))
+        write_atomic(os.path.join(args.out, "config.json"), lambda f: json.dump(hf_config, f, indent=2), mode="w")
         written = ["config.json", "model.safetensors"] + export_tokenizer(args.out)
     except (OSError, RuntimeError) as e:
-        for name in ("model.safetensors.tmp", "config.json.tmp"):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(args.out, name))
         raise UserError(f"could not write {args.out} ({e}); free some disk space or choose another --out") from None
     print(f"wrote {args.out} ({', '.join(written)})")
 
@@ -1177,7 +1177,6 @@ def export_tokenizer(out):
     and vocab.bpe is merges.txt. Copies them from tiktoken's cache when they are there (tiktoken names each
     file by the sha1 of its URL); returns the names written."""
     import hashlib
-    import shutil
     import tempfile
     get_encoding()  # makes sure tiktoken has fetched (or found) the files
     cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
@@ -1187,13 +1186,15 @@ def export_tokenizer(out):
     for remote, local in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
         src = os.path.join(cache, hashlib.sha1((base + remote).encode()).hexdigest())
         if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(out, local + ".tmp"))
-            os.replace(os.path.join(out, local + ".tmp"), os.path.join(out, local))
+            with open(src, "rb") as f:
+                data = f.read()
+            write_atomic(os.path.join(out, local), lambda f: f.write(data))
             written.append(local)
     if len(written) == 2:
-        with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "bos_token": "<|endoftext|>",
-                       "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f, indent=2)
+        tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "bos_token": "<|endoftext|>",
+                            "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+        write_atomic(os.path.join(out, "tokenizer_config.json"), lambda f: json.dump(tokenizer_config, f, indent=2),
+                     mode="w")
         written.append("tokenizer_config.json")
     return written
 
@@ -1236,8 +1237,7 @@ def plot_main(argv):
     out = args.out or os.path.join(args.log_dir, "plot.png")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise UserError(f"the folder of --out {out} does not exist; create it or choose another --out")
-    fig.savefig(out + ".tmp.png", dpi=100, bbox_inches="tight")
-    os.replace(out + ".tmp.png", out)
+    write_atomic(out, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
     print(f"wrote {out}")
 
 
