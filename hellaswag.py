@@ -9,7 +9,7 @@ This is the GPT-2/GPT-3-era protocol (context tokens = encode(ctx), ending token
 Launch:
     python hellaswag.py --model gpt2                         # OpenAI GPT-2 124M from the hub: acc_norm 0.2955
     python hellaswag.py --model log/model_19073.pt           # one of our training checkpoints
-    python hellaswag.py --model gpt2 --data ../shared/data/hellaswag_val.jsonl --limit 500 --device cpu
+    python hellaswag.py --model gpt2 --data hellaswag_val.jsonl --limit 500 --device cpu  # a local copy
 The last line of stdout is one JSON object: {"n": ..., "acc": ..., "acc_norm": ..., "examples_per_s": ...}.
 
 As a library (train_gpt2.py --hellaswag_every does this on every DDP rank, then all-reduces the counts):
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / ".cache" / "hellaswag"
 BASE_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
-# Only the validation file is pinned (10,042 examples, 12,246,618 bytes; see ../shared/REFERENCE.md).
+# Only the validation file is pinned: the official file of 10,042 examples, 12,246,618 bytes.
 SHA256 = {"val": "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"}
 
 
@@ -187,7 +187,7 @@ def ending_losses(model, rendered, device="cpu", batch_size=16, autocast=context
         tok_loss = F.cross_entropy(logits.float(), y[mask], reduction="none")
         losses = torch.zeros(mask.shape, device=device)
         losses[mask] = tok_loss  # scatter back, then sum each row: a fixed order, so deterministic
-        total[idx] = losses.double().sum(1).view(-1, 4).cpu()
+        total[idx] = losses.cpu().double().sum(1).view(-1, 4)  # float64 on the CPU: MPS has no float64
         count[idx] = mask.sum(1).view(-1, 4).cpu()
         bar.update(len(idx))
     bar.close()
@@ -233,7 +233,9 @@ def main(argv=None):
     p.add_argument("--split", default="val", choices=["val", "train"], help="split to download when --data is None")
     p.add_argument("--limit", type=int, default=0, help="score only the first N examples (0 = all)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps")
-    p.add_argument("--dtype", default="auto", help="autocast: auto (bf16 if native, fp16 on older CUDA), bf16, fp16, fp32")
+    p.add_argument("--dtype", default="fp32", help="fp32 (full precision, as the published scores were taken; TF32 "
+                   "matmuls on CUDA), or autocast to bf16, fp16, or auto (bf16 if native, fp16 on older CUDA): faster, "
+                   "but a few examples may flip")
     p.add_argument("--batch_size", type=int, default=16,
                    help="examples per forward (x4 rows, one per ending): faster until memory runs out")
     args = p.parse_args(argv)
@@ -254,7 +256,7 @@ def main(argv=None):
     t0 = time.time()
     counts = score(model, examples, enc, rt.device, args.batch_size, rt.autocast, progress=True)
     dt = time.time() - t0
-    print(json.dumps(dict(accuracies(counts), model=args.model, device=rt.device,
+    print(json.dumps(dict(accuracies(counts), model=args.model, device=rt.device, dtype=rt.dtype,
                           examples_per_s=round(counts["n"] / dt, 2), seconds=round(dt, 1))))
 
 

@@ -58,7 +58,8 @@ class GPTConfig:
         return (self.vocab_size + 127) // 128 * 128
 
 
-# GPT-2 shapes of the OpenAI checkpoints (GPT-2 paper, table 2; see ../shared/REFERENCE.md).
+# GPT-2 shapes of the OpenAI checkpoints (Radford et al. 2019, "Language Models are Unsupervised Multitask
+# Learners", table 2, and the released checkpoints' configs).
 PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
@@ -397,11 +398,17 @@ class DataLoader:
     """
 
     def __init__(self, shards, B, T, rank=0, world_size=1):
-        self.shards, self.B, self.T, self.rank, self.world_size = shards, B, T, rank, world_size
-        for i, s in enumerate(shards):
-            if len(s) < B * T + 1:
-                raise UserError(f"shard {i} has {len(s)} tokens, fewer than batch_size*seq_len+1 = {B * T + 1}; "
-                                "lower --batch_size or --seq_len, or use more data")
+        # A shard shorter than one micro-batch (fineweb.py's last one may be) is skipped, with a warning.
+        short = [s for s in shards if len(s) < B * T + 1]
+        names = ", ".join(f"{getattr(s, 'filename', None) or 'the text'} ({len(s)} tokens)" for s in short)
+        if len(short) == len(shards):
+            raise UserError(f"no train data fills one micro-batch of batch_size*seq_len+1 = {B * T + 1} tokens: "
+                            f"{names}; lower --batch_size or --seq_len, or use more data")
+        if short and rank == 0:
+            print(f"warning: skipping train shards shorter than one micro-batch ({B * T + 1} tokens): {names}",
+                  file=sys.stderr)
+        self.shards = [s for s in shards if len(s) >= B * T + 1]
+        self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
         self.shard, self.pos = 0, 0
 
     def state_dict(self):
@@ -461,7 +468,15 @@ def get_lr(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
 
 
 def grad_accum_steps(total_batch_size, batch_size, seq_len, world_size):
-    """Micro-steps per optimizer step so that all ranks together process total_batch_size tokens."""
+    """Micro-steps per optimizer step so that all ranks together process total_batch_size tokens.
+    batch_size None (--batch_size auto, not chosen yet) checks that whole sequences fill the step."""
+    if batch_size is None:
+        per_rank = seq_len * world_size
+        if total_batch_size % per_rank != 0:
+            raise UserError(f"--total_batch_size {total_batch_size} is not a multiple of seq_len * world_size = "
+                            f"{seq_len} * {world_size} = {per_rank}; change --total_batch_size (e.g. to "
+                            f"{max(1, total_batch_size // per_rank) * per_rank}) or --seq_len")
+        return None
     per_micro = batch_size * seq_len * world_size
     if total_batch_size % per_micro != 0:
         raise UserError(f"--total_batch_size {total_batch_size} is not a multiple of batch_size * seq_len * "
@@ -583,16 +598,24 @@ def cpu_has_bf16():
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def setup_runtime(device="auto", dtype="auto"):
-    """The one place that reads the environment: rank and world size from torchrun, the device, the dtype."""
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def setup_runtime(device="auto", dtype="auto", check=None):
+    """The one place that reads the environment: rank and world size from torchrun, the device, the dtype.
+    check(world_size), if given, validates the flags before any device or process-group setup."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # set by torchrun
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    for name, value, choices in (("device", device, DEVICES), ("dtype", dtype, DTYPES)):
+        if value not in choices:
+            raise UserError(f"unknown --{name} {value}; use {', '.join(choices)}")
+    if check is not None:
+        check(world_size)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown --device {device}; use auto, cpu, cuda or mps")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but PyTorch sees no CUDA GPU; use --device cpu (or auto)")
     if device == "mps" and not torch.backends.mps.is_available():
@@ -610,13 +633,20 @@ def setup_runtime(device="auto", dtype="auto"):
         # bf16 where the hardware does it natively; fp16 (with a GradScaler) on older GPUs such as the
         # GTX 960 this project started on; fp32 everywhere else.
         dtype = "bf16" if bf16_ok else "fp16" if device_type == "cuda" else "fp32"
-    if dtype not in ("bf16", "fp16", "fp32"):
-        raise UserError(f"unknown --dtype {dtype}; use auto, bf16, fp16 or fp32")
     if dtype == "bf16" and device_type == "cuda" and not bf16_ok:
         raise UserError("--dtype bf16 but this GPU has no bf16 support; use --dtype fp16 (or auto)")
     if dtype == "fp16" and device_type == "cpu":
         raise UserError("--dtype fp16 is not supported for training on CPU; use --dtype bf16 or fp32 (or auto)")
     if device_type == "cpu":
+        # Bitwise reproducibility on CPU. Compiled, the backward of an embedding lookup is a scatter-add
+        # that Inductor runs as a parallel loop of atomic adds (index_put with accumulate=True lowers to
+        # ir.Scatter(scatter_mode="atomic_add") in torch/_inductor/lowering.py). Where a token or position
+        # repeats in a batch, its gradient row is summed in whatever order the threads arrive, and float
+        # addition is not associative: two runs differed by ~1e-9. Deterministic mode makes Inductor call
+        # ATen's index_put_ instead, which accumulates serially on CPU. Filling new tensors with NaN (on by
+        # default in that mode, to catch reads of uninitialized memory) only costs time, so it is off.
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
         # torchrun sets OMP_NUM_THREADS=1 per process; share the cores between the local ranks instead.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
@@ -854,6 +884,16 @@ class StopSignal:
                     "(signal again to exit at once)\n".encode())
 
 
+def agree_on_signal(signum, rt):
+    """The signal that stops every rank (0: none): the largest any rank received, so that all ranks stop at the
+    same step and exit with the same code, whichever of them got it."""
+    if not rt.ddp:
+        return signum
+    agreed = torch.tensor(signum, device=rt.device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return int(agreed.item())
+
+
 def model_config(cfg, ckpt=None, init_model=None):
     """The model shape: from the checkpoint when resuming, from the weights when fine-tuning, else the preset."""
     if cfg.model not in PRESETS:
@@ -883,8 +923,9 @@ def rewrite_log(log_file, start_step):
     write_atomic(log_file, lambda f: f.writelines(lines), mode="w")
 
 
-def train(cfg):
-    rt = setup_runtime(cfg.device, cfg.dtype)
+def check_config(cfg, world_size):
+    """Every flag that can be checked alone, before any device or process-group setup: a typo costs nothing,
+    and under torchrun no rank starts NCCL/gloo only to stop again."""
     if cfg.batch_size != "auto" and not (cfg.batch_size.isdigit() and int(cfg.batch_size) > 0):
         raise UserError(f"--batch_size must be a positive number or auto, got {cfg.batch_size}")
     for name in ("seq_len", "total_batch_size", "max_steps", "val_tokens", "max_lr"):
@@ -894,12 +935,21 @@ def train(cfg):
                  "hellaswag_every", "checkpoint_every", "hellaswag_limit"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
-    if cfg.sample_every and not get_encoding().encode(cfg.prompt, allowed_special="all"):
-        raise UserError("--prompt is empty; give some text for the samples (or --sample_every 0)")
+    for name, choices in (("device", DEVICES), ("dtype", DTYPES), ("compile", ("auto", "on", "off"))):
+        if getattr(cfg, name) not in choices:
+            raise UserError(f"unknown --{name} {getattr(cfg, name)}; use {', '.join(choices)}")
     if cfg.resume and cfg.init_from:
         raise UserError("--resume and --init_from exclude each other: resume continues a run, init_from starts one")
-    if cfg.compile not in ("auto", "on", "off"):
-        raise UserError(f"--compile {cfg.compile}: use on, off or auto")
+    if not cfg.resume and not cfg.init_from:
+        model_config(cfg)  # the shape flags (a resumed or fine-tuned model's shape is checked once it is read)
+    grad_accum_steps(cfg.total_batch_size, None if cfg.batch_size == "auto" else int(cfg.batch_size), cfg.seq_len,
+                     world_size)
+    if cfg.sample_every and not get_encoding().encode(cfg.prompt, allowed_special="all"):
+        raise UserError("--prompt is empty; give some text for the samples (or --sample_every 0)")
+
+
+def train(cfg):
+    rt = setup_runtime(cfg.device, cfg.dtype, check=lambda world_size: check_config(cfg, world_size))
     if not cfg.resume and find_checkpoints(cfg.log_dir):
         raise UserError(f"{cfg.log_dir} already holds checkpoints of a run; continue it with --resume auto, or "
                         "start a new run with another --log_dir")
@@ -914,9 +964,7 @@ def train(cfg):
     last_good = ckpt["path"] if ckpt else None  # the newest checkpoint known to give a finite loss
     init_model = load_model(cfg.init_from) if cfg.init_from else None
     config = model_config(cfg, ckpt, init_model)
-    max_batch = grad_accum_steps(cfg.total_batch_size, 1, cfg.seq_len, rt.world_size)  # sequences per rank-step
-    if cfg.batch_size != "auto":
-        grad_accum_steps(cfg.total_batch_size, int(cfg.batch_size), cfg.seq_len, rt.world_size)  # fail early
+    max_batch = cfg.total_batch_size // (cfg.seq_len * rt.world_size)  # sequences per rank and optimizer step
     train_shards = load_split(cfg.data, "train")
     val_shards = load_split(cfg.data, "val") if cfg.eval_every else None
 
@@ -1003,18 +1051,18 @@ def train(cfg):
     peak = peak_flops(rt)
     tokens_flops = flops_per_token(config, cfg.seq_len)
     stop = StopSignal(rt.ddp)
-    stopping = torch.zeros((), device=rt.device)
+    stop_for = 0  # the signal every rank stops for (0: none)
     new_ckpt = None
     for step in range(start_step, cfg.max_steps + 1):
         last = step == cfg.max_steps
         ckpt_path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
-        if stopping.item():
+        if stop_for:
             if rt.master:
                 save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg)
                 print(f"stopped by signal at step {step}; wrote {ckpt_path}; continue with --resume auto")
             if rt.ddp:  # no rank leaves before the checkpoint is written: torchrun stops all once one exits
                 dist.barrier()
-            sys.exit(128 + (stop.signum or signal.SIGTERM))
+            sys.exit(128 + stop_for)
         if cfg.eval_every and (step % cfg.eval_every == 0 or last):
             val_loss = evaluate_loss(raw_model, val_shards, cfg.val_tokens, batch_size, cfg.seq_len, rt)
             log(f"{step} val {val_loss:.6f}")
@@ -1062,8 +1110,9 @@ def train(cfg):
                 loss = loss / grad_accum
                 loss_accum += loss.detach()
                 scaler.scale(loss).backward()
-        if rt.ddp:
-            dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)
+        if rt.ddp:  # for the log only: the mean loss over ranks (SUM, since gloo before torch 2.8 has no AVG)
+            dist.all_reduce(loss_accum)
+            loss_accum /= rt.world_size
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
         lr = get_lr(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
@@ -1072,9 +1121,7 @@ def train(cfg):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        stopping.fill_(1.0 if stop.signum else 0.0)
-        if rt.ddp:  # every rank stops at the same step, whichever got the signal
-            dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
+        stop_for = agree_on_signal(stop.signum, rt)
         loss_val = loss_accum.item()  # waits for the step to finish on the device
         dt = time.perf_counter() - t0
         if not math.isfinite(loss_val):
@@ -1166,13 +1213,13 @@ def export_main(argv):
     try:
         write_atomic(os.path.join(args.out, "model.safetensors"), lambda f: f.write(save(sd, {"format": "pt"})))
         write_atomic(os.path.join(args.out, "config.json"), lambda f: json.dump(hf_config, f, indent=2), mode="w")
-        written = ["config.json", "model.safetensors"] + export_tokenizer(args.out)
+        written = ["config.json", "model.safetensors"] + export_tokenizer(args.out, c.block_size)
     except (OSError, RuntimeError) as e:
         raise UserError(f"could not write {args.out} ({e}); free some disk space or choose another --out") from None
     print(f"wrote {args.out} ({', '.join(written)})")
 
 
-def export_tokenizer(out):
+def export_tokenizer(out, max_length):
     """Hugging Face's GPT-2 tokenizer files are OpenAI's BPE files under other names: encoder.json is vocab.json
     and vocab.bpe is merges.txt. Copies them from tiktoken's cache when they are there (tiktoken names each
     file by the sha1 of its URL); returns the names written."""
@@ -1191,7 +1238,7 @@ def export_tokenizer(out):
             write_atomic(os.path.join(out, local), lambda f: f.write(data))
             written.append(local)
     if len(written) == 2:
-        tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "bos_token": "<|endoftext|>",
+        tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "bos_token": "<|endoftext|>",
                             "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
         write_atomic(os.path.join(out, "tokenizer_config.json"), lambda f: json.dump(tokenizer_config, f, indent=2),
                      mode="w")
@@ -1223,7 +1270,7 @@ def plot_main(argv):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
     ax1.plot(*series["train"], label="train loss", alpha=0.6)
     ax1.plot(*series["val"], label="val loss", marker="o", markersize=3)
-    # reference: OpenAI GPT-2 124M on the FineWeb-Edu val shard (see ../shared/REFERENCE.md)
+    # reference: OpenAI's GPT-2 124M on the FineWeb-Edu val shard, as measured in Karpathy's build-nanogpt
     ax1.axhline(3.2924, color="r", linestyle="--", label="OpenAI GPT-2 124M val (3.2924)")
     ax1.set(xlabel="step", ylabel="loss", title="loss")
     ax1.legend()

@@ -1,7 +1,7 @@
 """
-Benchmark: tokens/s of fineweb.py's tokenizing vs raw tiktoken, on real web pages (shared/data/c4_sample.jsonl).
+Benchmark: tokens/s of fineweb.py's tokenizing vs raw tiktoken, on real web pages (tests/data/c4_sample.jsonl).
 
-    TIKTOKEN_CACHE_DIR=../shared/tiktoken-cache python bench/bench_fineweb.py [--repeat 20] [--rounds 5] [--workers N]
+    python bench/bench_fineweb.py [--repeat 50] [--rounds 5] [--workers N]
 
 Rows: raw tiktoken encode_ordinary_batch in one thread, and with tiktoken's own threads on all cores (over batches
 of fineweb.BATCH_DOCS documents, and over all documents at once); fineweb.py's tokenize() with 1 and with all
@@ -46,8 +46,8 @@ def timed(fn):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "c4_sample.jsonl"))
-    p.add_argument("--repeat", type=int, default=20, help="times the 1,000 documents are repeated")
+    p.add_argument("--data", default=str(ROOT / "tests" / "data" / "c4_sample.jsonl"), help="a .jsonl of documents")
+    p.add_argument("--repeat", type=int, default=50, help="times the documents are repeated")
     p.add_argument("--rounds", type=int, default=5, help="each figure is the best of this many runs")
     p.add_argument("--workers", type=int, default=os.cpu_count())
     args = p.parse_args()

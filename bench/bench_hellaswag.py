@@ -6,7 +6,7 @@ same model, same examples; the two must choose the same endings.
     python bench/bench_hellaswag.py --device cuda --n 2000 --big_n 2000 --batch_size 32
 
 Random weights: speed does not depend on them, and no download is needed. The examples are the first
---n of the validation set (../shared/data/hellaswag_val.jsonl if present, else the official download).
+--n of the validation set: the 300 shipped in tests/data if that is enough, else the official download.
 """
 
 import argparse
@@ -19,9 +19,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared"
-if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken-cache").is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken-cache")
 
 import tiktoken  # noqa: E402
 
@@ -63,8 +60,8 @@ def main():
 
     rt = train_gpt2.setup_runtime(args.device, args.dtype)
     enc = tiktoken.get_encoding("gpt2")
-    data = SHARED / "data" / "hellaswag_val.jsonl"
-    examples = hellaswag.load_examples(data if data.is_file() else None, limit=max(args.n, args.big_n))
+    sample = ROOT / "tests" / "data" / "hellaswag_val_300.jsonl"  # the first 300 validation examples
+    examples = hellaswag.load_examples(sample if max(args.n, args.big_n) <= 300 else None, limit=max(args.n, args.big_n))
     rendered = [hellaswag.render_example(e, enc) for e in examples]
     print(f"device {rt.device} ({torch.cuda.get_device_name() if rt.device_type == 'cuda' else os.cpu_count()} "
           f"{'GPU' if rt.device_type == 'cuda' else 'CPU cores'}), dtype {rt.dtype}, torch threads "

@@ -1,4 +1,7 @@
-"""Shared test setup: paths to ../shared, the offline tokenizer cache, and a runner for the real CLIs."""
+"""Shared test setup: the repository's paths, its small real data (tests/data), and a runner for the real CLIs.
+
+The GPT-2 tokenizer comes from tiktoken, which downloads it once; offline, point TIKTOKEN_CACHE_DIR at a
+folder that holds its files (.ci/run does)."""
 import os
 import subprocess
 import sys
@@ -7,13 +10,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-DATA = SHARED / "data"
+DATA = ROOT / "tests" / "data"  # small real samples with their sources and licenses (see its README)
+HELLASWAG = DATA / "hellaswag_val_300.jsonl"
 sys.path.insert(0, str(ROOT))
 
-# No network in CI: tiktoken reads the GPT-2 BPE files from the shared cache (it checks their hashes).
-if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken-cache").is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken-cache")
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (python -m pytest -m cuda tests); skipped without one")
 
 
 def run_cli(*args, cwd=None, env=None, timeout=600):

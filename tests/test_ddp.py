@@ -5,13 +5,13 @@ import shutil
 import pytest
 import torch
 
-from conftest import DATA, run_cli
+from conftest import HELLASWAG, ROOT, run_cli
 
 ARGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "32",
         "--total_batch_size", "256", "--warmup_steps", "2", "--eval_every", "2", "--sample_every", "0",
         "--checkpoint_every", "3", "--val_tokens", "1000", "--max_steps", "6", "--device", "cpu", "--dtype", "fp32",
         "--compile", "off",
-        "--hellaswag_every", "3", "--hellaswag_limit", "15", "--hellaswag_data", str(DATA / "hellaswag_val.jsonl")]
+        "--hellaswag_every", "3", "--hellaswag_limit", "15", "--hellaswag_data", str(HELLASWAG)]
 
 
 def torchrun(n, *args):
@@ -73,3 +73,23 @@ def test_two_ranks_resume_their_own_checkpoint(runs, small_text, tmp_path):
     w1 = torch.load(runs / "two" / "model_00006.pt", weights_only=True)["model"]
     w2 = torch.load(run / "model_00006.pt", weights_only=True)["model"]
     assert all(torch.equal(w1[k], w2[k]) for k in w1)  # same ranks, same order of sums: bit-identical
+
+
+AGREE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import train_gpt2 as tg
+rt = tg.setup_runtime("cpu", "fp32")
+got = [tg.agree_on_signal(int(sys.argv[2 + rt.rank]), rt) for _ in range(2)]
+print(f"rank {rt.rank} stops for {got[0]}")
+"""
+
+
+@pytest.mark.parametrize("signals, agreed", [((2, 0), 2), ((2, 15), 15)])
+def test_every_rank_stops_for_the_same_signal(tmp_path, signals, agreed):
+    # SIGINT (2) on rank 0 alone must make both ranks exit 130, not 130 and 143
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    out = torchrun(2, script, ROOT, *signals)
+    assert out.returncode == 0, out.stderr
+    assert f"rank 0 stops for {agreed}" in out.stdout and f"rank 1 stops for {agreed}" in out.stdout

@@ -1,4 +1,4 @@
-"""Tests of fineweb.py on real web pages (shared/data/c4_sample.jsonl), mostly through the real CLI.
+"""Tests of fineweb.py on real web pages (tests/data/c4_sample.jsonl), mostly through the real CLI.
 
 The reference tokens are computed here directly with tiktoken, not through fineweb.py's functions.
 """
@@ -12,16 +12,12 @@ import numpy as np
 import pytest
 import tiktoken
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-DATA = SHARED / "data"
-if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken-cache").is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken-cache")  # offline GPT-2 tokenizer
-sys.path.insert(0, str(ROOT))
-import fineweb  # noqa: E402
+from conftest import DATA, ROOT
+
+import fineweb
 
 EOT = 50256
-SHARD = 100_000
+SHARD = 40_000
 
 
 # --------------------------------------------------------------------------- helpers
@@ -59,13 +55,13 @@ def c4_texts():
 @pytest.fixture(scope="module")
 def c4_ref(c4_texts):
     ref = reference(c4_texts)
-    assert len(ref) == 485_006 + 1_000  # the data README's token count, plus one separator per document
+    assert len(ref) == 186_906 + 400  # tests/data/README's token count, plus one separator per document
     return ref
 
 
 @pytest.fixture(scope="module")
 def clean_run(tmp_path_factory):
-    """An uninterrupted CLI run on c4_sample.jsonl with shard_size 100,000: (source, out dir, stdout)."""
+    """An uninterrupted CLI run on c4_sample.jsonl with shard_size 40,000: (source, out dir, stdout)."""
     tmp = tmp_path_factory.mktemp("clean")
     (tmp / "c4.jsonl").write_bytes((DATA / "c4_sample.jsonl").read_bytes())
     r = fineweb_cli("--source", "c4.jsonl", "--out", "out", "--shard_size", SHARD, "--workers", 2, cwd=tmp)
@@ -85,7 +81,7 @@ def test_shards_match_tiktoken_two_workers(clean_run, c4_ref):
     _, out, stdout = clean_run
     check_shards(out, c4_ref)
     assert len(read_shards(out)) == 5
-    assert "1,000 documents, 486,006 tokens, 5 shards" in stdout.splitlines()[-1]
+    assert "400 documents, 187,306 tokens, 5 shards" in stdout.splitlines()[-1]
 
 
 def test_one_worker_gives_identical_files(tmp_path, clean_run):
@@ -142,7 +138,7 @@ def test_error_mid_stream_keeps_complete_shards_and_resumes_after_fix(tmp_path, 
     (tmp_path / "c4.jsonl").write_bytes(good + b'{"text": "unfinished\n')
     args = ("--source", "c4.jsonl", "--out", "out", "--shard_size", SHARD, "--workers", 1)
     r = fineweb_cli(*args, cwd=tmp_path)
-    assert r.returncode == 2 and "line 1001" in r.stderr
+    assert r.returncode == 2 and "line 401" in r.stderr
     written = snapshot(tmp_path / "out")
     shards = read_shards(tmp_path / "out")  # the complete shards before the error: a prefix of the clean run's
     assert 1 <= len(shards) < 5 and (tmp_path / "out" / "edufineweb_progress.json").exists()
@@ -153,7 +149,7 @@ def test_error_mid_stream_keeps_complete_shards_and_resumes_after_fix(tmp_path, 
 
 
 def test_txt_source_is_one_document(tmp_path):
-    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    text = (ROOT / "input.txt").read_text(encoding="utf-8")
     (tmp_path / "shakespeare.txt").write_text(text, encoding="utf-8")
     r = fineweb_cli("--source", "shakespeare.txt", "--out", "out", "--shard_size", SHARD, "--prefix", "tiny",
                     "--workers", 1, cwd=tmp_path)
@@ -165,7 +161,7 @@ def test_parquet_source(tmp_path, c4_texts, c4_ref):
     import pyarrow as pa
     import pyarrow.parquet as pq
     table = pa.table({"id": list(range(len(c4_texts))), "content": c4_texts})
-    pq.write_table(table, tmp_path / "c4.parquet", row_group_size=300)  # several row groups
+    pq.write_table(table, tmp_path / "c4.parquet", row_group_size=100)  # several row groups
     r = fineweb_cli("--source", "c4.parquet", "--text_field", "content", "--out", "out", "--shard_size", SHARD,
                     "--workers", 2, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -178,10 +174,10 @@ def test_directory_source_reads_files_in_sorted_order(tmp_path, c4_texts):
     src = tmp_path / "corpus"
     (src / "b").mkdir(parents=True)
     lines = (DATA / "c4_sample.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
-    (src / "a.jsonl").write_text("".join(lines[:300]) + "\n", encoding="utf-8")  # a blank line is skipped
-    pq.write_table(pa.table({"text": c4_texts[300:600]}), src / "b" / "c.parquet")
-    (src / "d.json").write_text(json.dumps([{"text": t} for t in c4_texts[600:999]]), encoding="utf-8")
-    (src / "e.txt").write_text(c4_texts[999], encoding="utf-8")
+    (src / "a.jsonl").write_text("".join(lines[:120]) + "\n", encoding="utf-8")  # a blank line is skipped
+    pq.write_table(pa.table({"text": c4_texts[120:240]}), src / "b" / "c.parquet")
+    (src / "d.json").write_text(json.dumps([{"text": t} for t in c4_texts[240:399]]), encoding="utf-8")
+    (src / "e.txt").write_text(c4_texts[399], encoding="utf-8")
     (src / "notes.md").write_text("not a source file")
     r = fineweb_cli("--source", "corpus", "--out", "out", "--shard_size", 30_000, "--workers", 2, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -191,8 +187,8 @@ def test_directory_source_reads_files_in_sorted_order(tmp_path, c4_texts):
 def test_hugging_face_path_on_local_files(tmp_path, c4_texts):
     # read_hf() is the path hub names take (datasets.load_dataset, streaming); here it loads local jsonl files.
     lines = (DATA / "c4_sample.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
-    (tmp_path / "part-0.jsonl").write_text("".join(lines[:400]), encoding="utf-8")
-    (tmp_path / "part-1.jsonl").write_text("".join(lines[400:]), encoding="utf-8")
+    (tmp_path / "part-0.jsonl").write_text("".join(lines[:150]), encoding="utf-8")
+    (tmp_path / "part-1.jsonl").write_text("".join(lines[150:]), encoding="utf-8")
     assert list(fineweb.read_hf(str(tmp_path), None, "text")) == c4_texts
     with pytest.raises(fineweb.DataError, match="no text field 'body'"):
         next(fineweb.read_hf(str(tmp_path), None, "body"))

@@ -21,8 +21,8 @@ TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2"
         "--sample_every", "0", "--device", "cpu", "--compile", "off"]
 
 
-def train_args(data, log_dir, *extra, steps=8):
-    return ["train_gpt2.py", "--data", data, "--log_dir", log_dir, *TINY, "--max_steps", str(steps),
+def train_args(data, log_dir, *extra, steps=8, tiny=TINY):
+    return ["train_gpt2.py", "--data", data, "--log_dir", log_dir, *tiny, "--max_steps", str(steps),
             "--eval_every", "3", "--checkpoint_every", "2", *extra]
 
 
@@ -87,6 +87,44 @@ def test_sigkill_then_resume_is_bit_identical(reference, small_text, tmp_path, k
     assert (log_dir / "log.txt").read_text() == (reference / "log.txt").read_text()
 
 
+# The flags users run: compiled (--compile auto), --dtype auto (bf16 on a CPU with AVX512-BF16, else fp32), all
+# cores. Only --device cpu is pinned: bitwise reproducibility is promised on CPU, not on GPUs.
+DEFAULTS = [a for a in TINY if a not in ("--compile", "off")]
+assert len(DEFAULTS) == len(TINY) - 2
+
+
+@pytest.fixture(scope="module")
+def reference_defaults(small_text, tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("reference_defaults")
+    out = run_cli(*train_args(small_text, log_dir, tiny=DEFAULTS))
+    assert out.returncode == 0, out.stderr
+    return log_dir
+
+
+def test_same_command_twice_gives_identical_checkpoints_with_default_flags(reference_defaults, small_text, tmp_path):
+    out = run_cli(*train_args(small_text, tmp_path, tiny=DEFAULTS))
+    assert out.returncode == 0, out.stderr
+    for name in ("model_00004.pt", "model_00008.pt"):
+        a = torch.load(reference_defaults / name, weights_only=True)
+        b = torch.load(tmp_path / name, weights_only=True)
+        assert_same_weights(a["model"], b["model"])
+        for i, state in a["optimizer"]["state"].items():  # AdamW's moments too
+            assert all(torch.equal(state[k], b["optimizer"]["state"][i][k]) for k in state)
+    assert (tmp_path / "log.txt").read_text() == (reference_defaults / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("kill_after", ["step     1 | loss", "step     6 | val"])
+def test_sigkill_then_resume_is_bit_identical_with_default_flags(reference_defaults, small_text, tmp_path,
+                                                                 kill_after):
+    log_dir = tmp_path / "run"
+    rc, _, _ = run_until(train_args(small_text, log_dir, tiny=DEFAULTS), kill_after, signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    out = run_cli(*train_args(small_text, log_dir, "--resume", "auto", tiny=DEFAULTS))
+    assert out.returncode == 0, out.stderr
+    assert_same_weights(weights(reference_defaults / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
+    assert (log_dir / "log.txt").read_text() == (reference_defaults / "log.txt").read_text()
+
+
 def test_sigterm_writes_a_checkpoint_and_exits_143(reference, small_text, tmp_path):
     log_dir = tmp_path / "run"
     rc, out, err = run_until(train_args(small_text, log_dir), "step     2 | loss", signal.SIGTERM)
@@ -129,6 +167,33 @@ def test_trains_on_build_nanogpt_shards(tmp_path):
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # shards load unchanged
 
 
+def test_short_last_shard_is_skipped_with_a_warning(tmp_path):
+    # fineweb.py's last shard is short by design: it is skipped, named in one warning, and training goes on
+    d = tmp_path / "shards"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("x_val_000000", 3000), ("x_train_000001", 3000), ("x_train_000002", 40)):
+        np.save(d / f"{name}.npy", rng.integers(0, 50257, n, dtype=np.uint16))
+    out = run_cli(*train_args(d, tmp_path / "log", steps=2))
+    assert out.returncode == 0, out.stderr
+    warnings = [ln for ln in out.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "x_train_000002.npy (40 tokens)" in warnings[0], out.stderr
+
+
+def test_flags_are_checked_before_any_device_or_distributed_setup(monkeypatch, tmp_path):
+    def no_setup(*args, **kwargs):
+        raise AssertionError("device or process-group setup ran before the flags were checked")
+    monkeypatch.setenv("RANK", "0")  # as under torchrun with 2 ranks
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(tg.dist, "init_process_group", no_setup)
+    monkeypatch.setattr(tg.torch.cuda, "is_available", no_setup)
+    for bad, words in ((dict(max_lr=-1.0), "--max_lr must be positive"), (dict(compile="yes"), "unknown --compile"),
+                       (dict(total_batch_size=1000, seq_len=32), "world_size = 16 * 32 * 2 = 1024"),
+                       (dict(model="gpt5"), "unknown --model")):
+        with pytest.raises(tg.UserError, match=words.replace("*", r"\*")):
+            tg.train(tg.TrainConfig(log_dir=str(tmp_path), **bad))
+
+
 def tree_hashes(path):
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(path).rglob("*") if p.is_file()}
 
@@ -154,6 +219,9 @@ def bad_files(tmp_path_factory, reference):
     torch.save({**ckpt, "format_version": 99}, d / "newer.pt")
     torch.save({"weights": torch.zeros(3)}, d / "foreign.pt")
     (d / "a_file").write_text("this is not a directory")
+    (d / "short").mkdir()
+    np.save(d / "short" / "x_val_000000.npy", np.arange(5000, dtype=np.uint16))
+    np.save(d / "short" / "x_train_000001.npy", np.arange(64, dtype=np.uint16))  # < batch_size*seq_len+1 = 65
     return d
 
 
@@ -166,6 +234,9 @@ BAD = {  # name: (extra args replacing defaults, words the one-line message must
     "truncated shard": (["--data", "{d}/trunc"], "not a readable"),
     "unknown preset": (["--model", "gpt5"], "unknown --model"),
     "indivisible batch": (["--total_batch_size", "100"], "not a multiple"),
+    "indivisible batch, auto": (["--batch_size", "auto", "--total_batch_size", "100"],
+                                "not a multiple of seq_len * world_size = 32 * 1 = 32; change --total_batch_size"),
+    "every train shard too short": (["--data", "{d}/short"], "no train data fills one micro-batch"),
     "seq_len > block": (["--seq_len", "2048", "--total_batch_size", "4096"], "block size"),
     "unknown device": (["--device", "tpu"], "unknown --device"),
     "cuda without gpu": (["--device", "cuda"], "CUDA"),
@@ -234,6 +305,17 @@ def test_export_round_trip_through_transformers(reference, tmp_path):
     real_vocab = lambda sd: {k: v[:50257] if k in ("transformer.wte.weight", "lm_head.weight") else v  # noqa: E731
                              for k, v in sd.items()}  # export drops the padding rows
     assert_same_weights(real_vocab(ours.state_dict()), real_vocab(back.state_dict()))
+
+
+def test_export_tokenizer_max_length_is_the_models_block_size(tmp_path):
+    config = tg.GPTConfig(block_size=256, n_layer=1, n_head=2, n_embd=32)
+    torch.save({"model": tg.GPT(config).state_dict(), "config": tg.dataclasses.asdict(config), "step": 0},
+               tmp_path / "small_context.pt")
+    out = run_cli("train_gpt2.py", "export", "--checkpoint", tmp_path / "small_context.pt", "--out", tmp_path / "hf")
+    assert out.returncode == 0, out.stderr
+    import transformers
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").model_max_length == 256
+    assert transformers.GPT2Config.from_pretrained(tmp_path / "hf").n_positions == 256
 
 
 def test_init_from_local_hf_directory(reference, small_text, tmp_path):
@@ -318,18 +400,18 @@ def test_nan_loss_stops_with_a_clear_message(reference, small_text, tmp_path):
 def test_hellaswag_during_training_equals_hellaswag_py(reference, small_text, tmp_path):
     import tiktoken
     import hellaswag
-    from conftest import DATA
+    from conftest import HELLASWAG
     log_dir = tmp_path / "run"
     log_dir.mkdir()
     shutil.copy(reference / "model_00006.pt", log_dir)
     out = run_cli(*train_args(small_text, log_dir, "--resume", "auto", "--hellaswag_every", "2",
-                              "--hellaswag_data", DATA / "hellaswag_val.jsonl", "--hellaswag_limit", "24",
+                              "--hellaswag_data", HELLASWAG, "--hellaswag_limit", "24",
                               "--dtype", "fp32"))
     assert out.returncode == 0, out.stderr
     logged = {int(s): float(v) for s, k, v in (ln.split() for ln in (log_dir / "log.txt").read_text().splitlines())
               if k == "hella"}
     assert sorted(logged) == [6, 8]
-    examples = hellaswag.load_examples(DATA / "hellaswag_val.jsonl", limit=24)
+    examples = hellaswag.load_examples(HELLASWAG, limit=24)
     model = tg.load_model(str(log_dir / "model_00008.pt"))
     counts = hellaswag.score(model, examples, tiktoken.get_encoding("gpt2"), batch_size=1)
     assert abs(hellaswag.accuracies(counts)["acc_norm"] - logged[8]) < 1e-6  # log.txt keeps 6 decimals
