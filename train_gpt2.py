@@ -15,6 +15,7 @@ See README.md for every flag.
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import gc
 import glob
 import json
@@ -102,6 +103,8 @@ class TrainConfig:
     compile: str = arg("auto", "torch.compile the model: on, off, or auto (on for CUDA and CPU, falling back to "
                        "eager if compilation fails)")
     seed: int = arg(1337, "random seed (model init, sampling)")
+    dist_timeout: int = arg(60, "minutes a rank waits in a collective (e.g. while rank 0 writes a checkpoint) "
+                            "before NCCL/gloo abort the job")
     # periodic work, in optimizer steps; 0 = off
     eval_every: int = arg(250, "val loss every this many steps (0 = off)")
     val_tokens: int = arg(20 * 65536, "val tokens per evaluation: always the same first ones of the val split")
@@ -317,6 +320,15 @@ def ours_to_hf(sd, config):
     return out
 
 
+def load_optimizer_state(optimizer, state, device_type):
+    """AdamW's saved state, with this device's options: load_state_dict restores the saved param groups' own
+    `fused` flag, so a CPU checkpoint would resume unfused on CUDA (and a CUDA one ask for fused on CPU)."""
+    fused = [group["fused"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, f in zip(optimizer.param_groups, fused):
+        group["fused"] = f
+
+
 def configure_optimizer(model, lr, weight_decay, device_type):
     """AdamW as in the GPT-3 paper: betas (0.9, 0.95), eps 1e-8, weight decay on matrices only."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -512,19 +524,22 @@ def batch_fits(model, b, seq_len, rt, grad_checkpoint):
     state that is not allocated yet); elsewhere from the memory formula and the RAM available."""
     n_params = model.num_params()
     if rt.device_type == "cuda":
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(rt.device)  # net of the CUDA context and of other processes
+        base = torch.cuda.memory_reserved(rt.device)  # the weights, already on the card
         torch.cuda.reset_peak_memory_stats(rt.device)
-        try:
+        try:  # the eager model: compiled training keeps fewer intermediates, so this errs on the safe side
             x = torch.randint(0, model.config.vocab_size, (b, seq_len), device=rt.device)
             with rt.autocast():
-                _, loss = model(x, x)
+                loss = model(x, x)[1]
             loss.backward()
-            peak = torch.cuda.max_memory_allocated(rt.device)
+            peak = torch.cuda.max_memory_reserved(rt.device) - base  # reserved: the allocator's cache counts
         except torch.cuda.OutOfMemoryError:
             peak = float("inf")
         finally:
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
-        return peak + 8 * n_params < 0.9 * torch.cuda.get_device_properties(rt.device).total_memory
+        return cuda_batch_fits(peak, n_params, free, rt.ddp)
     try:  # MemAvailable counts the page cache that the kernel can reclaim (the memory-mapped shards)
         with open("/proc/meminfo") as f:
             free = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
@@ -535,6 +550,15 @@ def batch_fits(model, b, seq_len, rt, grad_checkpoint):
     return need < 0.6 * free
 
 
+def cuda_batch_fits(trial_peak, n_params, free, ddp):
+    """Decides from a trial step's peak memory (gradients and activations, bytes reserved) whether training fits
+    in `free` bytes of the card: plus AdamW's two fp32 moments (8 bytes per parameter, allocated at the first
+    step), and a margin of 10% and 512 MiB for what a trial cannot see (NCCL's buffers under DDP, fragmentation,
+    the optimizer's temporaries). DDP's buckets hold the gradients themselves (gradient_as_bucket_view)."""
+    margin = 0.1 * free + (512 << 20) * (2 if ddp else 1)
+    return trial_peak + 8 * n_params < free - margin
+
+
 def flops_per_token(config, T):
     """Training FLOPs per token: 6 per parameter in matmuls (forward 2, backward 4) plus attention's
     12 * L * E * T (PaLM paper, appendix B)."""
@@ -542,18 +566,30 @@ def flops_per_token(config, T):
     return 6 * (12 * L * E * E + V * E) + 12 * L * E * T
 
 
-# Dense bf16/fp16 tensor-core peaks in FLOP/s (vendor data sheets); fp32 for cards without them. The first
-# name contained in the device's name wins, so longer names come before their prefixes.
-GPU_PEAK_FLOPS = {"H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12,
-                  "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12, "V100": 125e12,
-                  "T4": 65e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "GTX 960": 2.4e12}
+# Dense peak TFLOP/s per card from NVIDIA's data sheets (with-sparsity figures halved): (16-bit tensor cores,
+# fp32 runs), where fp32 runs use TF32 tensor cores from Ampere on (setup_runtime) and plain fp32 before.
+# Keys are whole device names, as torch.cuda.get_device_name() reports them without the vendor words, so that
+# "L4" is not "L40" and a MIG slice ("... MIG 1g.10gb"), which has a fraction of the card, has no entry.
+GPU_PEAK_TFLOPS = {
+    "H100 80GB HBM3": (989, 495), "H100 PCIe": (756, 378), "H100 NVL": (835, 418),  # SXM, PCIe, NVL
+    "H200": (989, 495), "H200 NVL": (835, 418),
+    "A100-SXM4-80GB": (312, 156), "A100-SXM4-40GB": (312, 156), "A100-PCIE-40GB": (312, 156),
+    "A100 80GB PCIe": (312, 156), "A10": (125, 62.5), "L40S": (362, 183), "L40": (181, 90.5), "L4": (121, 60),
+    "RTX 4090": (165, 82.6), "RTX 3090": (71, 35.6),
+    "V100-SXM2-16GB": (125, 15.7), "V100-SXM2-32GB": (125, 15.7), "V100-PCIE-16GB": (112, 14),
+    "V100-PCIE-32GB": (112, 14), "T4": (65, 8.1), "GTX 960": (2.4, 2.4),  # fp16 without tensor cores or no bf16
+}
 
 
 def peak_flops(rt):
-    """The device's peak FLOP/s for MFU: a table for GPUs; on CPU, measured on the spot with a matmul."""
+    """The device's peak FLOP/s in the training dtype, for MFU: a table for GPUs (None for a card it does not
+    know, or a MIG slice); on CPU, measured on the spot with a matmul."""
     if rt.device_type == "cuda":
         name = torch.cuda.get_device_name(rt.device)
-        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+        for word in ("NVIDIA ", "Tesla ", "GeForce ", "Quadro "):
+            name = name.replace(word, "")
+        peaks = GPU_PEAK_TFLOPS.get(name.strip())
+        return None if peaks is None else peaks[0 if rt.dtype in ("bf16", "fp16") else 1] * 1e12
     if rt.device_type != "cpu":
         return None
     # the fastest of a few large square matmuls in the training dtype: what the cores can do at best
@@ -602,7 +638,21 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
-def setup_runtime(device="auto", dtype="auto", check=None):
+def cuda_arch_supported(capability, arch_list):
+    """Does this PyTorch build carry kernels for a GPU of this compute capability? Code built for sm_XY runs on
+    X.y for y >= Y (same major version); PTX for compute_XY is compiled by the driver for any capability >= X.Y
+    (NVIDIA's CUDA C++ Programming Guide, "Binary Compatibility" and "PTX Compatibility")."""
+    for arch in arch_list:
+        kind, _, number = arch.partition("_")
+        if number.isdigit():  # "sm_90a" and the like are tied to one chip: the plain "sm_90" is listed beside
+            built = (int(number[:-1]), int(number[-1]))
+            if (kind == "sm" and built[0] == capability[0] and built[1] <= capability[1]) or \
+                    (kind == "compute" and built <= tuple(capability)):
+                return True
+    return False
+
+
+def setup_runtime(device="auto", dtype="auto", check=None, dist_timeout=60):
     """The one place that reads the environment: rank and world size from torchrun, the device, the dtype.
     check(world_size), if given, validates the flags before any device or process-group setup."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # set by torchrun
@@ -620,12 +670,23 @@ def setup_runtime(device="auto", dtype="auto", check=None):
         raise UserError("--device cuda but PyTorch sees no CUDA GPU; use --device cpu (or auto)")
     if device == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps but MPS is not available here; use --device cpu (or auto)")
+    if device == "mps" and ddp:
+        raise UserError("torchrun cannot train on MPS (its gloo backend does not carry MPS tensors); run one "
+                        "process on MPS, or torchrun with --device cpu")
     device_type = device
     if device == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise UserError(f"local rank {local_rank} but only {torch.cuda.device_count()} GPUs; use "
                             f"--nproc_per_node={torch.cuda.device_count()} or fewer")
         device = f"cuda:{local_rank}"
+        name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+        if not cuda_arch_supported(capability, torch.cuda.get_arch_list()):
+            # e.g. a GTX 960 (Maxwell, 5.2) with a CUDA 12.8+ build: it would die at the first kernel
+            raise UserError(f"this PyTorch build has no kernels for the {name} (compute capability "
+                            f"{capability[0]}.{capability[1]}; it has {' '.join(torch.cuda.get_arch_list())}); "
+                            "install a build for CUDA 12.6, the last with Maxwell, Pascal and Volta: pip install "
+                            "'torch<2.15' --index-url https://download.pytorch.org/whl/cu126 (see README), or use "
+                            "--device cpu")
         torch.cuda.set_device(device)
     bf16_ok = (torch.cuda.is_bf16_supported(including_emulation=False) if device_type == "cuda"
                else cpu_has_bf16() if device_type == "cpu" else False)
@@ -637,6 +698,10 @@ def setup_runtime(device="auto", dtype="auto", check=None):
         raise UserError("--dtype bf16 but this GPU has no bf16 support; use --dtype fp16 (or auto)")
     if dtype == "fp16" and device_type == "cpu":
         raise UserError("--dtype fp16 is not supported for training on CPU; use --dtype bf16 or fp32 (or auto)")
+    if device_type == "cuda" and dtype == "fp32":
+        # fp32 matmuls on TF32 tensor cores (Ampere and newer; ignored before): 10 mantissa bits in the
+        # products, fp32 accumulation, ~8x the fp32 throughput. The GPT-2 reproduction recipes train this way.
+        torch.set_float32_matmul_precision("high")
     if device_type == "cpu":
         # Bitwise reproducibility on CPU. Compiled, the backward of an embedding lookup is a scatter-add
         # that Inductor runs as a parallel loop of atomic adds (index_put with accumulate=True lowers to
@@ -651,7 +716,10 @@ def setup_runtime(device="auto", dtype="auto", check=None):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     if ddp and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        # The default timeout (10 minutes for NCCL) would abort the job while rank 0 alone writes a big
+        # checkpoint (gpt2-xl: ~19 GB) and the others wait for it in the next collective.
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=dist_timeout))
     return Runtime(ddp, rank, local_rank, world_size, rank == 0, device, device_type, dtype)
 
 
@@ -884,6 +952,26 @@ class StopSignal:
                     "(signal again to exit at once)\n".encode())
 
 
+TRITON_MIN_CAPABILITY = (7, 0)  # Triton, torch.compile's GPU code generator, supports Volta and newer
+
+
+def torch_version():
+    return tuple(int(n) for n in re.findall(r"\d+", torch.__version__)[:2])
+
+
+def use_compile(flag, rt):
+    """--compile on/off/auto -> whether to torch.compile. auto: on CPU and CUDA, except GPUs older than Volta."""
+    old_gpu = rt.device_type == "cuda" and torch.cuda.get_device_capability(rt.device) < TRITON_MIN_CAPABILITY
+    if old_gpu and flag == "on":
+        raise UserError(f"--compile on needs a GPU of compute capability {TRITON_MIN_CAPABILITY[0]}.0 or newer "
+                        f"(Triton); the {torch.cuda.get_device_name(rt.device)} is older: use --compile off or auto")
+    if old_gpu and flag == "auto":
+        print(f"compile: off: the {torch.cuda.get_device_name(rt.device)} is older than compute capability "
+              f"{TRITON_MIN_CAPABILITY[0]}.0, which Triton (torch.compile on GPUs) needs; training runs eagerly")
+        return False
+    return flag == "on" or (flag == "auto" and rt.device_type in ("cuda", "cpu"))
+
+
 def agree_on_signal(signum, rt):
     """The signal that stops every rank (0: none): the largest any rank received, so that all ranks stop at the
     same step and exit with the same code, whichever of them got it."""
@@ -928,7 +1016,7 @@ def check_config(cfg, world_size):
     and under torchrun no rank starts NCCL/gloo only to stop again."""
     if cfg.batch_size != "auto" and not (cfg.batch_size.isdigit() and int(cfg.batch_size) > 0):
         raise UserError(f"--batch_size must be a positive number or auto, got {cfg.batch_size}")
-    for name in ("seq_len", "total_batch_size", "max_steps", "val_tokens", "max_lr"):
+    for name in ("seq_len", "total_batch_size", "max_steps", "val_tokens", "max_lr", "dist_timeout"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ("warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "eval_every", "sample_every",
@@ -948,8 +1036,42 @@ def check_config(cfg, world_size):
         raise UserError("--prompt is empty; give some text for the samples (or --sample_every 0)")
 
 
+def train_step(model, optimizer, scaler, loader, grad_accum, lr, grad_clip, rt):
+    """One optimizer step: grad_accum micro-steps on every rank, gradients averaged once at the end.
+    Returns the mean loss (a tensor, for the log) and the gradient norm before clipping."""
+    model.train()
+    loss_accum = torch.zeros((), device=rt.device)
+    for micro in range(grad_accum):
+        x, y = loader.next_batch()
+        if rt.device_type == "cuda":  # page-locked host memory lets the copy overlap with GPU work
+            x, y = x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
+        else:
+            x, y = x.to(rt.device), y.to(rt.device)
+        # DDP all-reduces gradients in backward(); only the last micro-step needs to
+        sync = contextlib.nullcontext() if not rt.ddp or micro == grad_accum - 1 else model.no_sync()
+        with sync:
+            with rt.autocast():
+                loss = model(x, y)[1]  # only the loss: holding the (B, T, vocab) logits through backward costs GBs
+            # Why divide: the gradient of the mean over all micro-batches, not the sum
+            loss = loss / grad_accum
+            loss_accum += loss.detach()
+            scaler.scale(loss).backward()
+    if rt.ddp:  # for the log only: the mean loss over ranks (SUM, since gloo before torch 2.8 has no AVG)
+        dist.all_reduce(loss_accum)
+        loss_accum /= rt.world_size
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_accum, norm
+
+
 def train(cfg):
-    rt = setup_runtime(cfg.device, cfg.dtype, check=lambda world_size: check_config(cfg, world_size))
+    rt = setup_runtime(cfg.device, cfg.dtype, check=lambda world_size: check_config(cfg, world_size),
+                       dist_timeout=cfg.dist_timeout)
     if not cfg.resume and find_checkpoints(cfg.log_dir):
         raise UserError(f"{cfg.log_dir} already holds checkpoints of a run; continue it with --resume auto, or "
                         "start a new run with another --log_dir")
@@ -988,7 +1110,7 @@ def train(cfg):
     start_step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"], rt.device_type)
         if scaler.is_enabled() and ckpt["scaler"]:  # a bf16/fp32 run's scaler holds nothing to restore
             scaler.load_state_dict(ckpt["scaler"])
         if ckpt["loader"]["shard"] >= len(train_shards):
@@ -1002,15 +1124,19 @@ def train(cfg):
     # The model we train may be compiled and DDP-wrapped; evaluation and sampling use the plain module,
     # which shares its weights, so they are never slowed down by recompilation.
     raw_model = model
-    if cfg.compile == "on" or (cfg.compile == "auto" and rt.device_type in ("cuda", "cpu")):
+    if use_compile(cfg.compile, rt):
         # Why compile: it fuses the elementwise work around the matmuls (casts, GELU, LayerNorm, and the
-        # softmax over 50304 logits) into few kernels; measured 1.8x on the 2-core CPU for GPT-2 124M.
+        # softmax over 50304 logits) into few kernels; measured 1.8x on a 2-core CPU for GPT-2 124M.
         import torch._dynamo as dynamo
         dynamo.config.suppress_errors = cfg.compile == "auto"  # auto: no C++ compiler? run eager
+        if rt.ddp and cfg.grad_checkpoint and torch_version() < (2, 6):
+            dynamo.config.optimize_ddp = False  # DDPOptimizer could not split checkpointed blocks before 2.6
         model = torch.compile(model)
     if rt.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+        # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, not in a second copy
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None,
+                    gradient_as_bucket_view=True)
 
     log_file = os.path.join(cfg.log_dir, "log.txt")
     enc = get_encoding() if cfg.sample_every else None
@@ -1091,36 +1217,15 @@ def train(cfg):
                 dist.barrier()
             break
 
-        # one optimizer step: grad_accum micro-steps on every rank, gradients averaged once at the end
         t0 = time.perf_counter()
-        model.train()
-        loss_accum = torch.zeros((), device=rt.device)
-        for micro in range(grad_accum):
-            x, y = train_loader.next_batch()
-            if rt.device_type == "cuda":  # page-locked host memory lets the copy overlap with GPU work
-                x, y = x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
-            else:
-                x, y = x.to(rt.device), y.to(rt.device)
-            # DDP all-reduces gradients in backward(); only the last micro-step needs to
-            sync = contextlib.nullcontext() if not rt.ddp or micro == grad_accum - 1 else model.no_sync()
-            with sync:
-                with rt.autocast():
-                    _, loss = model(x, y)
-                # Why divide: the gradient of the mean over all micro-batches, not the sum
-                loss = loss / grad_accum
-                loss_accum += loss.detach()
-                scaler.scale(loss).backward()
-        if rt.ddp:  # for the log only: the mean loss over ranks (SUM, since gloo before torch 2.8 has no AVG)
-            dist.all_reduce(loss_accum)
-            loss_accum /= rt.world_size
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
         lr = get_lr(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        try:
+            loss_accum, norm = train_step(model, optimizer, scaler, train_loader, grad_accum, lr, cfg.grad_clip, rt)
+        except torch.OutOfMemoryError:
+            smaller = f"--batch_size {batch_size // 2}, " if batch_size > 1 else ""
+            raise UserError(f"out of memory on {rt.device} at step {step} with --batch_size {batch_size} and "
+                            f"--seq_len {cfg.seq_len}; use {smaller}--grad_checkpoint 1 or a smaller --seq_len "
+                            "(gradient accumulation keeps --total_batch_size)") from None
         stop_for = agree_on_signal(stop.signum, rt)
         loss_val = loss_accum.item()  # waits for the step to finish on the device
         dt = time.perf_counter() - t0

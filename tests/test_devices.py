@@ -1,0 +1,173 @@
+"""The decisions train_gpt2.py makes for each GPU, tested on any machine: what torch.cuda reports (name,
+compute capability, memory, the build's architectures) is substituted, and the decision is checked."""
+import datetime
+import os
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+import train_gpt2 as tg
+
+GiB = 1 << 30
+# What PyTorch's CUDA builds carry (torch.cuda.get_arch_list()), from its release support matrix: the CUDA 12.6
+# builds still have Maxwell/Pascal/Volta; the CUDA 12.8+ builds (2.10 on) start at Turing.
+CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
+CU128 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
+GPUS = {  # as torch.cuda.get_device_name() and get_device_capability() report them
+    "GTX 960": ("NVIDIA GeForce GTX 960", (5, 2), 4 * GiB),
+    "T4": ("Tesla T4", (7, 5), 15 * GiB),
+    "V100": ("Tesla V100-SXM2-16GB", (7, 0), 16 * GiB),
+    "A100": ("NVIDIA A100-SXM4-80GB", (8, 0), 80 * GiB),
+    "H100": ("NVIDIA H100 80GB HBM3", (9, 0), 80 * GiB),
+    "H100 MIG": ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", (9, 0), 10 * GiB),
+    "unknown": ("NVIDIA Future GPU 9000", (12, 0), 96 * GiB),
+}
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """fake_cuda(gpu, arch_list): torch.cuda answers as on that card with that PyTorch build."""
+    def install(gpu, arch_list=CU128):
+        name, capability, memory = GPUS[gpu]
+        for attr, value in dict(is_available=lambda: True, device_count=lambda: 1, set_device=lambda d: None,
+                                get_device_name=lambda d=None: name, get_device_capability=lambda d=None: capability,
+                                get_arch_list=lambda: arch_list,
+                                is_bf16_supported=lambda including_emulation=True: capability >= (8, 0)).items():
+            monkeypatch.setattr(torch.cuda, attr, value)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    precision = torch.get_float32_matmul_precision()
+    yield install
+    torch.set_float32_matmul_precision(precision)
+
+
+def test_gtx_960_with_a_build_without_its_kernels_stops_with_the_fix(fake_cuda):
+    fake_cuda("GTX 960", CU128)
+    with pytest.raises(tg.UserError) as e:
+        tg.setup_runtime()
+    msg = str(e.value)
+    assert "GTX 960" in msg and "5.2" in msg and "cu126" in msg and "--device cpu" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("gpu, arch_list", [("GTX 960", CU126), ("V100", CU126)])
+def test_old_gpus_run_on_a_build_that_has_their_kernels(fake_cuda, gpu, arch_list):
+    fake_cuda(gpu, arch_list)
+    rt = tg.setup_runtime()
+    assert (rt.device, rt.dtype) == ("cuda:0", "fp16")  # no bf16 before Ampere: fp16 with a GradScaler
+
+
+def test_volta_needs_the_cuda_12_6_build(fake_cuda):
+    fake_cuda("V100", CU128)
+    with pytest.raises(tg.UserError, match="7.0"):
+        tg.setup_runtime()
+
+
+def test_ptx_of_an_older_architecture_runs_on_a_newer_gpu():
+    assert tg.cuda_arch_supported((12, 0), ["sm_90", "compute_90"])  # the driver compiles the PTX
+    assert not tg.cuda_arch_supported((12, 0), ["sm_90"])  # a cubin runs only within its major version
+    assert tg.cuda_arch_supported((8, 6), ["sm_80"])  # sm_80 code runs on 8.6
+    assert not tg.cuda_arch_supported((8, 0), ["sm_86"])
+    assert not tg.cuda_arch_supported((5, 2), ["sm_60", "compute_60"])
+
+
+def test_compile_auto_is_eager_before_volta_and_on_is_an_error(fake_cuda, capsys):
+    fake_cuda("GTX 960", CU126)
+    rt = tg.setup_runtime()
+    assert tg.use_compile("auto", rt) is False
+    assert "7.0" in capsys.readouterr().out  # one line saying why
+    with pytest.raises(tg.UserError, match="--compile on"):
+        tg.use_compile("on", rt)
+    assert tg.use_compile("off", rt) is False
+    fake_cuda("T4")
+    assert tg.use_compile("auto", tg.setup_runtime()) is True
+
+
+@pytest.mark.parametrize("gpu, dtype, peak", [("H100", "bf16", 989e12), ("A100", "bf16", 312e12),
+                                              ("A100", "fp32", 156e12), ("T4", "fp16", 65e12),
+                                              ("V100", "fp32", 15.7e12), ("H100 MIG", "bf16", None),
+                                              ("unknown", "bf16", None)])
+def test_mfu_peak_is_the_cards_and_the_dtypes(fake_cuda, gpu, dtype, peak):
+    fake_cuda(gpu, CU126 if gpu in ("V100",) else CU128 + ["compute_120"])
+    rt = tg.setup_runtime(dtype=dtype if dtype != "bf16" else "auto")
+    assert rt.dtype == dtype
+    assert tg.peak_flops(rt) == peak
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA H200 NVL", 835e12),
+                                        ("NVIDIA H200", 989e12), ("Quadro T4000", None), ("NVIDIA T400", None)])
+def test_mfu_peak_names_match_exactly(fake_cuda, monkeypatch, name, peak):
+    fake_cuda("H100")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: name)
+    assert tg.peak_flops(tg.setup_runtime()) == peak  # "L4" must not take "L40"'s peak, nor "T4" "T4000"'s
+
+
+def test_fp32_on_cuda_uses_tf32_matmuls(fake_cuda):
+    fake_cuda("A100")
+    tg.setup_runtime(dtype="fp32")
+    assert torch.get_float32_matmul_precision() == "high"
+
+
+def test_torchrun_on_a_mac_is_one_clear_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(tg.dist, "init_process_group", lambda *a, **k: pytest.fail("gloo with MPS tensors"))
+    with pytest.raises(tg.UserError, match="--device cpu"):
+        tg.setup_runtime()
+
+
+def test_process_group_timeout_fits_rank_0s_checkpoint_writes(monkeypatch):
+    seen = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(tg.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(tg.dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: None)  # keep this process as it is
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    tg.setup_runtime("cpu", "fp32", dist_timeout=90)
+    assert seen == dict(backend="gloo", timeout=datetime.timedelta(minutes=90))
+
+
+@pytest.mark.parametrize("free, trial_peak, ddp, fits", [
+    (3.5 * GiB, 1.5 * GiB, False, True),  # a 4 GB card: 124M's AdamW moments (0.92 GiB) + a 1.5 GiB step fit
+    (3.5 * GiB, 1.9 * GiB, False, False),  # a 1.9 GiB one does not: 0.85 GiB stay free for what a trial misses
+    (1.5 * GiB, 1.0 * GiB, False, False),  # another process holds 2 GB of the card
+    (75 * GiB, 60 * GiB, True, True),
+])
+def test_cuda_batch_size_auto_leaves_room(free, trial_peak, ddp, fits):
+    n_params = 124_000_000
+    assert tg.cuda_batch_fits(trial_peak, n_params, free, ddp) == fits
+
+
+def test_resume_on_another_device_uses_that_devices_adamw(tmp_path):
+    model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
+    cuda_opt = tg.configure_optimizer(model, 1e-3, 0.1, "cpu")
+    state = cuda_opt.state_dict()
+    for group in state["param_groups"]:
+        group["fused"] = True  # as a CUDA run saves it
+    cpu_opt = tg.configure_optimizer(model, 1e-3, 0.1, "cpu")
+    tg.load_optimizer_state(cpu_opt, state, "cpu")
+    expected = tg.configure_optimizer(model, 1e-3, 0.1, "cpu").param_groups[0]["fused"]
+    assert all(g["fused"] == expected for g in cpu_opt.param_groups)
+
+
+OOM = """
+import sys, torch
+sys.path.insert(0, ".")
+import train_gpt2 as tg
+def out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+tg.GPT.forward = out_of_memory
+tg.main(sys.argv[1:])
+"""
+
+
+def test_out_of_memory_in_training_is_one_line_with_the_fix(small_text, tmp_path):
+    out = run_cli("-c", OOM, "--data", small_text, "--log_dir", tmp_path, "--n_layer", "1", "--n_head", "2",
+                  "--n_embd", "32", "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "256",
+                  "--max_steps", "2", "--eval_every", "0", "--sample_every", "0", "--compile", "off", "--device", "cpu")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "out of memory" in out.stderr and "--batch_size 2" in out.stderr and "--grad_checkpoint 1" in out.stderr
