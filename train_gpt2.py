@@ -110,6 +110,8 @@ class TrainConfig:
     hellaswag_data: str = arg(None, "local hellaswag_val.jsonl (default: download it once)")
     hellaswag_limit: int = arg(0, "score only the first N HellaSwag examples (0 = all 10,042)")
     checkpoint_every: int = arg(5000, "write model_<step>.pt every this many steps, and at the end (0 = off)")
+    keep_checkpoints: int = arg(0, "keep only the newest K model_*.pt (and the newest one known to give a finite "
+                                "loss); older ones are deleted once a newer one is written (0 = keep all)")
 
 
 # -----------------------------------------------------------------------------
@@ -745,6 +747,20 @@ def resume_checkpoint(resume, log_dir):
     return None
 
 
+def prune_checkpoints(log_dir, keep, step, protect=None):
+    """--keep_checkpoints: delete all but the `keep` newest checkpoints of steps up to `step`, the one just
+    written. Called only after that one is completely on disk (write_atomic), so a crash at any moment
+    leaves at least one whole checkpoint. Checkpoints of later steps (left by an earlier life of the run,
+    e.g. truncated ones that --resume auto skipped) are left alone: training overwrites them when it gets
+    there. `protect` is never deleted: the newest checkpoint known to give a finite loss (at first the one
+    this run resumed from), the one a NaN stop tells the user to go back to."""
+    done = [p for p in find_checkpoints(log_dir) if int(CHECKPOINT_RE.match(os.path.basename(p))[1]) <= step]
+    for path in done[keep:]:
+        if not (protect and os.path.abspath(path) == os.path.abspath(protect)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
 def model_from_checkpoint(ckpt, path="checkpoint"):
     try:
         model = GPT(GPTConfig(**ckpt["config"]))
@@ -883,8 +899,15 @@ def rewrite_log(log_file, start_step):
     write_atomic(log_file, lambda f: f.writelines(lines), mode="w")
 
 
+def check_scale_flags(cfg):
+    """The flags of long runs at scale (checkpoint retention, data order, tracking, sharding)."""
+    if cfg.keep_checkpoints < 0:
+        raise UserError(f"--keep_checkpoints must not be negative, got {cfg.keep_checkpoints} (0 keeps all)")
+
+
 def train(cfg):
     rt = setup_runtime(cfg.device, cfg.dtype)
+    check_scale_flags(cfg)
     if cfg.batch_size != "auto" and not (cfg.batch_size.isdigit() and int(cfg.batch_size) > 0):
         raise UserError(f"--batch_size must be a positive number or auto, got {cfg.batch_size}")
     for name in ("seq_len", "total_batch_size", "max_steps", "val_tokens", "max_lr"):
@@ -1011,6 +1034,8 @@ def train(cfg):
         if stopping.item():
             if rt.master:
                 save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg)
+                if cfg.keep_checkpoints:
+                    prune_checkpoints(cfg.log_dir, cfg.keep_checkpoints, step, last_good)
                 print(f"stopped by signal at step {step}; wrote {ckpt_path}; continue with --resume auto")
             if rt.ddp:  # no rank leaves before the checkpoint is written: torchrun stops all once one exits
                 dist.barrier()
@@ -1037,6 +1062,8 @@ def train(cfg):
         if cfg.checkpoint_every and step > start_step and (step % cfg.checkpoint_every == 0 or last):
             if rt.master:
                 save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg)
+                if cfg.keep_checkpoints:
+                    prune_checkpoints(cfg.log_dir, cfg.keep_checkpoints, step, last_good)
             new_ckpt = ckpt_path
         if last:
             if rt.ddp:  # leave together: a rank that tears down the group while others still use it can abort
@@ -1080,7 +1107,10 @@ def train(cfg):
         if not math.isfinite(loss_val):
             raise UserError(f"the loss is {loss_val} at step {step}; stopping. Last good checkpoint: "
                             f"{last_good or 'none'}; resume from it with a lower --max_lr")
-        last_good = new_ckpt or last_good  # its weights just gave a finite loss
+        if new_ckpt and new_ckpt != last_good:  # its weights just gave a finite loss
+            last_good = new_ckpt
+            if rt.master and cfg.keep_checkpoints:  # the one it replaces as last good may go now
+                prune_checkpoints(cfg.log_dir, cfg.keep_checkpoints, step, last_good)
         log(f"{step} train {loss_val:.6f}")
         if rt.master:
             tok_s = cfg.total_batch_size / dt

@@ -186,6 +186,7 @@ BAD = {  # name: (extra args replacing defaults, words the one-line message must
     "empty prompt": (["--sample_every", "1", "--prompt", ""], "--prompt is empty"),
     "fresh run beside checkpoints": (["--log_dir", "{d}/other_shape"], "already holds checkpoints"),
     "not a GPT-2 directory": (["--init_from", "{d}/int32"], "no config.json"),
+    "negative keep_checkpoints": (["--keep_checkpoints", "-1"], "--keep_checkpoints"),
 }
 
 
@@ -390,3 +391,57 @@ def test_disk_full_while_checkpointing(reference, small_text, small_disk):
     assert "could not write" in out.stderr and "model_00004.pt" in out.stderr and "disk space" in out.stderr
     assert sorted(p.name for p in small_disk.iterdir()) == ["log.txt", "model_00002.pt"]  # no half file left
     assert_same_weights(weights(reference / "model_00002.pt"), weights(small_disk / "model_00002.pt"))
+
+
+KILL_AT_DELETE = """
+import os, signal, sys, train_gpt2
+when = sys.argv.pop(1)  # "before" or "after" the first checkpoint deletion
+real_remove = os.remove
+def remove_then_die(path):
+    if os.path.basename(path).startswith("model_"):
+        print("deleting", os.path.basename(path), sorted(os.listdir(os.path.dirname(path))), file=sys.stderr, flush=True)
+        if when == "after":
+            real_remove(path)
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_remove(path)
+os.remove = remove_then_die
+train_gpt2.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_keep_checkpoints_sigkill_around_a_deletion_then_resume(reference, small_text, tmp_path, when):
+    log_dir = tmp_path / "run"
+    out = run_cli("-c", KILL_AT_DELETE, when, *train_args(small_text, log_dir, "--keep_checkpoints", "1")[1:])
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    # the first deletion is model_00002.pt, once model_00004.pt is whole and its weights trained a finite step
+    assert "deleting model_00002.pt ['log.txt', 'model_00002.pt', 'model_00004.pt']" in out.stderr
+    assert_same_weights(weights(reference / "model_00004.pt"), weights(log_dir / "model_00004.pt"))
+    out = run_cli(*train_args(small_text, log_dir, "--resume", "auto", "--keep_checkpoints", "1"))
+    assert out.returncode == 0, out.stderr
+    assert_same_weights(weights(reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
+    assert (log_dir / "log.txt").read_text() == (reference / "log.txt").read_text()
+    # the newest, and the one before it until the newest has trained a step (none after the last step)
+    assert sorted(p.name for p in log_dir.glob("model_*")) == ["model_00006.pt", "model_00008.pt"]
+
+
+def test_keep_checkpoints_spares_the_resumed_one_until_a_newer_one_trained(reference, small_text, tmp_path):
+    log_dir = tmp_path / "run"
+    log_dir.mkdir()
+    shutil.copy(reference / "model_00004.pt", log_dir)
+    data = (reference / "model_00008.pt").read_bytes()
+    (log_dir / "model_00008.pt").write_bytes(data[: len(data) // 2])  # a crash left a later, truncated one
+    (log_dir / "log.txt").write_text((reference / "log.txt").read_text())
+    args = train_args(small_text, log_dir, "--resume", "auto", "--keep_checkpoints", "1")
+    out = run_cli("-c", KILL_AT_DELETE, "before", *args[1:])
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    # the resumed model_00004.pt goes only once model_00006.pt is whole and trained a finite step; the
+    # truncated model_00008.pt (a later step) neither counts as newer nor gets deleted
+    assert "deleting model_00004.pt ['log.txt', 'model_00004.pt', 'model_00006.pt', 'model_00008.pt']" in out.stderr
+    assert_same_weights(weights(reference / "model_00006.pt"), weights(log_dir / "model_00006.pt"))
+    out = run_cli(*args)
+    assert out.returncode == 0, out.stderr
+    assert "resumed at step 6" in out.stdout
+    assert_same_weights(weights(reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
+    assert sorted(p.name for p in log_dir.glob("model_*")) == ["model_00006.pt", "model_00008.pt"]
+
