@@ -100,7 +100,7 @@ class TrainConfig:
     dtype: str = arg("auto", "auto (bf16 where supported, fp16 on older GPUs, else fp32), bf16, fp16 or fp32")
     compile: str = arg("auto", "torch.compile the model: on, off, or auto (on for CUDA and CPU, falling back to "
                        "eager if compilation fails)")
-    seed: int = arg(1337, "random seed (model init, sampling)")
+    seed: int = arg(1337, "random seed (model init, data order, sampling)")
     # periodic work, in optimizer steps; 0 = off
     eval_every: int = arg(250, "val loss every this many steps (0 = off)")
     val_tokens: int = arg(20 * 65536, "val tokens per evaluation: always the same first ones of the val split")
@@ -112,6 +112,9 @@ class TrainConfig:
     checkpoint_every: int = arg(5000, "write model_<step>.pt every this many steps, and at the end (0 = off)")
     keep_checkpoints: int = arg(0, "keep only the newest K model_*.pt (and the newest one known to give a finite "
                                 "loss); older ones are deleted once a newer one is written (0 = keep all)")
+    shuffle: int = arg(None, "1: a new seeded order of the shards, and of T-token blocks within them, every epoch; "
+                       "0: file order (default: 1 for a shard directory, 0 for a text file; a resumed run keeps "
+                       "its checkpoint's)")
 
 
 # -----------------------------------------------------------------------------
@@ -388,46 +391,73 @@ def get_encoding():
 
 
 class DataLoader:
-    """Micro-batches of B sequences of T tokens, read in order through the shards.
+    """Micro-batches of B sequences of T tokens, read through the shards epoch after epoch.
 
-    The token stream is cut into a fixed sequence of micro-batches (B*T tokens each, plus one for the
-    targets); a micro-batch that would run past the end of a shard starts the next shard instead.
-    Micro-batch j of that sequence goes to rank j % world_size, so N ranks with A accumulation steps
-    see exactly the micro-batches one process with N*A accumulation steps sees. The position
-    (shard, offset) is the same on every rank and does not depend on the world size, so a checkpoint
-    resumes on any number of ranks.
+    Each shard is cut into blocks of T tokens (plus the next one, for the targets). An epoch goes through
+    the shards in some order, and through each shard's blocks in some order, B blocks per micro-batch; the
+    leftover blocks of a shard (fewer than B) are skipped. Unshuffled, both orders are the file order, and a
+    micro-batch is B*T+1 consecutive tokens. With shuffle, epoch e permutes the shards and the blocks of each
+    shard with a generator seeded by (seed, e) alone, so the order never depends on the world size, and
+    blocks keep the reads local (one shard at a time, as memory-mapped shards want) while mixing documents.
+    Micro-batch j of the resulting sequence goes to rank j % world_size, so N ranks with A accumulation
+    steps see exactly the micro-batches one process with N*A accumulation steps sees. The position
+    (epoch, shard, pos) is the same on every rank, so a checkpoint resumes on any number of ranks.
     """
 
-    def __init__(self, shards, B, T, rank=0, world_size=1):
+    def __init__(self, shards, B, T, rank=0, world_size=1, shuffle=False, seed=0):
         self.shards, self.B, self.T, self.rank, self.world_size = shards, B, T, rank, world_size
         for i, s in enumerate(shards):
             if len(s) < B * T + 1:
                 raise UserError(f"shard {i} has {len(s)} tokens, fewer than batch_size*seq_len+1 = {B * T + 1}; "
                                 "lower --batch_size or --seq_len, or use more data")
-        self.shard, self.pos = 0, 0
+        self.shuffle, self.seed = shuffle, seed
+        self.epoch, self.shard, self.pos = 0, 0, 0  # pos: tokens of the shard read, T per block
+        self._cached = (None, None)  # ((epoch, shard), block order): the blocks of the current shard
 
     def state_dict(self):
-        return {"shard": self.shard, "pos": self.pos}
+        return {"epoch": self.epoch, "shard": self.shard, "pos": self.pos, "shuffle": int(self.shuffle),
+                "seed": self.seed}
 
     def load_state_dict(self, state):
+        # a checkpoint from before shuffling holds only shard and pos: it continues in file order
         self.shard, self.pos = int(state["shard"]), int(state["pos"])
+        self.epoch, self.shuffle, self.seed = int(state.get("epoch", 0)), bool(state.get("shuffle", 0)), \
+            int(state.get("seed", 0))
+
+    def _shard_order(self):
+        """The file index of each shard, in the order this epoch reads them."""
+        if not self.shuffle:
+            return range(len(self.shards))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+
+    def _blocks(self, i):
+        """The start of each block of shard file i, in the order this epoch reads them."""
+        if self._cached[0] != (self.epoch, i):
+            starts = np.arange((len(self.shards[i]) - 1) // self.T) * self.T  # every block has T+1 tokens
+            if self.shuffle:  # seeded by the epoch and the file, not by the position it is read at
+                starts = np.random.default_rng([self.seed, self.epoch, i]).permutation(starts)
+            self._cached = ((self.epoch, i), starts)
+        return self._cached[1]
 
     def _advance(self):
-        """Returns where the next micro-batch starts and moves past it."""
-        n = self.B * self.T
-        if self.pos + n + 1 > len(self.shards[self.shard]):
-            self.shard, self.pos = (self.shard + 1) % len(self.shards), 0  # past the last shard: a new epoch
-        where = (self.shard, self.pos)
-        self.pos += n
-        return where
+        """Returns (file index, block starts) of the next micro-batch and moves past it."""
+        if self.pos // self.T + self.B > len(self._blocks(self._shard_order()[self.shard])):
+            self.shard, self.pos = self.shard + 1, 0
+            if self.shard == len(self.shards):  # past the last shard: a new epoch
+                self.epoch, self.shard = self.epoch + 1, 0
+        i = self._shard_order()[self.shard]
+        first = self.pos // self.T
+        self.pos += self.B * self.T
+        return i, self._blocks(i)[first: first + self.B]
 
     def next_batch(self):
         for r in range(self.world_size):  # the micro-batches of the other ranks are skipped, not read
-            shard, pos = self._advance()
+            i, starts = self._advance()
             if r == self.rank:
-                buf = torch.from_numpy(self.shards[shard][pos: pos + self.B * self.T + 1].astype(np.int64))
-        x = buf[:-1].view(self.B, self.T)  # (B, T) inputs
-        y = buf[1:].view(self.B, self.T)  # (B, T) targets: the next token at every position
+                rows = [self.shards[i][s: s + self.T + 1] for s in starts]
+                buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T + 1)
+        x = buf[:, :-1].contiguous()  # (B, T) inputs
+        y = buf[:, 1:].contiguous()  # (B, T) targets: the next token at every position
         return x, y
 
 
@@ -903,6 +933,26 @@ def check_scale_flags(cfg):
     """The flags of long runs at scale (checkpoint retention, data order, tracking, sharding)."""
     if cfg.keep_checkpoints < 0:
         raise UserError(f"--keep_checkpoints must not be negative, got {cfg.keep_checkpoints} (0 keeps all)")
+    if cfg.shuffle not in (None, 0, 1):
+        raise UserError(f"--shuffle must be 0 or 1, got {cfg.shuffle}")
+    if data_shuffle(cfg) and cfg.seed < 0:
+        raise UserError(f"--seed must not be negative to shuffle the data, got {cfg.seed}; or use --shuffle 0")
+
+
+def data_shuffle(cfg):
+    """--shuffle, or its default: shuffle shard directories (many documents, read again every epoch); keep a
+    text file (one document, usually small) in order, as before --shuffle existed."""
+    return bool(cfg.shuffle if cfg.shuffle is not None else os.path.isdir(cfg.data))
+
+
+def check_data_order(cfg, ckpt, master):
+    """A resumed run continues in its checkpoint's data order: changing it mid-epoch would repeat or skip data."""
+    was = int(ckpt["loader"].get("shuffle", 0))
+    if cfg.shuffle is not None and cfg.shuffle != was:
+        raise UserError(f"{ckpt['path']} was trained with --shuffle {was}; resume with --shuffle {was} or without "
+                        "the flag")
+    if master and "shuffle" not in ckpt["loader"] and data_shuffle(cfg):
+        print(f"{ckpt['path']} is from before --shuffle: the data continues in file order")
 
 
 def train(cfg):
@@ -956,7 +1006,8 @@ def train(cfg):
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         batch_size = int(agreed.item())
     grad_accum = grad_accum_steps(cfg.total_batch_size, batch_size, cfg.seq_len, rt.world_size)
-    train_loader = DataLoader(train_shards, batch_size, cfg.seq_len, rt.rank, rt.world_size)
+    train_loader = DataLoader(train_shards, batch_size, cfg.seq_len, rt.rank, rt.world_size, data_shuffle(cfg),
+                              cfg.seed)
     optimizer = configure_optimizer(model, cfg.max_lr, cfg.weight_decay, rt.device_type)
     # fp16 gradients underflow without loss scaling; bf16 and fp32 have fp32's exponent range and need none
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "fp16")
@@ -969,6 +1020,7 @@ def train(cfg):
         if ckpt["loader"]["shard"] >= len(train_shards):
             raise UserError(f"{ckpt['path']} was trained on more shards than --data {cfg.data} has; resume with "
                             "the same --data")
+        check_data_order(cfg, ckpt, rt.master)
         train_loader.load_state_dict(ckpt["loader"])
         set_rng_state(ckpt["rng"])
         start_step = ckpt["step"]

@@ -73,3 +73,18 @@ def test_two_ranks_resume_their_own_checkpoint(runs, small_text, tmp_path):
     w1 = torch.load(runs / "two" / "model_00006.pt", weights_only=True)["model"]
     w2 = torch.load(run / "model_00006.pt", weights_only=True)["model"]
     assert all(torch.equal(w1[k], w2[k]) for k in w1)  # same ranks, same order of sums: bit-identical
+
+
+def test_two_ranks_read_the_shuffled_shards_one_process_reads(tiny_shards, tmp_path):
+    logs = {}
+    for n in (1, 2):
+        args = ["train_gpt2.py", "--data", tiny_shards, "--log_dir", tmp_path / str(n), *ARGS, "--hellaswag_every", "0",
+                "--max_steps", "5", "--checkpoint_every", "5"]
+        out = run_cli(*args) if n == 1 else torchrun(2, *args)
+        assert out.returncode == 0, out.stderr
+        logs[n] = read_log(tmp_path / str(n) / "log.txt")
+    loader = torch.load(tmp_path / "2" / "model_00005.pt", weights_only=True)["loader"]
+    assert loader["shuffle"] == 1 and loader["epoch"] >= 1  # shuffled by default, across an epoch boundary
+    diff = max_diff(logs[1], logs[2])
+    print(f"max |diff| over {len(logs[1])} logged losses on shuffled shards, 1 process vs 2 ranks: {diff:.2e}")
+    assert diff < 1e-4

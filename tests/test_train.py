@@ -187,6 +187,8 @@ BAD = {  # name: (extra args replacing defaults, words the one-line message must
     "fresh run beside checkpoints": (["--log_dir", "{d}/other_shape"], "already holds checkpoints"),
     "not a GPT-2 directory": (["--init_from", "{d}/int32"], "no config.json"),
     "negative keep_checkpoints": (["--keep_checkpoints", "-1"], "--keep_checkpoints"),
+    "shuffle not 0/1": (["--shuffle", "2"], "--shuffle must be 0 or 1"),
+    "negative seed to shuffle": (["--shuffle", "1", "--seed", "-3"], "--seed must not be negative"),
 }
 
 
@@ -445,3 +447,42 @@ def test_keep_checkpoints_spares_the_resumed_one_until_a_newer_one_trained(refer
     assert_same_weights(weights(reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
     assert sorted(p.name for p in log_dir.glob("model_*")) == ["model_00006.pt", "model_00008.pt"]
 
+
+@pytest.fixture(scope="module")
+def shuffled_reference(tiny_shards, tmp_path_factory):
+    """An uninterrupted run on a shard directory: shuffled by default, through several epochs."""
+    log_dir = tmp_path_factory.mktemp("shuffled")
+    out = run_cli(*train_args(tiny_shards, log_dir))
+    assert out.returncode == 0, out.stderr
+    return log_dir
+
+
+def test_shuffled_shards_sigkill_then_resume_is_bit_identical(shuffled_reference, tiny_shards, tmp_path):
+    loader = torch.load(shuffled_reference / "model_00008.pt", weights_only=True)["loader"]
+    assert loader["shuffle"] == 1 and loader["epoch"] >= 1  # the default for shards, past an epoch boundary
+    log_dir = tmp_path / "run"
+    rc, _, _ = run_until(train_args(tiny_shards, log_dir), "step     5 | loss", signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    out = run_cli(*train_args(tiny_shards, log_dir, "--resume", "auto"))
+    assert out.returncode == 0, out.stderr
+    assert "resumed at step 4" in out.stdout or "resumed at step 6" in out.stdout
+    assert_same_weights(weights(shuffled_reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
+    assert (log_dir / "log.txt").read_text() == (shuffled_reference / "log.txt").read_text()
+
+
+def test_checkpoint_from_before_shuffle_resumes_in_file_order(reference, small_text, tmp_path):
+    log_dir = tmp_path / "run"
+    log_dir.mkdir()
+    ckpt = torch.load(reference / "model_00004.pt", weights_only=True)
+    ckpt["loader"] = {"shard": ckpt["loader"]["shard"], "pos": ckpt["loader"]["pos"]}  # the old layout
+    torch.save(ckpt, log_dir / "model_00004.pt")
+    out = run_cli(*train_args(small_text, log_dir, "--resume", "auto"))
+    assert out.returncode == 0, out.stderr
+    assert_same_weights(weights(reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
+
+
+def test_resume_refuses_another_data_order(reference, small_text, tmp_path):
+    out = run_cli(*train_args(small_text, tmp_path / "log", "--resume", reference / "model_00004.pt", "--shuffle", "1"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip() == f"error: {reference / 'model_00004.pt'} was trained with --shuffle 0; resume " \
+                                 "with --shuffle 0 or without the flag"
