@@ -115,6 +115,8 @@ class TrainConfig:
     shuffle: int = arg(None, "1: a new seeded order of the shards, and of T-token blocks within them, every epoch; "
                        "0: file order (default: 1 for a shard directory, 0 for a text file; a resumed run keeps "
                        "its checkpoint's)")
+    wandb_project: str = arg(None, "also log to this Weights & Biases project, from rank 0 (needs pip install wandb; "
+                             "WANDB_MODE=offline logs without network); a resumed run continues its W&B run")
 
 
 # -----------------------------------------------------------------------------
@@ -714,7 +716,7 @@ def atomic_save(obj, path):
                         "(earlier checkpoints are intact), then continue with --resume auto") from None
 
 
-def save_checkpoint(path, model, optimizer, scaler, step, loader, train_config):
+def save_checkpoint(path, model, optimizer, scaler, step, loader, train_config, wandb_id=None):
     atomic_save({
         "format_version": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
@@ -725,6 +727,7 @@ def save_checkpoint(path, model, optimizer, scaler, step, loader, train_config):
         "loader": loader.state_dict(),
         "rng": rng_state(),
         "scaler": scaler.state_dict(),
+        "wandb_id": wandb_id,  # the W&B run that a resumed run continues (a str), or None
     }, path)
 
 
@@ -937,6 +940,8 @@ def check_scale_flags(cfg):
         raise UserError(f"--shuffle must be 0 or 1, got {cfg.shuffle}")
     if data_shuffle(cfg) and cfg.seed < 0:
         raise UserError(f"--seed must not be negative to shuffle the data, got {cfg.seed}; or use --shuffle 0")
+    if cfg.wandb_project is not None:
+        import_wandb()  # missing: say so before anything is written
 
 
 def data_shuffle(cfg):
@@ -953,6 +958,32 @@ def check_data_order(cfg, ckpt, master):
                         "the flag")
     if master and "shuffle" not in ckpt["loader"] and data_shuffle(cfg):
         print(f"{ckpt['path']} is from before --shuffle: the data continues in file order")
+
+
+def import_wandb():
+    try:
+        import wandb  # optional: only runs with --wandb_project need it installed
+    except ImportError:
+        raise UserError("--wandb_project needs the wandb package: pip install wandb (or drop --wandb_project)") \
+            from None
+    return wandb
+
+
+def start_wandb(cfg, run_id, config):
+    """--wandb_project: a W&B run (on rank 0) that gets the events of log.txt and the per-step numbers of stdout.
+    run_id (from the checkpoint) continues that run; None starts a new one. Its files go to --log_dir/wandb."""
+    wandb = import_wandb()
+    try:
+        run = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", dir=cfg.log_dir, config=config)
+    except Exception as e:  # no API key, no network, a bad project name...
+        raise UserError(f"could not start the W&B run ({type(e).__name__}: {str(e).splitlines()[0][:200]}); run "
+                        "`wandb login`, set WANDB_MODE=offline, or drop --wandb_project") from None
+    # The x axis is our step, not W&B's own counter: a resumed run logs again the steps after its checkpoint.
+    run.define_metric("*", step_metric="step")
+    return run
+
+
+WANDB_KEYS = {"train": "train/loss", "val": "val/loss", "hella": "hellaswag/acc_norm"}  # log.txt kind -> W&B key
 
 
 def train(cfg):
@@ -1024,6 +1055,7 @@ def train(cfg):
         train_loader.load_state_dict(ckpt["loader"])
         set_rng_state(ckpt["rng"])
         start_step = ckpt["step"]
+    wandb_id = ckpt.get("wandb_id") if ckpt else None
     del ckpt, init_model
 
     # The model we train may be compiled and DDP-wrapped; evaluation and sampling use the plain module,
@@ -1054,6 +1086,12 @@ def train(cfg):
               f"{batch_size} x {cfg.seq_len} x {rt.world_size} ranks x {grad_accum} accumulation steps")
         if start_step:
             print(f"resumed at step {start_step}")
+    tracker = None
+    if cfg.wandb_project is not None and rt.master:
+        tracker = start_wandb(cfg, wandb_id, {**dataclasses.asdict(cfg), "model_config": dataclasses.asdict(config),
+                                              "world_size": rt.world_size, "batch_size": batch_size,
+                                              "grad_accum": grad_accum, "num_params": raw_model.num_params()})
+        wandb_id = tracker.id
     if cfg.hellaswag_every:
         import hellaswag
         try:
@@ -1066,7 +1104,8 @@ def train(cfg):
             raise UserError(f"{e}; fix --hellaswag_data or leave --hellaswag_every at 0") from None
         enc = enc or get_encoding()
 
-    def log(line):
+    def log(line, extra=None):
+        """One event for log.txt (<step> <kind> <value>), and for W&B with the extra numbers (None: not known)."""
         if rt.master:
             try:
                 with open(log_file, "a") as f:
@@ -1074,6 +1113,10 @@ def train(cfg):
             except OSError as e:
                 raise UserError(f"cannot append to {log_file} ({e.strerror}); free some disk space and "
                                 "continue with --resume auto") from None
+            if tracker is not None:
+                step, kind, value = line.split()
+                extra = {k: v for k, v in (extra or {}).items() if v is not None}
+                tracker.log({"step": int(step), WANDB_KEYS[kind]: float(value), **extra})
 
     peak = peak_flops(rt)
     tokens_flops = flops_per_token(config, cfg.seq_len)
@@ -1085,7 +1128,7 @@ def train(cfg):
         ckpt_path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
         if stopping.item():
             if rt.master:
-                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg)
+                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg, wandb_id)
                 if cfg.keep_checkpoints:
                     prune_checkpoints(cfg.log_dir, cfg.keep_checkpoints, step, last_good)
                 print(f"stopped by signal at step {step}; wrote {ckpt_path}; continue with --resume auto")
@@ -1113,13 +1156,15 @@ def train(cfg):
                 print(f"sample {i}: {text!r}")
         if cfg.checkpoint_every and step > start_step and (step % cfg.checkpoint_every == 0 or last):
             if rt.master:
-                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg)
+                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg, wandb_id)
                 if cfg.keep_checkpoints:
                     prune_checkpoints(cfg.log_dir, cfg.keep_checkpoints, step, last_good)
             new_ckpt = ckpt_path
         if last:
             if rt.ddp:  # leave together: a rank that tears down the group while others still use it can abort
                 dist.barrier()
+            if tracker is not None:
+                tracker.finish()
             break
 
         # one optimizer step: grad_accum micro-steps on every rank, gradients averaged once at the end
@@ -1163,10 +1208,12 @@ def train(cfg):
             last_good = new_ckpt
             if rt.master and cfg.keep_checkpoints:  # the one it replaces as last good may go now
                 prune_checkpoints(cfg.log_dir, cfg.keep_checkpoints, step, last_good)
-        log(f"{step} train {loss_val:.6f}")
+        tok_s = cfg.total_batch_size / dt
+        mfu = 100 * tok_s * tokens_flops / (peak * rt.world_size) if peak else None  # percent
+        log(f"{step} train {loss_val:.6f}", {"train/lr": lr, "train/grad_norm": norm.item(), "train/tok_per_s": tok_s,
+                                             "train/mfu": mfu})
         if rt.master:
-            tok_s = cfg.total_batch_size / dt
-            mfu = f"{100 * tok_s * tokens_flops / (peak * rt.world_size):.1f}%" if peak else "n/a"
+            mfu = f"{mfu:.1f}%" if mfu is not None else "n/a"
             print(f"step {step:5d} | loss {loss_val:.6f} | lr {lr:.4e} | norm {norm.item():.4f} | "
                   f"{1000 * dt:.1f} ms | {tok_s:,.0f} tok/s | MFU {mfu}")
 

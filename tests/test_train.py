@@ -58,10 +58,10 @@ def test_log_format_and_checkpoints(reference):
     assert last < first  # it learns
 
 
-def run_until(args, pattern, sig, cwd=ROOT):
+def run_until(args, pattern, sig, cwd=ROOT, env=None):
     """Starts training, waits until stdout prints a line containing pattern, then sends sig.
     Returns (exit code, stdout so far)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     seen = []
