@@ -102,7 +102,7 @@ class TrainConfig:
     dtype: str = arg("auto", "auto (bf16 where supported, fp16 on older GPUs, else fp32), bf16, fp16 or fp32")
     compile: str = arg("auto", "torch.compile the model: on, off, or auto (on for CUDA and CPU, falling back to "
                        "eager if compilation fails)")
-    seed: int = arg(1337, "random seed (model init, sampling)")
+    seed: int = arg(1337, "random seed (model init, data order, sampling)")
     dist_timeout: int = arg(60, "minutes a rank waits in a collective (e.g. while rank 0 writes a checkpoint) "
                             "before NCCL/gloo abort the job")
     # periodic work, in optimizer steps; 0 = off
@@ -114,6 +114,13 @@ class TrainConfig:
     hellaswag_data: str = arg(None, "local hellaswag_val.jsonl (default: download it once)")
     hellaswag_limit: int = arg(0, "score only the first N HellaSwag examples (0 = all 10,042)")
     checkpoint_every: int = arg(5000, "write model_<step>.pt every this many steps, and at the end (0 = off)")
+    keep_checkpoints: int = arg(0, "keep only the newest K model_*.pt (and the newest one known to give a finite "
+                                "loss); older ones are deleted once a newer one is written (0 = keep all)")
+    shuffle: int = arg(None, "1: a new seeded order of the shards, and of T-token blocks within them, every epoch; "
+                       "0: file order (default: 1 for a shard directory, 0 for a text file; a resumed run keeps "
+                       "its checkpoint's)")
+    wandb_project: str = arg(None, "also log to this Weights & Biases project, from rank 0 (needs pip install wandb; "
+                             "WANDB_MODE=offline logs without network); a resumed run continues its W&B run")
 
 
 # -----------------------------------------------------------------------------
@@ -399,17 +406,20 @@ def get_encoding():
 
 
 class DataLoader:
-    """Micro-batches of B sequences of T tokens, read in order through the shards.
+    """Micro-batches of B sequences of T tokens, read through the shards epoch after epoch.
 
-    The token stream is cut into a fixed sequence of micro-batches (B*T tokens each, plus one for the
-    targets); a micro-batch that would run past the end of a shard starts the next shard instead.
-    Micro-batch j of that sequence goes to rank j % world_size, so N ranks with A accumulation steps
-    see exactly the micro-batches one process with N*A accumulation steps sees. The position
-    (shard, offset) is the same on every rank and does not depend on the world size, so a checkpoint
-    resumes on any number of ranks.
+    Each shard is cut into blocks of T tokens (plus the next one, for the targets). An epoch goes through
+    the shards in some order, and through each shard's blocks in some order, B blocks per micro-batch; the
+    leftover blocks of a shard (fewer than B) are skipped. Unshuffled, both orders are the file order, and a
+    micro-batch is B*T+1 consecutive tokens. With shuffle, epoch e permutes the shards and the blocks of each
+    shard with a generator seeded by (seed, e) alone, so the order never depends on the world size, and
+    blocks keep the reads local (one shard at a time, as memory-mapped shards want) while mixing documents.
+    Micro-batch j of the resulting sequence goes to rank j % world_size, so N ranks with A accumulation
+    steps see exactly the micro-batches one process with N*A accumulation steps sees. The position
+    (epoch, shard, pos) is the same on every rank, so a checkpoint resumes on any number of ranks.
     """
 
-    def __init__(self, shards, B, T, rank=0, world_size=1):
+    def __init__(self, shards, B, T, rank=0, world_size=1, shuffle=False, seed=0):
         # A shard shorter than one micro-batch (fineweb.py's last one may be) is skipped, with a warning.
         short = [s for s in shards if len(s) < B * T + 1]
         names = ", ".join(f"{getattr(s, 'filename', None) or 'the text'} ({len(s)} tokens)" for s in short)
@@ -421,30 +431,54 @@ class DataLoader:
                   file=sys.stderr)
         self.shards = [s for s in shards if len(s) >= B * T + 1]
         self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
-        self.shard, self.pos = 0, 0
+        self.shuffle, self.seed = shuffle, seed
+        self.epoch, self.shard, self.pos = 0, 0, 0  # pos: tokens of the shard read, T per block
+        self._cached = (None, None)  # ((epoch, shard), block order): the blocks of the current shard
 
     def state_dict(self):
-        return {"shard": self.shard, "pos": self.pos}
+        return {"epoch": self.epoch, "shard": self.shard, "pos": self.pos, "shuffle": int(self.shuffle),
+                "seed": self.seed}
 
     def load_state_dict(self, state):
+        # a checkpoint from before shuffling holds only shard and pos: it continues in file order
         self.shard, self.pos = int(state["shard"]), int(state["pos"])
+        self.epoch, self.shuffle, self.seed = int(state.get("epoch", 0)), bool(state.get("shuffle", 0)), \
+            int(state.get("seed", 0))
+
+    def _shard_order(self):
+        """The file index of each shard, in the order this epoch reads them."""
+        if not self.shuffle:
+            return range(len(self.shards))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+
+    def _blocks(self, i):
+        """The start of each block of shard file i, in the order this epoch reads them."""
+        if self._cached[0] != (self.epoch, i):
+            starts = np.arange((len(self.shards[i]) - 1) // self.T) * self.T  # every block has T+1 tokens
+            if self.shuffle:  # seeded by the epoch and the file, not by the position it is read at
+                starts = np.random.default_rng([self.seed, self.epoch, i]).permutation(starts)
+            self._cached = ((self.epoch, i), starts)
+        return self._cached[1]
 
     def _advance(self):
-        """Returns where the next micro-batch starts and moves past it."""
-        n = self.B * self.T
-        if self.pos + n + 1 > len(self.shards[self.shard]):
-            self.shard, self.pos = (self.shard + 1) % len(self.shards), 0  # past the last shard: a new epoch
-        where = (self.shard, self.pos)
-        self.pos += n
-        return where
+        """Returns (file index, block starts) of the next micro-batch and moves past it."""
+        if self.pos // self.T + self.B > len(self._blocks(self._shard_order()[self.shard])):
+            self.shard, self.pos = self.shard + 1, 0
+            if self.shard == len(self.shards):  # past the last shard: a new epoch
+                self.epoch, self.shard = self.epoch + 1, 0
+        i = self._shard_order()[self.shard]
+        first = self.pos // self.T
+        self.pos += self.B * self.T
+        return i, self._blocks(i)[first: first + self.B]
 
     def next_batch(self):
         for r in range(self.world_size):  # the micro-batches of the other ranks are skipped, not read
-            shard, pos = self._advance()
+            i, starts = self._advance()
             if r == self.rank:
-                buf = torch.from_numpy(self.shards[shard][pos: pos + self.B * self.T + 1].astype(np.int64))
-        x = buf[:-1].view(self.B, self.T)  # (B, T) inputs
-        y = buf[1:].view(self.B, self.T)  # (B, T) targets: the next token at every position
+                rows = [self.shards[i][s: s + self.T + 1] for s in starts]
+                buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T + 1)
+        x = buf[:, :-1].contiguous()  # (B, T) inputs
+        y = buf[:, 1:].contiguous()  # (B, T) targets: the next token at every position
         return x, y
 
 
@@ -780,7 +814,7 @@ def atomic_save(obj, path):
                         "(earlier checkpoints are intact), then continue with --resume auto") from None
 
 
-def save_checkpoint(path, model, optimizer, scaler, step, loader, train_config):
+def save_checkpoint(path, model, optimizer, scaler, step, loader, train_config, wandb_id=None):
     atomic_save({
         "format_version": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
@@ -791,6 +825,7 @@ def save_checkpoint(path, model, optimizer, scaler, step, loader, train_config):
         "loader": loader.state_dict(),
         "rng": rng_state(),
         "scaler": scaler.state_dict(),
+        "wandb_id": wandb_id,  # the W&B run that a resumed run continues (a str), or None
     }, path)
 
 
@@ -841,6 +876,20 @@ def resume_checkpoint(resume, log_dir):
         raise UserError(f"--resume auto: none of the {len(paths)} checkpoints in {log_dir} is valid; "
                         "move them away to start fresh, or --resume a good checkpoint")
     return None
+
+
+def prune_checkpoints(log_dir, keep, step, protect=None):
+    """--keep_checkpoints: delete all but the `keep` newest checkpoints of steps up to `step`, the one just
+    written. Called only after that one is completely on disk (write_atomic), so a crash at any moment
+    leaves at least one whole checkpoint. Checkpoints of later steps (left by an earlier life of the run,
+    e.g. truncated ones that --resume auto skipped) are left alone: training overwrites them when it gets
+    there. `protect` is never deleted: the newest checkpoint known to give a finite loss (at first the one
+    this run resumed from), the one a NaN stop tells the user to go back to."""
+    done = [p for p in find_checkpoints(log_dir) if int(CHECKPOINT_RE.match(os.path.basename(p))[1]) <= step]
+    for path in done[keep:]:
+        if not (protect and os.path.abspath(path) == os.path.abspath(protect)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
 
 def model_from_checkpoint(ckpt, path="checkpoint"):
@@ -1011,6 +1060,60 @@ def rewrite_log(log_file, start_step):
     write_atomic(log_file, lambda f: f.writelines(lines), mode="w")
 
 
+def check_scale_flags(cfg):
+    """The flags of long runs at scale (checkpoint retention, data order, tracking, sharding)."""
+    if cfg.keep_checkpoints < 0:
+        raise UserError(f"--keep_checkpoints must not be negative, got {cfg.keep_checkpoints} (0 keeps all)")
+    if cfg.shuffle not in (None, 0, 1):
+        raise UserError(f"--shuffle must be 0 or 1, got {cfg.shuffle}")
+    if data_shuffle(cfg) and cfg.seed < 0:
+        raise UserError(f"--seed must not be negative to shuffle the data, got {cfg.seed}; or use --shuffle 0")
+    if cfg.wandb_project is not None:
+        import_wandb()  # missing: say so before anything is written
+
+
+def data_shuffle(cfg):
+    """--shuffle, or its default: shuffle shard directories (many documents, read again every epoch); keep a
+    text file (one document, usually small) in order, as before --shuffle existed."""
+    return bool(cfg.shuffle if cfg.shuffle is not None else os.path.isdir(cfg.data))
+
+
+def check_data_order(cfg, ckpt, master):
+    """A resumed run continues in its checkpoint's data order: changing it mid-epoch would repeat or skip data."""
+    was = int(ckpt["loader"].get("shuffle", 0))
+    if cfg.shuffle is not None and cfg.shuffle != was:
+        raise UserError(f"{ckpt['path']} was trained with --shuffle {was}; resume with --shuffle {was} or without "
+                        "the flag")
+    if master and "shuffle" not in ckpt["loader"] and data_shuffle(cfg):
+        print(f"{ckpt['path']} is from before --shuffle: the data continues in file order")
+
+
+def import_wandb():
+    try:
+        import wandb  # optional: only runs with --wandb_project need it installed
+    except ImportError:
+        raise UserError("--wandb_project needs the wandb package: pip install wandb (or drop --wandb_project)") \
+            from None
+    return wandb
+
+
+def start_wandb(cfg, run_id, config):
+    """--wandb_project: a W&B run (on rank 0) that gets the events of log.txt and the per-step numbers of stdout.
+    run_id (from the checkpoint) continues that run; None starts a new one. Its files go to --log_dir/wandb."""
+    wandb = import_wandb()
+    try:
+        run = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", dir=cfg.log_dir, config=config)
+    except Exception as e:  # no API key, no network, a bad project name...
+        raise UserError(f"could not start the W&B run ({type(e).__name__}: {str(e).splitlines()[0][:200]}); run "
+                        "`wandb login`, set WANDB_MODE=offline, or drop --wandb_project") from None
+    # The x axis is our step, not W&B's own counter: a resumed run logs again the steps after its checkpoint.
+    run.define_metric("*", step_metric="step")
+    return run
+
+
+WANDB_KEYS = {"train": "train/loss", "val": "val/loss", "hella": "hellaswag/acc_norm"}  # log.txt kind -> W&B key
+
+
 def check_config(cfg, world_size):
     """Every flag that can be checked alone, before any device or process-group setup: a typo costs nothing,
     and under torchrun no rank starts NCCL/gloo only to stop again."""
@@ -1034,6 +1137,7 @@ def check_config(cfg, world_size):
                      world_size)
     if cfg.sample_every and not get_encoding().encode(cfg.prompt, allowed_special="all"):
         raise UserError("--prompt is empty; give some text for the samples (or --sample_every 0)")
+    check_scale_flags(cfg)
 
 
 def train_step(model, optimizer, scaler, loader, grad_accum, lr, grad_clip, rt):
@@ -1103,7 +1207,8 @@ def train(cfg):
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         batch_size = int(agreed.item())
     grad_accum = grad_accum_steps(cfg.total_batch_size, batch_size, cfg.seq_len, rt.world_size)
-    train_loader = DataLoader(train_shards, batch_size, cfg.seq_len, rt.rank, rt.world_size)
+    train_loader = DataLoader(train_shards, batch_size, cfg.seq_len, rt.rank, rt.world_size, data_shuffle(cfg),
+                              cfg.seed)
     optimizer = configure_optimizer(model, cfg.max_lr, cfg.weight_decay, rt.device_type)
     # fp16 gradients underflow without loss scaling; bf16 and fp32 have fp32's exponent range and need none
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "fp16")
@@ -1116,9 +1221,11 @@ def train(cfg):
         if ckpt["loader"]["shard"] >= len(train_shards):
             raise UserError(f"{ckpt['path']} was trained on more shards than --data {cfg.data} has; resume with "
                             "the same --data")
+        check_data_order(cfg, ckpt, rt.master)
         train_loader.load_state_dict(ckpt["loader"])
         set_rng_state(ckpt["rng"])
         start_step = ckpt["step"]
+    wandb_id = ckpt.get("wandb_id") if ckpt else None
     del ckpt, init_model
 
     # The model we train may be compiled and DDP-wrapped; evaluation and sampling use the plain module,
@@ -1153,6 +1260,12 @@ def train(cfg):
               f"{batch_size} x {cfg.seq_len} x {rt.world_size} ranks x {grad_accum} accumulation steps")
         if start_step:
             print(f"resumed at step {start_step}")
+    tracker = None
+    if cfg.wandb_project is not None and rt.master:
+        tracker = start_wandb(cfg, wandb_id, {**dataclasses.asdict(cfg), "model_config": dataclasses.asdict(config),
+                                              "world_size": rt.world_size, "batch_size": batch_size,
+                                              "grad_accum": grad_accum, "num_params": raw_model.num_params()})
+        wandb_id = tracker.id
     if cfg.hellaswag_every:
         import hellaswag
         try:
@@ -1165,7 +1278,8 @@ def train(cfg):
             raise UserError(f"{e}; fix --hellaswag_data or leave --hellaswag_every at 0") from None
         enc = enc or get_encoding()
 
-    def log(line):
+    def log(line, extra=None):
+        """One event for log.txt (<step> <kind> <value>), and for W&B with the extra numbers (None: not known)."""
         if rt.master:
             try:
                 with open(log_file, "a") as f:
@@ -1173,6 +1287,10 @@ def train(cfg):
             except OSError as e:
                 raise UserError(f"cannot append to {log_file} ({e.strerror}); free some disk space and "
                                 "continue with --resume auto") from None
+            if tracker is not None:
+                step, kind, value = line.split()
+                extra = {k: v for k, v in (extra or {}).items() if v is not None}
+                tracker.log({"step": int(step), WANDB_KEYS[kind]: float(value), **extra})
 
     peak = peak_flops(rt)
     tokens_flops = flops_per_token(config, cfg.seq_len)
@@ -1184,7 +1302,9 @@ def train(cfg):
         ckpt_path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
         if stop_for:
             if rt.master:
-                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg)
+                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg, wandb_id)
+                if cfg.keep_checkpoints:
+                    prune_checkpoints(cfg.log_dir, cfg.keep_checkpoints, step, last_good)
                 print(f"stopped by signal at step {step}; wrote {ckpt_path}; continue with --resume auto")
             if rt.ddp:  # no rank leaves before the checkpoint is written: torchrun stops all once one exits
                 dist.barrier()
@@ -1210,11 +1330,15 @@ def train(cfg):
                 print(f"sample {i}: {text!r}")
         if cfg.checkpoint_every and step > start_step and (step % cfg.checkpoint_every == 0 or last):
             if rt.master:
-                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg)
+                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg, wandb_id)
+                if cfg.keep_checkpoints:
+                    prune_checkpoints(cfg.log_dir, cfg.keep_checkpoints, step, last_good)
             new_ckpt = ckpt_path
         if last:
             if rt.ddp:  # leave together: a rank that tears down the group while others still use it can abort
                 dist.barrier()
+            if tracker is not None:
+                tracker.finish()
             break
 
         t0 = time.perf_counter()
@@ -1232,11 +1356,16 @@ def train(cfg):
         if not math.isfinite(loss_val):
             raise UserError(f"the loss is {loss_val} at step {step}; stopping. Last good checkpoint: "
                             f"{last_good or 'none'}; resume from it with a lower --max_lr")
-        last_good = new_ckpt or last_good  # its weights just gave a finite loss
-        log(f"{step} train {loss_val:.6f}")
+        if new_ckpt and new_ckpt != last_good:  # its weights just gave a finite loss
+            last_good = new_ckpt
+            if rt.master and cfg.keep_checkpoints:  # the one it replaces as last good may go now
+                prune_checkpoints(cfg.log_dir, cfg.keep_checkpoints, step, last_good)
+        tok_s = cfg.total_batch_size / dt
+        mfu = 100 * tok_s * tokens_flops / (peak * rt.world_size) if peak else None  # percent
+        log(f"{step} train {loss_val:.6f}", {"train/lr": lr, "train/grad_norm": norm.item(), "train/tok_per_s": tok_s,
+                                             "train/mfu": mfu})
         if rt.master:
-            tok_s = cfg.total_batch_size / dt
-            mfu = f"{100 * tok_s * tokens_flops / (peak * rt.world_size):.1f}%" if peak else "n/a"
+            mfu = f"{mfu:.1f}%" if mfu is not None else "n/a"
             print(f"step {step:5d} | loss {loss_val:.6f} | lr {lr:.4e} | norm {norm.item():.4f} | "
                   f"{1000 * dt:.1f} ms | {tok_s:,.0f} tok/s | MFU {mfu}")
 

@@ -32,3 +32,19 @@ def small_text(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "small.txt"
     path.write_text((ROOT / "input.txt").read_text()[:60000])
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """A shard directory (fineweb.py's layout) of Tiny Shakespeare: one val shard and three train shards of a
+    few hundred tokens, so that a few training steps go through several epochs."""
+    import numpy as np
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    text = (ROOT / "input.txt").read_text()
+    d = tmp_path_factory.mktemp("shards")
+    pieces = [("val", text[:20000]), ("train", text[20000:21200]), ("train", text[21200:22000]),
+              ("train", text[22000:23000])]
+    for i, (split, chunk) in enumerate(pieces):
+        np.save(d / f"edufineweb_{split}_{i:06d}.npy", np.array(enc.encode_ordinary(chunk), dtype=np.uint16))
+    return d

@@ -3,6 +3,7 @@ one GPU). Each test runs the real CUDA path of a promise the CPU suite checks: c
 samples and checkpoints; fp16 with a GradScaler and resume; --batch_size auto followed by real steps; the KV cache;
 batched HellaSwag; NCCL under torchrun with SIGTERM and resume. On GPUs results are equal up to floating-point
 non-determinism (atomic adds in some backward kernels), not bit for bit."""
+import os
 import signal
 import subprocess
 import sys
@@ -84,13 +85,17 @@ def test_nccl_torchrun_sigterm_then_resume(small_text, tmp_path):
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train_gpt2.py",
             "--data", str(small_text), "--log_dir", str(tmp_path), *SMALL, "--max_steps", "30", "--eval_every", "0",
             "--sample_every", "0", "--checkpoint_every", "30"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each step line as it happens, not at exit
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
     for line in proc.stdout:
+        seen.append(line)
         if "step     3 | loss" in line:
             proc.send_signal(signal.SIGTERM)
             break
-    out, err = proc.communicate(timeout=300)
-    assert "stopped by signal" in out, err
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert "stopped by signal" in out, out
+    err = out
     assert list(tmp_path.glob("model_*.pt")), err
     resumed = subprocess.run(args + ["--resume", "auto"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

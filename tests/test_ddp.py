@@ -93,3 +93,18 @@ def test_every_rank_stops_for_the_same_signal(tmp_path, signals, agreed):
     out = torchrun(2, script, ROOT, *signals)
     assert out.returncode == 0, out.stderr
     assert f"rank 0 stops for {agreed}" in out.stdout and f"rank 1 stops for {agreed}" in out.stdout
+
+
+def test_two_ranks_read_the_shuffled_shards_one_process_reads(tiny_shards, tmp_path):
+    logs = {}
+    for n in (1, 2):
+        args = ["train_gpt2.py", "--data", tiny_shards, "--log_dir", tmp_path / str(n), *ARGS, "--hellaswag_every", "0",
+                "--max_steps", "5", "--checkpoint_every", "5"]
+        out = run_cli(*args) if n == 1 else torchrun(2, *args)
+        assert out.returncode == 0, out.stderr
+        logs[n] = read_log(tmp_path / str(n) / "log.txt")
+    loader = torch.load(tmp_path / "2" / "model_00005.pt", weights_only=True)["loader"]
+    assert loader["shuffle"] == 1 and loader["epoch"] >= 1  # shuffled by default, across an epoch boundary
+    diff = max_diff(logs[1], logs[2])
+    print(f"max |diff| over {len(logs[1])} logged losses on shuffled shards, 1 process vs 2 ranks: {diff:.2e}")
+    assert diff < 1e-4

@@ -58,10 +58,10 @@ def test_log_format_and_checkpoints(reference):
     assert last < first  # it learns
 
 
-def run_until(args, pattern, sig, cwd=ROOT):
+def run_until(args, pattern, sig, cwd=ROOT, env=None):
     """Starts training, waits until stdout prints a line containing pattern, then sends sig.
     Returns (exit code, stdout so far)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     seen = []
@@ -257,6 +257,9 @@ BAD = {  # name: (extra args replacing defaults, words the one-line message must
     "empty prompt": (["--sample_every", "1", "--prompt", ""], "--prompt is empty"),
     "fresh run beside checkpoints": (["--log_dir", "{d}/other_shape"], "already holds checkpoints"),
     "not a GPT-2 directory": (["--init_from", "{d}/int32"], "no config.json"),
+    "negative keep_checkpoints": (["--keep_checkpoints", "-1"], "--keep_checkpoints"),
+    "shuffle not 0/1": (["--shuffle", "2"], "--shuffle must be 0 or 1"),
+    "negative seed to shuffle": (["--shuffle", "1", "--seed", "-3"], "--seed must not be negative"),
 }
 
 
@@ -472,3 +475,96 @@ def test_disk_full_while_checkpointing(reference, small_text, small_disk):
     assert "could not write" in out.stderr and "model_00004.pt" in out.stderr and "disk space" in out.stderr
     assert sorted(p.name for p in small_disk.iterdir()) == ["log.txt", "model_00002.pt"]  # no half file left
     assert_same_weights(weights(reference / "model_00002.pt"), weights(small_disk / "model_00002.pt"))
+
+
+KILL_AT_DELETE = """
+import os, signal, sys, train_gpt2
+when = sys.argv.pop(1)  # "before" or "after" the first checkpoint deletion
+real_remove = os.remove
+def remove_then_die(path):
+    if os.path.basename(path).startswith("model_"):
+        print("deleting", os.path.basename(path), sorted(os.listdir(os.path.dirname(path))), file=sys.stderr, flush=True)
+        if when == "after":
+            real_remove(path)
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_remove(path)
+os.remove = remove_then_die
+train_gpt2.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_keep_checkpoints_sigkill_around_a_deletion_then_resume(reference, small_text, tmp_path, when):
+    log_dir = tmp_path / "run"
+    out = run_cli("-c", KILL_AT_DELETE, when, *train_args(small_text, log_dir, "--keep_checkpoints", "1")[1:])
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    # the first deletion is model_00002.pt, once model_00004.pt is whole and its weights trained a finite step
+    assert "deleting model_00002.pt ['log.txt', 'model_00002.pt', 'model_00004.pt']" in out.stderr
+    assert_same_weights(weights(reference / "model_00004.pt"), weights(log_dir / "model_00004.pt"))
+    out = run_cli(*train_args(small_text, log_dir, "--resume", "auto", "--keep_checkpoints", "1"))
+    assert out.returncode == 0, out.stderr
+    assert_same_weights(weights(reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
+    assert (log_dir / "log.txt").read_text() == (reference / "log.txt").read_text()
+    # the newest, and the one before it until the newest has trained a step (none after the last step)
+    assert sorted(p.name for p in log_dir.glob("model_*")) == ["model_00006.pt", "model_00008.pt"]
+
+
+def test_keep_checkpoints_spares_the_resumed_one_until_a_newer_one_trained(reference, small_text, tmp_path):
+    log_dir = tmp_path / "run"
+    log_dir.mkdir()
+    shutil.copy(reference / "model_00004.pt", log_dir)
+    data = (reference / "model_00008.pt").read_bytes()
+    (log_dir / "model_00008.pt").write_bytes(data[: len(data) // 2])  # a crash left a later, truncated one
+    (log_dir / "log.txt").write_text((reference / "log.txt").read_text())
+    args = train_args(small_text, log_dir, "--resume", "auto", "--keep_checkpoints", "1")
+    out = run_cli("-c", KILL_AT_DELETE, "before", *args[1:])
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    # the resumed model_00004.pt goes only once model_00006.pt is whole and trained a finite step; the
+    # truncated model_00008.pt (a later step) neither counts as newer nor gets deleted
+    assert "deleting model_00004.pt ['log.txt', 'model_00004.pt', 'model_00006.pt', 'model_00008.pt']" in out.stderr
+    assert_same_weights(weights(reference / "model_00006.pt"), weights(log_dir / "model_00006.pt"))
+    out = run_cli(*args)
+    assert out.returncode == 0, out.stderr
+    assert "resumed at step 6" in out.stdout
+    assert_same_weights(weights(reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
+    assert sorted(p.name for p in log_dir.glob("model_*")) == ["model_00006.pt", "model_00008.pt"]
+
+
+@pytest.fixture(scope="module")
+def shuffled_reference(tiny_shards, tmp_path_factory):
+    """An uninterrupted run on a shard directory: shuffled by default, through several epochs."""
+    log_dir = tmp_path_factory.mktemp("shuffled")
+    out = run_cli(*train_args(tiny_shards, log_dir))
+    assert out.returncode == 0, out.stderr
+    return log_dir
+
+
+def test_shuffled_shards_sigkill_then_resume_is_bit_identical(shuffled_reference, tiny_shards, tmp_path):
+    loader = torch.load(shuffled_reference / "model_00008.pt", weights_only=True)["loader"]
+    assert loader["shuffle"] == 1 and loader["epoch"] >= 1  # the default for shards, past an epoch boundary
+    log_dir = tmp_path / "run"
+    rc, _, _ = run_until(train_args(tiny_shards, log_dir), "step     5 | loss", signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    out = run_cli(*train_args(tiny_shards, log_dir, "--resume", "auto"))
+    assert out.returncode == 0, out.stderr
+    assert "resumed at step 4" in out.stdout or "resumed at step 6" in out.stdout
+    assert_same_weights(weights(shuffled_reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
+    assert (log_dir / "log.txt").read_text() == (shuffled_reference / "log.txt").read_text()
+
+
+def test_checkpoint_from_before_shuffle_resumes_in_file_order(reference, small_text, tmp_path):
+    log_dir = tmp_path / "run"
+    log_dir.mkdir()
+    ckpt = torch.load(reference / "model_00004.pt", weights_only=True)
+    ckpt["loader"] = {"shard": ckpt["loader"]["shard"], "pos": ckpt["loader"]["pos"]}  # the old layout
+    torch.save(ckpt, log_dir / "model_00004.pt")
+    out = run_cli(*train_args(small_text, log_dir, "--resume", "auto"))
+    assert out.returncode == 0, out.stderr
+    assert_same_weights(weights(reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
+
+
+def test_resume_refuses_another_data_order(reference, small_text, tmp_path):
+    out = run_cli(*train_args(small_text, tmp_path / "log", "--resume", reference / "model_00004.pt", "--shuffle", "1"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip() == f"error: {reference / 'model_00004.pt'} was trained with --shuffle 0; resume " \
+                                 "with --shuffle 0 or without the flag"
