@@ -224,7 +224,7 @@ def accuracies(counts):
 # command line
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="HellaSwag accuracy of a GPT-2 (see the module docstring).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, default=argparse.SUPPRESS,
@@ -238,7 +238,11 @@ def main(argv=None):
                    "but a few examples may flip")
     p.add_argument("--batch_size", type=int, default=16,
                    help="examples per forward (x4 rows, one per ending): faster until memory runs out")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     import tiktoken
     import train_gpt2  # here, not at the top: train_gpt2 imports this module too

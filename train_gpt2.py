@@ -330,10 +330,9 @@ def ours_to_hf(sd, config):
 def load_optimizer_state(optimizer, state, device_type):
     """AdamW's saved state, with this device's options: load_state_dict restores the saved param groups' own
     `fused` flag, so a CPU checkpoint would resume unfused on CUDA (and a CUDA one ask for fused on CPU)."""
-    fused = [group["fused"] for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, f in zip(optimizer.param_groups, fused):
-        group["fused"] = f
+    # before loading: load_state_dict also moves AdamW's step counters by the saved groups' flag
+    groups = [{**saved, "fused": group["fused"]} for saved, group in zip(state["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 def configure_optimizer(model, lr, weight_decay, device_type):
@@ -611,7 +610,8 @@ GPU_PEAK_TFLOPS = {
     "A100 80GB PCIe": (312, 156), "A10": (125, 62.5), "L40S": (362, 183), "L40": (181, 90.5), "L4": (121, 60),
     "RTX 4090": (165, 82.6), "RTX 3090": (71, 35.6),
     "V100-SXM2-16GB": (125, 15.7), "V100-SXM2-32GB": (125, 15.7), "V100-PCIE-16GB": (112, 14),
-    "V100-PCIE-32GB": (112, 14), "T4": (65, 8.1), "GTX 960": (2.4, 2.4),  # fp16 without tensor cores or no bf16
+    "V100-PCIE-32GB": (112, 14), "T4": (65, 8.1),  # Volta and Turing: fp16 tensor cores, no bf16
+    "GTX 960": (2.4, 2.4),  # Maxwell: no tensor cores, fp16 at the fp32 rate
 }
 
 
@@ -676,6 +676,8 @@ def cuda_arch_supported(capability, arch_list):
     """Does this PyTorch build carry kernels for a GPU of this compute capability? Code built for sm_XY runs on
     X.y for y >= Y (same major version); PTX for compute_XY is compiled by the driver for any capability >= X.Y
     (NVIDIA's CUDA C++ Programming Guide, "Binary Compatibility" and "PTX Compatibility")."""
+    if not any(a.startswith(("sm_", "compute_")) for a in arch_list):
+        return True  # a ROCm build lists gfx targets: AMD GPUs are not judged here
     for arch in arch_list:
         kind, _, number = arch.partition("_")
         if number.isdigit():  # "sm_90a" and the like are tied to one chip: the plain "sm_90" is listed beside
@@ -688,7 +690,9 @@ def cuda_arch_supported(capability, arch_list):
 
 def setup_runtime(device="auto", dtype="auto", check=None, dist_timeout=60):
     """The one place that reads the environment: rank and world size from torchrun, the device, the dtype.
-    check(world_size), if given, validates the flags before any device or process-group setup."""
+    check(world_size), if given, validates the flags before any device or process-group setup. It sets
+    process-wide state, as a training program should: deterministic algorithms and the thread count on CPU,
+    TF32 matmuls for fp32 on CUDA, the current GPU, the process group."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # set by torchrun
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -714,12 +718,14 @@ def setup_runtime(device="auto", dtype="auto", check=None, dist_timeout=60):
                             f"--nproc_per_node={torch.cuda.device_count()} or fewer")
         device = f"cuda:{local_rank}"
         name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
-        if not cuda_arch_supported(capability, torch.cuda.get_arch_list()):
+        arch_list = torch.cuda.get_arch_list()
+        if not cuda_arch_supported(capability, arch_list):
             # e.g. a GTX 960 (Maxwell, 5.2) with a CUDA 12.8+ build: it would die at the first kernel
+            fix = ("a newer PyTorch built for a newer CUDA (pip install -U torch)" if capability >= (7, 5) else
+                   "a build for CUDA 12.6, the last with Maxwell, Pascal and Volta: pip install 'torch<2.15' "
+                   "--index-url https://download.pytorch.org/whl/cu126 (see README)")
             raise UserError(f"this PyTorch build has no kernels for the {name} (compute capability "
-                            f"{capability[0]}.{capability[1]}; it has {' '.join(torch.cuda.get_arch_list())}); "
-                            "install a build for CUDA 12.6, the last with Maxwell, Pascal and Volta: pip install "
-                            "'torch<2.15' --index-url https://download.pytorch.org/whl/cu126 (see README), or use "
+                            f"{capability[0]}.{capability[1]}; it has {' '.join(arch_list)}); install {fix}, or use "
                             "--device cpu")
         torch.cuda.set_device(device)
     bf16_ok = (torch.cuda.is_bf16_supported(including_emulation=False) if device_type == "cuda"
@@ -1015,7 +1021,8 @@ def use_compile(flag, rt):
         raise UserError(f"--compile on needs a GPU of compute capability {TRITON_MIN_CAPABILITY[0]}.0 or newer "
                         f"(Triton); the {torch.cuda.get_device_name(rt.device)} is older: use --compile off or auto")
     if old_gpu and flag == "auto":
-        print(f"compile: off: the {torch.cuda.get_device_name(rt.device)} is older than compute capability "
+        print_once = print if rt.master else (lambda *a: None)
+        print_once(f"compile: off: the {torch.cuda.get_device_name(rt.device)} is older than compute capability "
               f"{TRITON_MIN_CAPABILITY[0]}.0, which Triton (torch.compile on GPUs) needs; training runs eagerly")
         return False
     return flag == "on" or (flag == "auto" and rt.device_type in ("cuda", "cpu"))
@@ -1131,6 +1138,11 @@ def check_config(cfg, world_size):
             raise UserError(f"unknown --{name} {getattr(cfg, name)}; use {', '.join(choices)}")
     if cfg.resume and cfg.init_from:
         raise UserError("--resume and --init_from exclude each other: resume continues a run, init_from starts one")
+    if not os.path.exists(cfg.data):
+        raise UserError(f"--data {cfg.data} does not exist; give a text file or a directory of .npy shards")
+    if cfg.hellaswag_every and cfg.hellaswag_data and not os.path.isfile(cfg.hellaswag_data):
+        raise UserError(f"HellaSwag file {cfg.hellaswag_data} does not exist; fix --hellaswag_data or leave "
+                        "--hellaswag_every at 0")
     if not cfg.resume and not cfg.init_from:
         model_config(cfg)  # the shape flags (a resumed or fine-tuned model's shape is checked once it is read)
     grad_accum_steps(cfg.total_batch_size, None if cfg.batch_size == "auto" else int(cfg.batch_size), cfg.seq_len,
@@ -1346,7 +1358,7 @@ def train(cfg):
         try:
             loss_accum, norm = train_step(model, optimizer, scaler, train_loader, grad_accum, lr, cfg.grad_clip, rt)
         except torch.OutOfMemoryError:
-            smaller = f"--batch_size {batch_size // 2}, " if batch_size > 1 else ""
+            smaller = next((f"--batch_size {b}, " for b in range(batch_size - 1, 0, -1) if max_batch % b == 0), "")
             raise UserError(f"out of memory on {rt.device} at step {step} with --batch_size {batch_size} and "
                             f"--seq_len {cfg.seq_len}; use {smaller}--grad_checkpoint 1 or a smaller --seq_len "
                             "(gradient accumulation keeps --total_batch_size)") from None

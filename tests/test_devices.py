@@ -23,6 +23,7 @@ GPUS = {  # as torch.cuda.get_device_name() and get_device_capability() report t
     "H100": ("NVIDIA H100 80GB HBM3", (9, 0), 80 * GiB),
     "H100 MIG": ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", (9, 0), 10 * GiB),
     "unknown": ("NVIDIA Future GPU 9000", (12, 0), 96 * GiB),
+    "RTX 5090": ("NVIDIA GeForce RTX 5090", (12, 0), 32 * GiB),
 }
 
 
@@ -50,6 +51,13 @@ def test_gtx_960_with_a_build_without_its_kernels_stops_with_the_fix(fake_cuda):
     assert "GTX 960" in msg and "5.2" in msg and "cu126" in msg and "--device cpu" in msg and "\n" not in msg
 
 
+def test_a_gpu_newer_than_the_build_is_told_to_upgrade(fake_cuda):
+    fake_cuda("RTX 5090", CU126)
+    with pytest.raises(tg.UserError, match="pip install -U torch") as e:
+        tg.setup_runtime()
+    assert "cu126" not in str(e.value)
+
+
 @pytest.mark.parametrize("gpu, arch_list", [("GTX 960", CU126), ("V100", CU126)])
 def test_old_gpus_run_on_a_build_that_has_their_kernels(fake_cuda, gpu, arch_list):
     fake_cuda(gpu, arch_list)
@@ -69,6 +77,9 @@ def test_ptx_of_an_older_architecture_runs_on_a_newer_gpu():
     assert tg.cuda_arch_supported((8, 6), ["sm_80"])  # sm_80 code runs on 8.6
     assert not tg.cuda_arch_supported((8, 0), ["sm_86"])
     assert not tg.cuda_arch_supported((5, 2), ["sm_60", "compute_60"])
+    assert tg.cuda_arch_supported((9, 0), ["sm_80", "sm_90", "sm_90a", "sm_100", "sm_120"])
+    assert tg.cuda_arch_supported((12, 0), ["sm_90", "sm_100", "sm_120", "compute_120"])
+    assert tg.cuda_arch_supported((9, 4), ["gfx90a", "gfx942"])  # a ROCm build: not judged by CUDA's rules
 
 
 def test_compile_auto_is_eager_before_volta_and_on_is_an_error(fake_cuda, capsys):
