@@ -54,7 +54,7 @@ class GPTConfig:
     def padded_vocab_size(self):
         # Why: 50257 is an awkward number for matmul kernels; rounding the embedding table up to a
         # multiple of 128 (50304 for GPT-2) makes lm_head measurably faster. The extra rows are never
-        # targets, and forward() masks their logits to -inf, so they can never win.
+        # targets, and their logits are masked to -inf (head(), ChunkedCrossEntropy), so they never win.
         return (self.vocab_size + 127) // 128 * 128
 
 
@@ -184,6 +184,45 @@ class KVCache:
         return k, v
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight.T against targets, over the first vocab_size columns:
+    F.cross_entropy((x @ weight.T)[:, :vocab_size].float(), targets), never holding all the logits.
+
+    Why: the (N, 50304) logits are the largest tensors of training: the plain way keeps them, in 16 and
+    32 bits, until backward, and then writes their gradient too. Here forward takes `rows` rows at a
+    time and computes the block's loss and, at once, its share of the gradients of x and weight; so no
+    logits outlive their block, and backward only scales the gradients by the incoming one
+    (1/grad_accum, the fp16 loss scale). The same matmuls and casts as the plain way, no recomputation.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size, rows):  # x (N, C), weight (V, C), targets (N,)
+        cols = torch.arange(weight.size(0), device=x.device)  # (V,)
+        loss = torch.zeros((), device=x.device)
+        grad_x, grad_w = torch.empty_like(x), torch.zeros_like(weight)  # (N, C), (V, C)
+        for i in range(0, x.size(0), rows):
+            xi, yi = x[i: i + rows], targets[i: i + rows, None]  # (n, C), (n, 1)
+            logits = xi @ weight.t()  # (n, V), bf16 under autocast, as the plain head
+            z = logits.float().masked_fill(cols >= vocab_size, float("-inf"))  # padding rows never count
+            lse = z.logsumexp(dim=1, keepdim=True)  # (n, 1)
+            loss = loss + (lse - z.gather(1, yi)).sum()
+            # d(loss of a row)/d(its logits) = softmax - one_hot(target): masking, exp and one-hot fuse
+            # into one pass when compiled. Not yet divided by N: in fp16, p / N would underflow to 0
+            # where the plain way multiplies by the loss scale first.
+            p = (z - lse).exp()  # (n, V)
+            g = torch.where(cols == yi, p - 1, p).to(logits.dtype)  # (n, V)
+            grad_x[i: i + rows] = g @ weight  # (n, C)
+            grad_w += g.t() @ xi  # (V, C)
+        ctx.save_for_backward(grad_x, grad_w)
+        return loss / x.size(0)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        scale = grad_loss / grad_x.size(0)  # the mean's 1/N times 1/grad_accum (and the fp16 loss scale)
+        return grad_x * scale, grad_w * scale, None, None, None
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -199,6 +238,7 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         self.grad_checkpoint = False  # set by training to trade compute for memory
+        self.loss_rows = 2048  # rows per block of the loss (ChunkedCrossEntropy); see bench/bench_train.py
 
     def _init_weights(self, module):
         # GPT-2 init: N(0, 0.02), biases zero; each residual projection scaled by 1/sqrt(2 * n_layer)
@@ -212,11 +252,14 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None, cache=None):
-        logits = self.head(self.features(idx, cache))  # (B, T, padded_vocab)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
+        """(logits (B, T, padded_vocab), None) without targets; (None, mean loss) with targets: the loss
+        never builds the whole logits (see ChunkedCrossEntropy)."""
+        x = self.features(idx, cache)  # (B, T, C)
+        if targets is None:
+            return self.head(x), None
+        loss = ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                         self.config.vocab_size, self.loss_rows)
+        return None, loss
 
     def features(self, idx, cache=None):
         """The final hidden states (B, T, C): everything but the output projection."""
@@ -236,7 +279,7 @@ class GPT(nn.Module):
     def head(self, x):
         """Hidden states (..., C) -> logits (..., padded_vocab). Scoring only some positions (HellaSwag's
         ending tokens) can call it on just those, saving most of the largest matmul."""
-        logits = self.lm_head(x)
+        logits = self.lm_head(x)  # (..., padded_vocab)
         if self.config.padded_vocab_size > self.config.vocab_size:
             logits[..., self.config.vocab_size:] = float("-inf")  # padding rows are never a token
         return logits
@@ -325,8 +368,9 @@ def configure_optimizer(model, lr, weight_decay, device_type):
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    # The fused kernel updates all parameters in one launch on CUDA; elsewhere use the default.
-    fused = device_type == "cuda"
+    # The fused kernel updates each parameter in one pass instead of one pass per operation: one launch
+    # on CUDA; on the 2-core CPU 10x faster than the default for 124M (bench/bench_train.py). MPS: default.
+    fused = device_type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
@@ -484,12 +528,12 @@ def pick_batch_size(max_batch, fits):
 def activation_bytes_per_token(config, dtype, grad_checkpoint=False):
     """Rough training memory per token beyond weights and optimizer: 34*E bytes per layer in 16-bit with
     flash attention (Korthikanti et al. 2022, "Reducing Activation Recomputation", section 4), double in fp32;
-    with checkpointing only each block's input (2*E) plus one block's activations; and the logits (16-bit
-    logits, their fp32 copy for the loss and its gradient)."""
+    with checkpointing only each block's input (2*E) plus one block's activations; and the loss's fp32
+    gradient of the final hidden states (4*E). The logits are not kept per token: see batch_fits."""
     scale = 1 if dtype in ("bf16", "fp16") else 2
     per_layer = 34 * config.n_embd * scale
     layers = config.n_layer * 2 * config.n_embd * scale + per_layer if grad_checkpoint else config.n_layer * per_layer
-    return layers + config.padded_vocab_size * 10 * scale
+    return layers + 4 * config.n_embd
 
 
 def batch_fits(model, b, seq_len, rt, grad_checkpoint):
@@ -517,6 +561,8 @@ def batch_fits(model, b, seq_len, rt, grad_checkpoint):
         free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
     free //= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     need = 16 * n_params + b * seq_len * activation_bytes_per_token(model.config, rt.dtype, grad_checkpoint)
+    # one block of the loss at a time (ChunkedCrossEntropy): its logits, fp32 softmax and gradient, ~16 bytes each
+    need += min(b * seq_len, model.loss_rows) * model.config.padded_vocab_size * 16
     return need < 0.6 * free
 
 
