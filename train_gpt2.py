@@ -95,6 +95,8 @@ class TrainConfig:
     weight_decay: float = arg(0.1, "AdamW weight decay on 2-D tensors")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = no clipping)")
     grad_checkpoint: int = arg(0, "1: recompute each block's activations in backward (less memory, ~30%% slower)")
+    dropout: float = arg(0.0, "dropout on the embeddings, attention weights and residual branches (GPT-2's own "
+                         "config used 0.1; 0 for pretraining on plenty of data)")
     # machine
     device: str = arg("auto", "auto, cpu, cuda or mps")
     dtype: str = arg("auto", "auto (bf16 where supported, fp16 on older GPUs, else fp32), bf16, fp16 or fp32")
@@ -116,6 +118,11 @@ class TrainConfig:
 # model
 
 
+def maybe_dropout(x, p):
+    # Why not F.dropout(x, 0): skipping it keeps dropout-0 runs exactly what they were without dropout
+    return F.dropout(x, p) if p > 0 else x
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -125,7 +132,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_PROJ = True  # scaled at init, see GPT._init_weights
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, dropout=0.0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
@@ -134,9 +141,10 @@ class CausalSelfAttention(nn.Module):
         # A query attends to itself and the past. With a cache and one new token the whole past is
         # visible, so no mask is needed; with no cache the usual causal mask applies.
         assert cache is None or T == 1 or k.size(2) == T, "a cached forward takes one token at a time"
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=(k.size(2) == T and T > 1))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout,
+                                           is_causal=(k.size(2) == T and T > 1))  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
-        return self.c_proj(y)
+        return maybe_dropout(self.c_proj(y), dropout)
 
 
 class MLP(nn.Module):
@@ -147,8 +155,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_PROJ = True
 
-    def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))
+    def forward(self, x, dropout=0.0):
+        return maybe_dropout(self.c_proj(self.gelu(self.c_fc(x))), dropout)
 
 
 class Block(nn.Module):
@@ -159,10 +167,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, dropout=0.0):
         # pre-LayerNorm: the residual stream x itself is never normalized, only what branches off it
-        x = x + self.attn(self.ln_1(x), cache)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.attn(self.ln_1(x), cache, dropout)
+        return x + self.mlp(self.ln_2(x), dropout)
 
 
 class KVCache:
@@ -238,6 +246,7 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         self.grad_checkpoint = False  # set by training to trade compute for memory
+        self.dropout = 0.0  # set by training; only in train() mode
         self.loss_rows = 2048  # rows per block of the loss (ChunkedCrossEntropy); see bench/bench_train.py
 
     def _init_weights(self, module):
@@ -267,13 +276,15 @@ class GPT(nn.Module):
         start = len(cache) if cache is not None else 0
         assert start + T <= self.config.block_size, f"sequence of {start + T} > block_size {self.config.block_size}"
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        p = self.dropout if self.training else 0.0
+        x = maybe_dropout(self.transformer.wte(idx) + self.transformer.wpe(pos), p)  # (B, T, C)
         for block in self.transformer.h:
             if self.grad_checkpoint and self.training and cache is None:
-                # keep only the block's input; backward runs the block again to get what it needs
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                # keep only the block's input; backward runs the block again (same dropout masks: the
+                # checkpoint restores the random state) to get what it needs
+                x = torch.utils.checkpoint.checkpoint(block, x, None, p, use_reentrant=False)
             else:
-                x = block(x, cache)
+                x = block(x, cache, p)
         return self.transformer.ln_f(x)
 
     def head(self, x):
@@ -936,6 +947,8 @@ def train(cfg):
     for name in ("seq_len", "total_batch_size", "max_steps", "val_tokens", "max_lr"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}; GPT-2 used 0.1")
     for name in ("warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "eval_every", "sample_every",
                  "hellaswag_every", "checkpoint_every", "hellaswag_limit"):
         if getattr(cfg, name) < 0:
@@ -972,6 +985,7 @@ def train(cfg):
     model = init_model or GPT(config)
     model.to(rt.device)
     model.grad_checkpoint = bool(cfg.grad_checkpoint)
+    model.dropout = cfg.dropout
     batch_size = (pick_batch_size(max_batch, lambda b: batch_fits(model, b, cfg.seq_len, rt, cfg.grad_checkpoint))
                   if cfg.batch_size == "auto" else int(cfg.batch_size))
     if rt.ddp and cfg.batch_size == "auto":  # every rank must use the same: the smallest that fits everywhere

@@ -343,3 +343,25 @@ def test_activation_memory_estimate_matches_the_measured_growth():
     per_token = (saved_bytes(4) - saved_bytes(2)) / (2 * 256)
     estimate = tg.activation_bytes_per_token(config, "bf16")
     assert 0.5 * estimate < per_token < 1.5 * estimate, (per_token, estimate)
+
+
+def test_dropout_is_off_by_default_and_active_only_in_training():
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=32, vocab_size=200, n_layer=2, n_head=2, n_embd=32))
+    idx = torch.randint(0, 200, (2, 32))
+    rng = torch.get_rng_state()
+    plain = model(idx, idx)[1]
+    assert torch.equal(rng, torch.get_rng_state())  # dropout 0 draws no random numbers
+    model.dropout = 0.1
+    dropped = [model(idx, idx)[1] for _ in range(2)]
+    assert dropped[0] != plain and dropped[0] != dropped[1]
+    model.eval()
+    assert torch.equal(model(idx)[0], tg.GPT.head(model, model.features(idx)))
+    model.train()
+    model.grad_checkpoint = True  # the recomputed blocks see the same masks: the loss is the same
+    torch.manual_seed(1)
+    a = model(idx, idx)[1]
+    a.backward()
+    torch.manual_seed(1)
+    model.grad_checkpoint = False
+    assert model(idx, idx)[1] == a
