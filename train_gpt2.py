@@ -55,7 +55,7 @@ class GPTConfig:
     def padded_vocab_size(self):
         # Why: 50257 is an awkward number for matmul kernels; rounding the embedding table up to a
         # multiple of 128 (50304 for GPT-2) makes lm_head measurably faster. The extra rows are never
-        # targets, and forward() masks their logits to -inf, so they can never win.
+        # targets, and their logits are masked to -inf (head(), ChunkedCrossEntropy), so they never win.
         return (self.vocab_size + 127) // 128 * 128
 
 
@@ -97,6 +97,8 @@ class TrainConfig:
     weight_decay: float = arg(0.1, "AdamW weight decay on 2-D tensors")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = no clipping)")
     grad_checkpoint: int = arg(0, "1: recompute each block's activations in backward (less memory, ~30%% slower)")
+    dropout: float = arg(0.0, "dropout on the embeddings, attention weights and residual branches (GPT-2's own "
+                         "config used 0.1; 0 for pretraining on plenty of data)")
     # machine
     device: str = arg("auto", "auto, cpu, cuda or mps")
     dtype: str = arg("auto", "auto (bf16 where supported, fp16 on older GPUs, else fp32), bf16, fp16 or fp32")
@@ -127,6 +129,11 @@ class TrainConfig:
 # model
 
 
+def maybe_dropout(x, p):
+    # Why not F.dropout(x, 0): skipping it keeps dropout-0 runs exactly what they were without dropout
+    return F.dropout(x, p) if p > 0 else x
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -136,7 +143,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_PROJ = True  # scaled at init, see GPT._init_weights
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, dropout=0.0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
@@ -145,9 +152,10 @@ class CausalSelfAttention(nn.Module):
         # A query attends to itself and the past. With a cache and one new token the whole past is
         # visible, so no mask is needed; with no cache the usual causal mask applies.
         assert cache is None or T == 1 or k.size(2) == T, "a cached forward takes one token at a time"
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=(k.size(2) == T and T > 1))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout,
+                                           is_causal=(k.size(2) == T and T > 1))  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
-        return self.c_proj(y)
+        return maybe_dropout(self.c_proj(y), dropout)
 
 
 class MLP(nn.Module):
@@ -158,8 +166,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_PROJ = True
 
-    def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))
+    def forward(self, x, dropout=0.0):
+        return maybe_dropout(self.c_proj(self.gelu(self.c_fc(x))), dropout)
 
 
 class Block(nn.Module):
@@ -170,10 +178,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, dropout=0.0):
         # pre-LayerNorm: the residual stream x itself is never normalized, only what branches off it
-        x = x + self.attn(self.ln_1(x), cache)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.attn(self.ln_1(x), cache, dropout)
+        return x + self.mlp(self.ln_2(x), dropout)
 
 
 class KVCache:
@@ -195,6 +203,45 @@ class KVCache:
         return k, v
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight.T against targets, over the first vocab_size columns:
+    F.cross_entropy((x @ weight.T)[:, :vocab_size].float(), targets), never holding all the logits.
+
+    Why: the (N, 50304) logits are the largest tensors of training: the plain way keeps them, in 16 and
+    32 bits, until backward, and then writes their gradient too. Here forward takes `rows` rows at a
+    time and computes the block's loss and, at once, its share of the gradients of x and weight; so no
+    logits outlive their block, and backward only scales the gradients by the incoming one
+    (1/grad_accum, the fp16 loss scale). The same matmuls and casts as the plain way, no recomputation.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size, rows):  # x (N, C), weight (V, C), targets (N,)
+        cols = torch.arange(weight.size(0), device=x.device)  # (V,)
+        loss = torch.zeros((), device=x.device)
+        grad_x, grad_w = torch.empty_like(x), torch.zeros_like(weight)  # (N, C), (V, C)
+        for i in range(0, x.size(0), rows):
+            xi, yi = x[i: i + rows], targets[i: i + rows, None]  # (n, C), (n, 1)
+            logits = xi @ weight.t()  # (n, V), bf16 under autocast, as the plain head
+            z = logits.float().masked_fill(cols >= vocab_size, float("-inf"))  # padding rows never count
+            lse = z.logsumexp(dim=1, keepdim=True)  # (n, 1)
+            loss = loss + (lse - z.gather(1, yi)).sum()
+            # d(loss of a row)/d(its logits) = softmax - one_hot(target): masking, exp and one-hot fuse
+            # into one pass when compiled. Not yet divided by N: in fp16, p / N would underflow to 0
+            # where the plain way multiplies by the loss scale first.
+            p = (z - lse).exp()  # (n, V)
+            g = torch.where(cols == yi, p - 1, p).to(logits.dtype)  # (n, V)
+            grad_x[i: i + rows] = g @ weight  # (n, C)
+            grad_w += g.t() @ xi  # (V, C)
+        ctx.save_for_backward(grad_x, grad_w)
+        return loss / x.size(0)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        scale = grad_loss / grad_x.size(0)  # the mean's 1/N times 1/grad_accum (and the fp16 loss scale)
+        return grad_x * scale, grad_w * scale, None, None, None
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -210,6 +257,8 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         self.grad_checkpoint = False  # set by training to trade compute for memory
+        self.dropout = 0.0  # set by training; only in train() mode
+        self.loss_rows = 2048  # rows per block of the loss (ChunkedCrossEntropy); see bench/bench_train.py
 
     def _init_weights(self, module):
         # GPT-2 init: N(0, 0.02), biases zero; each residual projection scaled by 1/sqrt(2 * n_layer)
@@ -223,11 +272,14 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None, cache=None):
-        logits = self.head(self.features(idx, cache))  # (B, T, padded_vocab)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
+        """(logits (B, T, padded_vocab), None) without targets; (None, mean loss) with targets: the loss
+        never builds the whole logits (see ChunkedCrossEntropy)."""
+        x = self.features(idx, cache)  # (B, T, C)
+        if targets is None:
+            return self.head(x), None
+        loss = ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                         self.config.vocab_size, self.loss_rows)
+        return None, loss
 
     def features(self, idx, cache=None):
         """The final hidden states (B, T, C): everything but the output projection."""
@@ -235,19 +287,21 @@ class GPT(nn.Module):
         start = len(cache) if cache is not None else 0
         assert start + T <= self.config.block_size, f"sequence of {start + T} > block_size {self.config.block_size}"
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        p = self.dropout if self.training else 0.0
+        x = maybe_dropout(self.transformer.wte(idx) + self.transformer.wpe(pos), p)  # (B, T, C)
         for block in self.transformer.h:
             if self.grad_checkpoint and self.training and cache is None:
-                # keep only the block's input; backward runs the block again to get what it needs
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                # keep only the block's input; backward runs the block again (same dropout masks: the
+                # checkpoint restores the random state) to get what it needs
+                x = torch.utils.checkpoint.checkpoint(block, x, None, p, use_reentrant=False)
             else:
-                x = block(x, cache)
+                x = block(x, cache, p)
         return self.transformer.ln_f(x)
 
     def head(self, x):
         """Hidden states (..., C) -> logits (..., padded_vocab). Scoring only some positions (HellaSwag's
         ending tokens) can call it on just those, saving most of the largest matmul."""
-        logits = self.lm_head(x)
+        logits = self.lm_head(x)  # (..., padded_vocab)
         if self.config.padded_vocab_size > self.config.vocab_size:
             logits[..., self.config.vocab_size:] = float("-inf")  # padding rows are never a token
         return logits
@@ -344,8 +398,9 @@ def configure_optimizer(model, lr, weight_decay, device_type):
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    # The fused kernel updates all parameters in one launch on CUDA; elsewhere use the default.
-    fused = device_type == "cuda"
+    # The fused kernel updates each parameter in one pass instead of one pass per operation: one launch
+    # on CUDA; on the 2-core CPU 10x faster than the default for 124M (bench/bench_train.py). MPS: default.
+    fused = device_type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
@@ -544,12 +599,12 @@ def pick_batch_size(max_batch, fits):
 def activation_bytes_per_token(config, dtype, grad_checkpoint=False):
     """Rough training memory per token beyond weights and optimizer: 34*E bytes per layer in 16-bit with
     flash attention (Korthikanti et al. 2022, "Reducing Activation Recomputation", section 4), double in fp32;
-    with checkpointing only each block's input (2*E) plus one block's activations; and the logits (16-bit
-    logits, their fp32 copy for the loss and its gradient)."""
+    with checkpointing only each block's input (2*E) plus one block's activations; and the loss's fp32
+    gradient of the final hidden states (4*E). The logits are not kept per token: see batch_fits."""
     scale = 1 if dtype in ("bf16", "fp16") else 2
     per_layer = 34 * config.n_embd * scale
     layers = config.n_layer * 2 * config.n_embd * scale + per_layer if grad_checkpoint else config.n_layer * per_layer
-    return layers + config.padded_vocab_size * 10 * scale
+    return layers + 4 * config.n_embd
 
 
 def batch_fits(model, b, seq_len, rt, grad_checkpoint):
@@ -580,6 +635,8 @@ def batch_fits(model, b, seq_len, rt, grad_checkpoint):
         free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
     free //= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     need = 16 * n_params + b * seq_len * activation_bytes_per_token(model.config, rt.dtype, grad_checkpoint)
+    # one block of the loss at a time (ChunkedCrossEntropy): its logits, fp32 softmax and gradient, ~16 bytes each
+    need += min(b * seq_len, model.loss_rows) * model.config.padded_vocab_size * 16
     return need < 0.6 * free
 
 
@@ -1129,6 +1186,8 @@ def check_config(cfg, world_size):
     for name in ("seq_len", "total_batch_size", "max_steps", "val_tokens", "max_lr", "dist_timeout"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}; GPT-2 used 0.1")
     for name in ("warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "eval_every", "sample_every",
                  "hellaswag_every", "checkpoint_every", "hellaswag_limit"):
         if getattr(cfg, name) < 0:
@@ -1212,6 +1271,7 @@ def train(cfg):
     model = init_model or GPT(config)
     model.to(rt.device)
     model.grad_checkpoint = bool(cfg.grad_checkpoint)
+    model.dropout = cfg.dropout
     batch_size = (pick_batch_size(max_batch, lambda b: batch_fits(model, b, cfg.seq_len, rt, cfg.grad_checkpoint))
                   if cfg.batch_size == "auto" else int(cfg.batch_size))
     if rt.ddp and cfg.batch_size == "auto":  # every rank must use the same: the smallest that fits everywhere

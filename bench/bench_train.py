@@ -1,9 +1,13 @@
 """
 Training and sampling speed: runs train_gpt2.py as a user would (no speed flags unless a row says so) and
 prints tokens/s, ms/step, MFU and peak memory per configuration, plus the KV-cache vs recompute ratio.
+Then, in this process, our training step against the reference one (full logits + F.cross_entropy, the
+default AdamW: what train_gpt2.py did before the chunked loss), steps interleaved, and the loss path's
+share of each step.
 
     python bench/bench_train.py                  # the CPU configurations of the README table
     python bench/bench_train.py --device cuda    # the same on a GPU, plus the 124M T=1024 recipe row
+    python bench/bench_train.py --only compare   # only the reference comparison
 
 A benchmark prints figures; it asserts nothing. Machines are noisy: compare ratios from one run.
 """
@@ -17,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -66,10 +71,83 @@ def kv_cache_ratio(device, new_tokens=256):
             f"recompute {times[False]:.1f} s, {times[False] / times[True]:.1f}x faster, identical tokens: {same}")
 
 
+def timed(fn, rt):
+    """Wall time of fn() in seconds, the device's queue drained."""
+    sync = torch.cuda.synchronize if rt.device_type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def compare_reference(device, name, shape, B, T, steps):
+    """Ours vs the reference step (plain head, full logits, F.cross_entropy, default AdamW), compiled, autocast,
+    one micro-batch per step, interleaved step by step so that both see the same machine load. Then the
+    loss path alone (hidden states -> loss, forward and backward): plain vs ChunkedCrossEntropy, and its
+    share of each step."""
+    rt = tg.setup_runtime(device, "auto")
+    torch.manual_seed(0)
+    config = tg.GPTConfig(**shape)
+    x = torch.randint(0, config.vocab_size, (B, T), device=rt.device)
+    y = torch.randint(0, config.vocab_size, (B, T), device=rt.device)
+    models = {}
+    for kind in ("reference", "ours"):
+        torch.manual_seed(1337)
+        model = tg.GPT(config).to(rt.device)
+        if kind == "ours":
+            opt = tg.configure_optimizer(model, 1e-4, 0.1, rt.device_type)
+            fwd = torch.compile(lambda x, y, model=model: model(x, y)[1])
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+            fwd = torch.compile(lambda x, y, model=model: F.cross_entropy(
+                model.head(model.features(x)).float().flatten(0, 1), y.flatten()))
+        models[kind] = (model, fwd, opt)
+
+    def step(kind):
+        model, fwd, opt = models[kind]
+        with rt.autocast():
+            loss = fwd(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses[kind].append(loss.item())
+
+    model = models["ours"][0]
+    h = torch.randn(B * T, config.n_embd, device=rt.device, requires_grad=True)  # final hidden states
+    w = model.lm_head.weight
+    loss_fns = {
+        "reference": torch.compile(lambda: F.cross_entropy(model.head(h).float(), y.flatten())),
+        "ours": torch.compile(lambda: tg.ChunkedCrossEntropy.apply(h, w, y.flatten(), config.vocab_size,
+                                                                   model.loss_rows)),
+    }
+
+    def loss_path(kind):
+        with rt.autocast():
+            loss = loss_fns[kind]()
+        loss.backward()
+        h.grad = w.grad = None
+
+    times = {k: {"step": [], "loss": []} for k in models}
+    losses = {k: [] for k in models}
+    for _ in range(steps):
+        for kind in models:
+            times[kind]["step"].append(timed(lambda: step(kind), rt))
+            times[kind]["loss"].append(timed(lambda: loss_path(kind), rt))
+    med = {k: {part: statistics.median(v[2:]) for part, v in t.items()} for k, t in times.items()}
+    same = max(abs(a - b) for a, b in zip(losses["reference"], losses["ours"]))
+    tok = {k: B * T / m["step"] for k, m in med.items()}
+    return (f"| {name} | {tok['reference']:,.0f} | {tok['ours']:,.0f} | **{tok['ours'] / tok['reference']:.2f}x** | "
+            f"{1000 * med['reference']['loss']:,.0f} ms = {100 * med['reference']['loss'] / med['reference']['step']:.0f}% | "
+            f"{1000 * med['ours']['loss']:,.0f} ms = {100 * med['ours']['loss'] / med['ours']['step']:.0f}% | {same:.1e} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per configuration (default: %(default)s)")
+    p.add_argument("--only", choices=["table", "compare"], help="run only one of the two parts")
     args = p.parse_args()
     dev = ["--device", args.device]
     gpt2 = ["--model", "gpt2"]
@@ -85,12 +163,24 @@ def main():
     if args.device == "cuda":
         configs.append(("124M B64 T1024 (recipe)", [*dev, *gpt2, "--batch_size", "64", "--total_batch_size",
                                                     "524288"]))
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {args.device}")
-    print("| config | flags | tok/s | ms/step | MFU | peak memory | first step | wall |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, cfg in configs:
-        print(run_train(name, cfg, args.steps), flush=True)
-    print(kv_cache_ratio(args.device))
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {args.device}, load average "
+          f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "")
+    if args.only != "compare":
+        print("| config | flags | tok/s | ms/step | MFU | peak memory | first step | wall |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, cfg in configs:
+            print(run_train(name, cfg, args.steps), flush=True)
+        print(kv_cache_ratio(args.device))
+    if args.only != "table":
+        print("\nOurs vs the reference step (full logits + F.cross_entropy, default AdamW), compiled, one micro-batch "
+              "per step; loss path = hidden states -> loss, forward + backward, and its share of the step")
+        print("| shape | reference tok/s | ours tok/s | ours/reference | loss path, reference | loss path, ours "
+              "| max loss difference |")
+        print("|---|---|---|---|---|---|---|")
+        for name, shape, B, T in [("4L-128 B8 T256", dict(n_layer=4, n_head=4, n_embd=128), 8, 256),
+                                  ("4L-256 B8 T256", dict(n_layer=4, n_head=4, n_embd=256), 8, 256),
+                                  ("124M B4 T256", tg.PRESETS["gpt2"], 4, 256)]:
+            print(compare_reference(args.device, name, shape, B, T, args.steps), flush=True)
 
 
 if __name__ == "__main__":

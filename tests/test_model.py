@@ -81,9 +81,67 @@ def test_loss_is_cross_entropy_of_the_real_vocab():
     model = tg.GPT(tg.GPTConfig(block_size=32, vocab_size=100, n_layer=1, n_head=2, n_embd=16))
     idx = torch.randint(0, 100, (3, 32))
     tgt = torch.randint(0, 100, (3, 32))
-    logits, loss = model(idx, tgt)
+    logits, _ = model(idx)
+    no_logits, loss = model(idx, tgt)
+    assert no_logits is None  # the loss never builds them
     ref = torch.nn.functional.cross_entropy(logits[..., :100].reshape(-1, 100), tgt.view(-1))
     assert abs(loss.item() - ref.item()) < 1e-6
+
+
+def plain_loss(x, w, y, vocab):
+    """What the chunked loss replaces: all the logits, then F.cross_entropy over the real vocab."""
+    return torch.nn.functional.cross_entropy((x @ w.t())[:, :vocab].float(), y)
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype,tol", [(None, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("rows", [1000, 40])  # one block; blocks with a shorter last one (96 = 40 + 40 + 16)
+def test_chunked_loss_and_gradients_equal_the_plain_computation(dtype, tol, rows):
+    """Loss and gradients against F.cross_entropy over the full logits, in fp32 and under autocast, with
+    the backward scaled as gradient accumulation (1/grad_accum) and the fp16 GradScaler (2**16) scale it."""
+    torch.manual_seed(0)
+    vocab, padded = 250, 256
+    x = torch.randn(96, 32, requires_grad=True)  # (N, C)
+    w = (torch.randn(padded, 32) * 0.3).requires_grad_()  # (V, C), rows 250.. are padding
+    y = torch.randint(0, vocab, (96,))
+    grad_scale = 2.0 ** 16 / 4 if dtype == torch.float16 else 1 / 4
+    out = []
+    for fn in (plain_loss, lambda x, w, y, v: tg.ChunkedCrossEntropy.apply(x, w, y, v, rows)):
+        x.grad = w.grad = None
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss = fn(x, w, y, vocab)
+        (loss * grad_scale).backward()
+        out.append((loss.item(), x.grad.clone(), w.grad.clone()))
+    (ref, gx_ref, gw_ref), (loss, gx, gw) = out
+    assert abs(loss - ref) < 1e-6 * ref if dtype is None else abs(loss - ref) < 1e-5 * ref
+    assert rel_err(gx, gx_ref) < tol and rel_err(gw, gw_ref) < tol
+    assert gw[vocab:].abs().max() == 0  # the padding rows get no gradient: they never count
+
+
+def test_chunked_loss_in_the_model_gives_the_plain_gradients_compiled_too():
+    """The whole model, tied wte/lm_head included: the gradient of the shared matrix adds the output
+    layer's part to the embedding's, as the plain head + F.cross_entropy does; also under torch.compile."""
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=32, vocab_size=300, n_layer=2, n_head=2, n_embd=32))
+    model.loss_rows = 24  # 64 rows: 24 + 24 + 16
+    idx, tgt = torch.randint(0, 300, (2, 32)), torch.randint(0, 300, (2, 32))
+
+    def plain(idx, tgt):
+        return torch.nn.functional.cross_entropy(model.head(model.features(idx)).float().flatten(0, 1), tgt.flatten())
+    grads = []
+    for fn in (plain, lambda idx, tgt: model(idx, tgt)[1], torch.compile(lambda idx, tgt: model(idx, tgt)[1])):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(idx, tgt)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    for loss, g in grads[1:]:
+        assert abs(loss - grads[0][0]) < 1e-5
+        assert all(rel_err(a, b) < 1e-2 for a, b in zip(g, grads[0][1]))
 
 
 def test_gpt2_124m_shape_and_init():
@@ -285,3 +343,25 @@ def test_activation_memory_estimate_matches_the_measured_growth():
     per_token = (saved_bytes(4) - saved_bytes(2)) / (2 * 256)
     estimate = tg.activation_bytes_per_token(config, "bf16")
     assert 0.5 * estimate < per_token < 1.5 * estimate, (per_token, estimate)
+
+
+def test_dropout_is_off_by_default_and_active_only_in_training():
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=32, vocab_size=200, n_layer=2, n_head=2, n_embd=32))
+    idx = torch.randint(0, 200, (2, 32))
+    rng = torch.get_rng_state()
+    plain = model(idx, idx)[1]
+    assert torch.equal(rng, torch.get_rng_state())  # dropout 0 draws no random numbers
+    model.dropout = 0.1
+    dropped = [model(idx, idx)[1] for _ in range(2)]
+    assert dropped[0] != plain and dropped[0] != dropped[1]
+    model.eval()
+    assert torch.equal(model(idx)[0], tg.GPT.head(model, model.features(idx)))
+    model.train()
+    model.grad_checkpoint = True  # the recomputed blocks see the same masks: the loss is the same
+    torch.manual_seed(1)
+    a = model(idx, idx)[1]
+    a.backward()
+    torch.manual_seed(1)
+    model.grad_checkpoint = False
+    assert model(idx, idx)[1] == a
