@@ -1411,6 +1411,8 @@ def train(cfg):
                 dist.barrier()
             if tracker is not None:
                 tracker.finish()
+            if rt.master and rt.device_type == "cuda":
+                print(f"peak GPU memory {torch.cuda.max_memory_allocated(rt.device) / 2**30:.2f} GiB")
             break
 
         t0 = time.perf_counter()

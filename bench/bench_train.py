@@ -31,10 +31,16 @@ import train_gpt2 as tg  # noqa: E402
 STEP_RE = re.compile(r"\| ([\d.]+) ms \| ([\d,]+) tok/s \| MFU ([\d.]+%|n/a)")
 
 
-def run_train(name, args, steps):
+# train_gpt2.py with deterministic mode left off: what bit-reproducibility on CPU costs (see the README)
+NONDETERMINISTIC = ("import runpy, sys, torch; torch.use_deterministic_algorithms = lambda *a, **k: None; "
+                    "sys.argv[0] = sys.argv[1]; del sys.argv[1]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def run_train(name, args, steps, deterministic=True):
     """One training run as a subprocess; returns a table row from its per-step lines (the median of the
     steps after the first two, which pay for compilation and warm-up)."""
-    cmd = [sys.executable, str(ROOT / "train_gpt2.py"), "--data", str(ROOT / "input.txt"), "--max_steps",
+    launch = [] if deterministic else ["-c", NONDETERMINISTIC]
+    cmd = [sys.executable, *launch, str(ROOT / "train_gpt2.py"), "--data", str(ROOT / "input.txt"), "--max_steps",
            str(steps), "--warmup_steps", "2", "--eval_every", "0", "--sample_every", "0", "--checkpoint_every", "0",
            "--log_dir", str(ROOT / "bench_out" / "log"), *args]
     t0 = time.time()
@@ -49,8 +55,9 @@ def run_train(name, args, steps):
     tok = statistics.median(float(r[1].replace(",", "")) for r in rows[2:])
     mfu = rows[-1][2]
     first = float(rows[0][0]) / 1000
-    peak_mem = usage.ru_maxrss / 2**20  # KiB -> GiB (CPU RSS of the training process)
-    return (f"| {name} | {' '.join(args)} | {tok:,.0f} | {ms:,.0f} | {mfu} | {peak_mem:.2f} GiB RSS | "
+    gpu = re.search(r"peak GPU memory ([\d.]+) GiB", out)  # printed at the end of a CUDA run
+    peak_mem = f"{gpu[1]} GiB GPU" if gpu else f"{usage.ru_maxrss / 2**20:.2f} GiB RSS"  # KiB -> GiB
+    return (f"| {name} | {' '.join(args)} | {tok:,.0f} | {ms:,.0f} | {mfu} | {peak_mem} | "
             f"{first:.1f} s | {wall:.0f} s |")
 
 
@@ -160,6 +167,8 @@ def main():
         ("4L-256 B8 T256 eager", [*dev, *small, "--batch_size", "8", "--seq_len", "256", "--total_batch_size",
                                   "2048", "--compile", "off"]),
     ]
+    quickstart = [*dev, "--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--batch_size", "8", "--seq_len", "256",
+                  "--total_batch_size", "2048"]
     if args.device == "cuda":
         configs.append(("124M B64 T1024 (recipe)", [*dev, *gpt2, "--batch_size", "64", "--total_batch_size",
                                                     "524288"]))
@@ -170,6 +179,10 @@ def main():
         print("|---|---|---|---|---|---|---|---|")
         for name, cfg in configs:
             print(run_train(name, cfg, args.steps), flush=True)
+        if args.device == "cpu":  # interleaved, so that both see the same load
+            for i in range(2):
+                print(run_train("4L-128 B8 T256 (deterministic, the default)", quickstart, args.steps), flush=True)
+                print(run_train("4L-128 B8 T256, deterministic mode off", quickstart, args.steps, False), flush=True)
         print(kv_cache_ratio(args.device))
     if args.only != "table":
         print("\nOurs vs the reference step (full logits + F.cross_entropy, default AdamW), compiled, one micro-batch "
