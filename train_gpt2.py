@@ -833,12 +833,14 @@ def save_checkpoint(path, model, optimizer, scaler, step, loader, train_config, 
     }, path)
 
 
-def load_checkpoint(path):
-    """A checkpoint dict, read without unpickling arbitrary objects (weights_only=True), or a UserError."""
+def load_checkpoint(path, mmap=False):
+    """A checkpoint dict, read without unpickling arbitrary objects (weights_only=True), or a UserError.
+    mmap: tensors are read from disk only when used (FSDP's other ranks never use the weights: rank 0
+    broadcasts them)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist; check the path (or use --resume auto)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         reason = "it holds objects other than tensors, which are refused" if "weights_only" in str(e) else \
             "it is truncated or not a PyTorch file"
@@ -1136,7 +1138,7 @@ def train(cfg):
         if not rt.master and chosen[0]:
             if not os.path.isfile(chosen[0]):
                 raise UserError(f"rank {rt.rank} cannot see {chosen[0]}; put --log_dir on storage every node shares")
-            ckpt = load_checkpoint(chosen[0])
+            ckpt = load_checkpoint(chosen[0], mmap=bool(cfg.fsdp))
     last_good = ckpt["path"] if ckpt else None  # the newest checkpoint known to give a finite loss
     init_model = load_model(cfg.init_from) if cfg.init_from else None
     config = model_config(cfg, ckpt, init_model)

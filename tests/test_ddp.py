@@ -99,10 +99,23 @@ def fsdp(*args):
 
 @pytest.fixture(scope="module")
 def fsdp_run(runs, small_text):
-    out = fsdp("--data", small_text, "--log_dir", runs / "fsdp", *ARGS)
+    # samples need a forward on every rank (each holds a shard): they must neither hang nor change the run
+    out = fsdp("--data", small_text, "--log_dir", runs / "fsdp", *ARGS, "--sample_every", "6")
     assert out.returncode == 0, out.stderr
     assert "2 ranks x 2 accumulation steps" in out.stdout
+    (runs / "fsdp" / "stdout.txt").write_text(out.stdout)
     return runs / "fsdp"
+
+
+def test_fsdp_samples_are_what_the_sample_command_writes_from_its_checkpoint(fsdp_run):
+    printed = [ln.split(": ", 1)[1] for ln in (fsdp_run / "stdout.txt").read_text().splitlines()
+               if ln.startswith("sample ")]
+    assert len(printed) == 4  # once, from rank 0
+    out = run_cli("train_gpt2.py", "sample", "--checkpoint", fsdp_run / "model_00006.pt", "--seed", str(1337 + 6),
+                  "--num_samples", "4", "--max_new_tokens", "32", "--device", "cpu", "--dtype", "fp32")
+    assert out.returncode == 0, out.stderr
+    written = [part.split("\n", 1)[1][:-1] for part in out.stdout.split("--- sample ")[1:]]  # print adds one \n
+    assert [repr(t) for t in written] == printed
 
 
 def test_fsdp_ranks_log_what_one_process_and_ddp_log(runs, fsdp_run):
