@@ -123,6 +123,8 @@ class TrainConfig:
                        "its checkpoint's)")
     wandb_project: str = arg(None, "also log to this Weights & Biases project, from rank 0 (needs pip install wandb; "
                              "WANDB_MODE=offline logs without network); a resumed run continues its W&B run")
+    fsdp: int = arg(0, "1: shard weights, gradients and AdamW state over the torchrun ranks (FSDP2) instead of "
+                    "a full copy on each (DDP); checkpoints move freely between the two and one process")
 
 
 # -----------------------------------------------------------------------------
@@ -821,6 +823,102 @@ def setup_runtime(device="auto", dtype="auto", check=None, dist_timeout=60):
 
 
 # -----------------------------------------------------------------------------
+# sharded data parallel (FSDP2): each of N ranks keeps 1/N of the weights, gradients and AdamW state
+
+
+def shard_model(model, rt, compile_blocks):
+    """--fsdp 1: shards the model in place over the ranks. Each block is one FSDP unit: its weights are
+    all-gathered just before its forward (and again in backward) and freed after, so only about one block
+    is ever whole. The root unit holds the rest, among them wte and lm_head: one tied matrix, which must
+    live in one unit to stay one tensor. On bf16 hardware the gathered weights are bf16 for compute, while
+    the shards (the master weights AdamW updates) and the gradient reduction stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if rt.dtype == "bf16" \
+        else MixedPrecisionPolicy()
+    for block in model.transformer.h:
+        if compile_blocks:  # per block: one graph reused by every layer; FSDP's communication stays outside
+            block.compile()
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    assert model.transformer.wte.weight is model.lm_head.weight  # still tied
+
+
+def dcp_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def training_state(model, optimizer, fsdp):
+    """The model and optimizer state dicts as one unsharded process has them: what a checkpoint holds, so
+    that it resumes in any mode. Under FSDP every rank must call this: the shards are gathered to rank 0,
+    in CPU memory (the other ranks get empty dicts)."""
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    model_sd = get_model_state_dict(model, options=dcp_options(cpu_offload=True))
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=dcp_options(cpu_offload=True))
+    if dist.get_rank() != 0:
+        return {}, {}
+    # These helpers key the optimizer state by parameter name; torch.optim, and so our checkpoints, by the
+    # parameter's position in the param groups.
+    ids = {name: i for i, name in enumerate(n for g in optim_sd["param_groups"] for n in g["params"])}
+    return model_sd, {"state": {ids[n]: v for n, v in optim_sd["state"].items()},
+                      "param_groups": [{**g, "params": [ids[n] for n in g["params"]]} for g in optim_sd["param_groups"]]}
+
+
+def load_training_state(model, optimizer, ckpt, fsdp, device_type):
+    """Loads a checkpoint's model and optimizer state (written in any mode). Under FSDP rank 0's copy is
+    broadcast and each rank keeps its shard."""
+    if not fsdp:
+        model.load_state_dict(ckpt["model"])
+        load_optimizer_state(optimizer, ckpt["optimizer"], device_type)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    name = {p: n for n, p in model.named_parameters()}
+    names = [name[p] for g in optimizer.param_groups for p in g["params"]]  # position -> parameter name
+    model_sd, optim_sd = {}, {}
+    if dist.get_rank() == 0:
+        model_sd, sd = ckpt["model"], ckpt["optimizer"]
+        optim_sd = {"state": {names[i]: v for i, v in sd["state"].items()},
+                    "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
+    set_model_state_dict(model, model_sd, options=dcp_options(broadcast_from_rank0=True))
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=dcp_options(broadcast_from_rank0=True))
+
+
+def hellaswag_totals(model, examples, enc, batch_size, rt, fsdp):
+    """HellaSwag counts (n, correct, correct_norm), summed over the ranks. Under FSDP each forward gathers
+    weights from every rank, so all ranks must run the same number: the examples that do not split evenly
+    are scored on every rank and counted once; and the root's weights, which HellaSwag's calls to
+    features() and head() (not forward()) would find sharded, are gathered for the duration."""
+    import hellaswag
+    split = len(examples) - len(examples) % rt.world_size if fsdp else len(examples)
+    score = lambda ex, rank, world: hellaswag.score(model, ex, enc, rt.device, batch_size=batch_size,  # noqa: E731
+                                                    autocast=rt.autocast, rank=rank, world_size=world)
+    with gathered_root(model, rt, fsdp):
+        parts = [score(examples[:split], rt.rank, rt.world_size)]
+        if split < len(examples):
+            rest = score(examples[split:], 0, 1)
+            parts.append(rest if rt.master else dict.fromkeys(rest, 0))
+    totals = torch.tensor([sum(p[k] for p in parts) for k in ("n", "correct", "correct_norm")], device=rt.device)
+    if rt.ddp:
+        dist.all_reduce(totals)
+    return totals
+
+
+@contextlib.contextmanager
+def gathered_root(model, rt, fsdp):
+    if fsdp:
+        with torch.no_grad():  # FSDP sets itself up in the first forward(), which a resumed run may not have had
+            model(torch.zeros(1, 1, dtype=torch.long, device=rt.device))
+        model.unshard()
+    try:
+        yield
+    finally:
+        if fsdp:
+            model.reshard()
+
+
+# -----------------------------------------------------------------------------
 # checkpoints
 
 CHECKPOINT_FORMAT = 1  # bump when the layout of the checkpoint dict changes
@@ -877,11 +975,15 @@ def atomic_save(obj, path):
                         "(earlier checkpoints are intact), then continue with --resume auto") from None
 
 
-def save_checkpoint(path, model, optimizer, scaler, step, loader, train_config, wandb_id=None):
+def save_checkpoint(path, model, optimizer, scaler, step, loader, train_config, wandb_id=None, fsdp=False):
+    """Called on every rank (under FSDP all of them gather the state); rank 0 writes the file."""
+    model_sd, optimizer_sd = training_state(model, optimizer, fsdp)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
     atomic_save({
         "format_version": CHECKPOINT_FORMAT,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model_sd,
+        "optimizer": optimizer_sd,
         "config": dataclasses.asdict(model.config),  # GPTConfig(**ckpt["config"]) rebuilds the model
         "train_config": dataclasses.asdict(train_config),
         "step": step,  # optimizer steps done
@@ -892,12 +994,14 @@ def save_checkpoint(path, model, optimizer, scaler, step, loader, train_config, 
     }, path)
 
 
-def load_checkpoint(path):
-    """A checkpoint dict, read without unpickling arbitrary objects (weights_only=True), or a UserError."""
+def load_checkpoint(path, mmap=False):
+    """A checkpoint dict, read without unpickling arbitrary objects (weights_only=True), or a UserError.
+    mmap: tensors are read from disk only when used (FSDP's other ranks never use the weights: rank 0
+    broadcasts them)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist; check the path (or use --resume auto)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         reason = "it holds objects other than tensors, which are refused" if "weights_only" in str(e) else \
             "it is truncated or not a PyTorch file"
@@ -976,16 +1080,21 @@ def load_model(path_or_name):
 
 
 @torch.no_grad()
-def evaluate_loss(model, val_shards, n_tokens, batch_size, seq_len, rt):
+def evaluate_loss(model, val_shards, n_tokens, batch_size, seq_len, rt, fsdp=False):
     """Mean cross-entropy over the fixed val tokens, split over the ranks and summed back together."""
     model.eval()
     loss_sum, count = 0.0, 0
-    for x, y in val_batches(val_shards, n_tokens, batch_size, seq_len, rt.rank, rt.world_size):
-        x, y = x.to(rt.device), y.to(rt.device)
+    batches = list(val_batches(val_shards, n_tokens, batch_size, seq_len, rt.rank, rt.world_size))
+    if fsdp:  # each forward gathers weights from every rank: a rank with fewer batches runs idle ones
+        most = torch.tensor(len(batches), device=rt.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        batches += [(torch.zeros(1, seq_len, dtype=torch.long), None)] * (int(most) - len(batches))
+    for x, y in batches:
         with rt.autocast():
-            logits, _ = model(x)
-        loss_sum += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
-        count += y.numel()
+            logits, _ = model(x.to(rt.device))
+        if y is not None:  # None: an idle forward, counted nowhere
+            loss_sum += F.cross_entropy(logits.float().flatten(0, 1), y.to(rt.device).flatten(), reduction="sum").item()
+            count += y.numel()
     model.train()
     totals = torch.tensor([loss_sum, count], dtype=torch.float64, device=rt.device if rt.ddp else "cpu")
     if rt.ddp:
@@ -1124,8 +1233,23 @@ def rewrite_log(log_file, start_step):
     write_atomic(log_file, lambda f: f.writelines(lines), mode="w")
 
 
+def check_fsdp(cfg, rt):
+    """--fsdp against the runtime that setup_runtime chose (world and dtype)."""
+    if cfg.fsdp and not rt.ddp:
+        raise UserError("--fsdp 1 shards over the ranks that torchrun starts: launch with torchrun "
+                        "--nproc_per_node=N (in one process, leave --fsdp off)")
+    if cfg.fsdp and rt.dtype == "fp16":
+        raise UserError("--fsdp 1 trains in bf16 or fp32, not fp16 (no loss scaling for shards here); use --dtype "
+                        "fp32, or DDP")
+
+
 def check_scale_flags(cfg):
     """The flags of long runs at scale (checkpoint retention, data order, tracking, sharding)."""
+    if cfg.fsdp not in (0, 1):
+        raise UserError(f"--fsdp must be 0 or 1, got {cfg.fsdp}")
+    if cfg.fsdp and cfg.batch_size == "auto":
+        raise UserError("--batch_size auto measures an unsharded model, not an FSDP one; give --batch_size N with "
+                        "--fsdp 1")
     if cfg.keep_checkpoints < 0:
         raise UserError(f"--keep_checkpoints must not be negative, got {cfg.keep_checkpoints} (0 keeps all)")
     if cfg.shuffle not in (None, 0, 1):
@@ -1211,7 +1335,7 @@ def check_config(cfg, world_size):
     check_scale_flags(cfg)
 
 
-def train_step(model, optimizer, scaler, loader, grad_accum, lr, grad_clip, rt):
+def train_step(model, optimizer, scaler, loader, grad_accum, lr, grad_clip, rt, fsdp=False):
     """One optimizer step: grad_accum micro-steps on every rank, gradients averaged once at the end.
     Returns the mean loss (a tensor, for the log) and the gradient norm before clipping."""
     model.train()
@@ -1222,8 +1346,9 @@ def train_step(model, optimizer, scaler, loader, grad_accum, lr, grad_clip, rt):
             x, y = x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
         else:
             x, y = x.to(rt.device), y.to(rt.device)
-        # DDP all-reduces gradients in backward(); only the last micro-step needs to
-        sync = contextlib.nullcontext() if not rt.ddp or micro == grad_accum - 1 else model.no_sync()
+        # DDP all-reduces gradients in backward(); only the last micro-step needs to. FSDP reduce-scatters
+        # them in every backward: that keeps each rank's gradients a shard (memory is FSDP's point).
+        sync = contextlib.nullcontext() if not rt.ddp or fsdp or micro == grad_accum - 1 else model.no_sync()
         with sync:
             with rt.autocast():
                 loss = model(x, y)[1]  # only the loss: holding the (B, T, vocab) logits through backward costs GBs
@@ -1247,6 +1372,7 @@ def train_step(model, optimizer, scaler, loader, grad_accum, lr, grad_clip, rt):
 def train(cfg):
     rt = setup_runtime(cfg.device, cfg.dtype, check=lambda world_size: check_config(cfg, world_size),
                        dist_timeout=cfg.dist_timeout)
+    check_fsdp(cfg, rt)
     if not cfg.resume and find_checkpoints(cfg.log_dir):
         raise UserError(f"{cfg.log_dir} already holds checkpoints of a run; continue it with --resume auto, or "
                         "start a new run with another --log_dir")
@@ -1257,7 +1383,7 @@ def train(cfg):
         if not rt.master and chosen[0]:
             if not os.path.isfile(chosen[0]):
                 raise UserError(f"rank {rt.rank} cannot see {chosen[0]}; put --log_dir on storage every node shares")
-            ckpt = load_checkpoint(chosen[0])
+            ckpt = load_checkpoint(chosen[0], mmap=bool(cfg.fsdp))
     last_good = ckpt["path"] if ckpt else None  # the newest checkpoint known to give a finite loss
     init_model = load_model(cfg.init_from) if cfg.init_from else None
     config = model_config(cfg, ckpt, init_model)
@@ -1272,6 +1398,9 @@ def train(cfg):
     model.to(rt.device)
     model.grad_checkpoint = bool(cfg.grad_checkpoint)
     model.dropout = cfg.dropout
+    compile_model = use_compile(cfg.compile, rt)
+    if cfg.fsdp:  # before the optimizer and the checkpoint load, which both work on the shards
+        shard_model(model, rt, compile_model)
     batch_size = (pick_batch_size(max_batch, lambda b: batch_fits(model, b, cfg.seq_len, rt, cfg.grad_checkpoint))
                   if cfg.batch_size == "auto" else int(cfg.batch_size))
     if rt.ddp and cfg.batch_size == "auto":  # every rank must use the same: the smallest that fits everywhere
@@ -1286,8 +1415,7 @@ def train(cfg):
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "fp16")
     start_step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        load_optimizer_state(optimizer, ckpt["optimizer"], rt.device_type)
+        load_training_state(model, optimizer, ckpt, cfg.fsdp, rt.device_type)
         if scaler.is_enabled() and ckpt["scaler"]:  # a bf16/fp32 run's scaler holds nothing to restore
             scaler.load_state_dict(ckpt["scaler"])
         if ckpt["loader"]["shard"] >= len(train_shards):
@@ -1303,15 +1431,15 @@ def train(cfg):
     # The model we train may be compiled and DDP-wrapped; evaluation and sampling use the plain module,
     # which shares its weights, so they are never slowed down by recompilation.
     raw_model = model
-    if use_compile(cfg.compile, rt):
+    if compile_model:
         # Why compile: it fuses the elementwise work around the matmuls (casts, GELU, LayerNorm, and the
         # softmax over 50304 logits) into few kernels; measured 1.8x on a 2-core CPU for GPT-2 124M.
         import torch._dynamo as dynamo
         dynamo.config.suppress_errors = cfg.compile == "auto"  # auto: no C++ compiler? run eager
         if rt.ddp and cfg.grad_checkpoint and torch_version() < (2, 6):
             dynamo.config.optimize_ddp = False  # DDPOptimizer could not split checkpointed blocks before 2.6
-        model = torch.compile(model)
-    if rt.ddp:
+        model = model if cfg.fsdp else torch.compile(model)  # FSDP: each block is compiled (shard_model)
+    if rt.ddp and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, not in a second copy
         model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None,
@@ -1373,8 +1501,8 @@ def train(cfg):
         last = step == cfg.max_steps
         ckpt_path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
         if stop_for:
+            save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg, wandb_id, cfg.fsdp)
             if rt.master:
-                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg, wandb_id)
                 if cfg.keep_checkpoints:
                     prune_checkpoints(cfg.log_dir, cfg.keep_checkpoints, step, last_good)
                 print(f"stopped by signal at step {step}; wrote {ckpt_path}; continue with --resume auto")
@@ -1382,27 +1510,25 @@ def train(cfg):
                 dist.barrier()
             sys.exit(128 + stop_for)
         if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-            val_loss = evaluate_loss(raw_model, val_shards, cfg.val_tokens, batch_size, cfg.seq_len, rt)
+            val_loss = evaluate_loss(raw_model, val_shards, cfg.val_tokens, batch_size, cfg.seq_len, rt, cfg.fsdp)
             log(f"{step} val {val_loss:.6f}")
             if rt.master:
                 print(f"step {step:5d} | val loss {val_loss:.6f}")
         if hella is not None and (step % cfg.hellaswag_every == 0 or last):
             import hellaswag
-            counts = hellaswag.score(raw_model, hella, enc, rt.device, batch_size=batch_size,
-                                     autocast=rt.autocast, rank=rt.rank, world_size=rt.world_size)
-            totals = torch.tensor([counts["n"], counts["correct"], counts["correct_norm"]], device=rt.device)
-            if rt.ddp:
-                dist.all_reduce(totals)
+            totals = hellaswag_totals(raw_model, hella, enc, batch_size, rt, cfg.fsdp)
             acc = hellaswag.accuracies(dict(zip(("n", "correct", "correct_norm"), totals.tolist())))
             log(f"{step} hella {acc['acc_norm']:.6f}")
             if rt.master:
                 print(f"step {step:5d} | hellaswag acc_norm {acc['acc_norm']:.4f} ({acc['n']} examples)")
-        if cfg.sample_every and rt.master and step > 0 and (step % cfg.sample_every == 0 or last):
+        # under FSDP every rank samples (the same texts): each forward needs all of them
+        if cfg.sample_every and (rt.master or cfg.fsdp) and step > 0 and (step % cfg.sample_every == 0 or last):
             for i, text in enumerate(sample_texts(raw_model, enc, cfg.prompt, 4, 32, rt, seed=cfg.seed + step)):
-                print(f"sample {i}: {text!r}")
+                if rt.master:
+                    print(f"sample {i}: {text!r}")
         if cfg.checkpoint_every and step > start_step and (step % cfg.checkpoint_every == 0 or last):
+            save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg, wandb_id, cfg.fsdp)
             if rt.master:
-                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg, wandb_id)
                 if cfg.keep_checkpoints:
                     prune_checkpoints(cfg.log_dir, cfg.keep_checkpoints, step, last_good)
             new_ckpt = ckpt_path
@@ -1418,7 +1544,8 @@ def train(cfg):
         t0 = time.perf_counter()
         lr = get_lr(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         try:
-            loss_accum, norm = train_step(model, optimizer, scaler, train_loader, grad_accum, lr, cfg.grad_clip, rt)
+            loss_accum, norm = train_step(model, optimizer, scaler, train_loader, grad_accum, lr, cfg.grad_clip, rt,
+                                          cfg.fsdp)
         except torch.OutOfMemoryError:
             smaller = next((f"--batch_size {b}, " for b in range(batch_size - 1, 0, -1) if max_batch % b == 0), "")
             raise UserError(f"out of memory on {rt.device} at step {step} with --batch_size {batch_size} and "

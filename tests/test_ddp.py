@@ -108,3 +108,80 @@ def test_two_ranks_read_the_shuffled_shards_one_process_reads(tiny_shards, tmp_p
     diff = max_diff(logs[1], logs[2])
     print(f"max |diff| over {len(logs[1])} logged losses on shuffled shards, 1 process vs 2 ranks: {diff:.2e}")
     assert diff < 1e-4
+
+
+# --fsdp 1: FSDP2 over 2 CPU ranks (gloo, fp32) against the runs above, and checkpoints across the modes
+
+
+def fsdp(*args):
+    return torchrun(2, "train_gpt2.py", *args, "--fsdp", "1")
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(runs, small_text):
+    # samples need a forward on every rank (each holds a shard): they must neither hang nor change the run
+    out = fsdp("--data", small_text, "--log_dir", runs / "fsdp", *ARGS, "--sample_every", "6")
+    assert out.returncode == 0, out.stderr
+    assert "2 ranks x 2 accumulation steps" in out.stdout
+    (runs / "fsdp" / "stdout.txt").write_text(out.stdout)
+    return runs / "fsdp"
+
+
+def test_fsdp_samples_are_what_the_sample_command_writes_from_its_checkpoint(fsdp_run):
+    printed = [ln.split(": ", 1)[1] for ln in (fsdp_run / "stdout.txt").read_text().splitlines()
+               if ln.startswith("sample ")]
+    assert len(printed) == 4  # once, from rank 0
+    out = run_cli("train_gpt2.py", "sample", "--checkpoint", fsdp_run / "model_00006.pt", "--seed", str(1337 + 6),
+                  "--num_samples", "4", "--max_new_tokens", "32", "--device", "cpu", "--dtype", "fp32")
+    assert out.returncode == 0, out.stderr
+    written = [part.split("\n", 1)[1][:-1] for part in out.stdout.split("--- sample ")[1:]]  # print adds one \n
+    assert [repr(t) for t in written] == printed
+
+
+def test_fsdp_ranks_log_what_one_process_and_ddp_log(runs, fsdp_run):
+    logged = read_log(fsdp_run / "log.txt")
+    for ref in ("one", "two"):
+        diff = max_diff(read_log(runs / ref / "log.txt"), logged)
+        print(f"max |diff| over {len(logged)} logged losses, 2 FSDP ranks vs {ref}: {diff:.2e}")
+        assert diff < 1e-5
+    one = torch.load(runs / "one" / "model_00006.pt", weights_only=True)
+    sharded = torch.load(fsdp_run / "model_00006.pt", weights_only=True)
+    # the same one-file layout as a 1-process checkpoint: full tensors, keyed like the unwrapped model
+    assert one["model"].keys() == sharded["model"].keys()
+    assert max((one["model"][k] - sharded["model"][k]).abs().max().item() for k in one["model"]) < 1e-5
+    assert one["optimizer"]["param_groups"] == sharded["optimizer"]["param_groups"]
+    for i, state in one["optimizer"]["state"].items():
+        for k, v in state.items():
+            assert v.shape == sharded["optimizer"]["state"][i][k].shape
+            assert (v.float() - sharded["optimizer"]["state"][i][k].float()).abs().max().item() < 1e-5, (i, k)
+
+
+@pytest.mark.parametrize("direction", ["fsdp to one process", "one process to fsdp"])
+def test_checkpoints_move_between_fsdp_and_one_process(runs, fsdp_run, small_text, tmp_path, direction):
+    src, run = (fsdp_run, run_cli) if direction == "fsdp to one process" else (runs / "one", fsdp)
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(src / "model_00003.pt", tmp_path / "resumed")
+    args = ("train_gpt2.py",) if run is run_cli else ()
+    out = run(*args, "--data", small_text, "--log_dir", tmp_path / "resumed", *ARGS, "--resume", "auto")
+    assert out.returncode == 0, out.stderr
+    assert "resumed at step 3" in out.stdout
+    one = {k: v for k, v in read_log(runs / "one" / "log.txt").items() if k[0] >= 3}
+    diff = max_diff(one, read_log(tmp_path / "resumed" / "log.txt"))
+    print(f"max |diff| {direction}, vs the uninterrupted 1-process run: {diff:.2e}")
+    assert diff < 1e-5
+    w1 = torch.load(runs / "one" / "model_00006.pt", weights_only=True)["model"]
+    w2 = torch.load(tmp_path / "resumed" / "model_00006.pt", weights_only=True)["model"]
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+
+
+def test_fsdp_resumes_its_own_checkpoint_bit_identically_with_grad_checkpoint(fsdp_run, small_text, tmp_path):
+    run = tmp_path / "fsdp"
+    shutil.copytree(fsdp_run, run)
+    (run / "model_00006.pt").unlink()
+    # activation checkpointing recomputes each block in backward: the same numbers, less memory
+    out = fsdp("--data", small_text, "--log_dir", run, *ARGS, "--resume", "auto", "--grad_checkpoint", "1")
+    assert out.returncode == 0, out.stderr
+    assert "resumed at step 3" in out.stdout
+    w1 = torch.load(fsdp_run / "model_00006.pt", weights_only=True)["model"]
+    w2 = torch.load(run / "model_00006.pt", weights_only=True)["model"]
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)

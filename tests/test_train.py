@@ -260,6 +260,8 @@ BAD = {  # name: (extra args replacing defaults, words the one-line message must
     "negative keep_checkpoints": (["--keep_checkpoints", "-1"], "--keep_checkpoints"),
     "shuffle not 0/1": (["--shuffle", "2"], "--shuffle must be 0 or 1"),
     "negative seed to shuffle": (["--shuffle", "1", "--seed", "-3"], "--seed must not be negative"),
+    "fsdp not 0/1": (["--fsdp", "2"], "--fsdp must be 0 or 1"),
+    "fsdp without torchrun": (["--fsdp", "1"], "torchrun"),
 }
 
 
