@@ -862,8 +862,8 @@ def training_state(model, optimizer, fsdp):
     # These helpers key the optimizer state by parameter name; torch.optim, and so our checkpoints, by the
     # parameter's position in the param groups.
     ids = {name: i for i, name in enumerate(n for g in optim_sd["param_groups"] for n in g["params"])}
-    return model_sd, {"state": {ids[n]: v for n, v in optim_sd["state"].items()},
-                      "param_groups": [{**g, "params": [ids[n] for n in g["params"]]} for g in optim_sd["param_groups"]]}
+    groups = [{**g, "params": [ids[n] for n in g["params"]]} for g in optim_sd["param_groups"]]
+    return model_sd, {"state": {ids[n]: v for n, v in optim_sd["state"].items()}, "param_groups": groups}
 
 
 def load_training_state(model, optimizer, ckpt, fsdp, device_type):

@@ -485,7 +485,8 @@ when = sys.argv.pop(1)  # "before" or "after" the first checkpoint deletion
 real_remove = os.remove
 def remove_then_die(path):
     if os.path.basename(path).startswith("model_"):
-        print("deleting", os.path.basename(path), sorted(os.listdir(os.path.dirname(path))), file=sys.stderr, flush=True)
+        files = sorted(os.listdir(os.path.dirname(path)))
+        print("deleting", os.path.basename(path), files, file=sys.stderr, flush=True)
         if when == "after":
             real_remove(path)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,65 @@
+"""
+FSDP against DDP: 2 CPU ranks (gloo, fp32) under torchrun, the same run with and without --fsdp 1, for a tiny
+and a small model; prints the median tokens/s (steps after the first two) and the peak RSS of one rank.
+
+    python bench/bench_fsdp.py              # 2 repeats of each, alternating DDP and FSDP
+
+A benchmark prints figures; it asserts nothing. Machines are noisy: compare numbers from one run.
+"""
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken-cache").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken-cache")
+
+TOK_RE = re.compile(r"\| ([\d,]+) tok/s \|")
+MODELS = {
+    "tiny (2L, 32 wide, T=64)": ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "4",
+                                 "--seq_len", "64", "--total_batch_size", "2048", "--max_steps", "30"],
+    "small (4L, 256 wide, T=256)": ["--n_layer", "4", "--n_head", "4", "--n_embd", "256", "--batch_size", "8",
+                                    "--seq_len", "256", "--total_batch_size", "8192", "--max_steps", "12"],
+}
+
+
+def run(model_args, fsdp):
+    """(median tok/s, peak RSS of one rank in MiB) of one 2-rank run."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_gpt2.py"), "--data", str(ROOT / "input.txt"), "--device", "cpu", "--dtype", "fp32",
+           "--compile", "off", "--warmup_steps", "2", "--eval_every", "0", "--sample_every", "0",
+           "--checkpoint_every", "0", "--log_dir", str(ROOT / "bench_out" / "fsdp"), *model_args,
+           *(["--fsdp", "1"] if fsdp else [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # ru_maxrss: the largest of torchrun and its ranks
+    toks = [float(t.replace(",", "")) for t in TOK_RE.findall(out)][2:]
+    if status != 0 or not toks:
+        return None, None
+    return statistics.median(toks), usage.ru_maxrss / 1024
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=2, help="runs of each configuration (default: %(default)s)")
+    args = p.parse_args()
+    print("| model | mode | tok/s (each repeat) | peak RSS of a rank |")
+    print("|---|---|---|---|")
+    for name, model_args in MODELS.items():
+        results = {False: [], True: []}
+        for _ in range(args.repeats):
+            for fsdp in (False, True):  # alternating, so that load from elsewhere hits both alike
+                results[fsdp].append(run(model_args, fsdp))
+        for fsdp, rs in results.items():
+            toks = ", ".join(f"{t:,.0f}" if t else "failed" for t, _ in rs)
+            rss = max((m for _, m in rs if m), default=0)
+            print(f"| {name} | {'FSDP' if fsdp else 'DDP'} | {toks} | {rss:,.0f} MiB |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
