@@ -23,6 +23,13 @@ def read_log(path):
     return {(int(s), k): float(v) for s, k, v in (ln.split() for ln in path.read_text().splitlines())}
 
 
+def weight_diff(a, b):
+    """Largest |difference| between the weights of two checkpoints."""
+    w1, w2 = (torch.load(p, weights_only=True)["model"] for p in (a, b))
+    assert w1.keys() == w2.keys()
+    return max((w1[k] - w2[k]).abs().max().item() for k in w1)
+
+
 def max_diff(a, b):
     assert a.keys() == b.keys()
     return max(abs(a[k] - b[k]) for k in a)
@@ -46,9 +53,7 @@ def test_two_ranks_log_what_one_process_logs(runs):
     diff = max_diff(one, two)
     print(f"max |diff| over {len(one)} logged losses, 1 process vs 2 ranks: {diff:.2e}")
     assert diff < 1e-4
-    w1 = torch.load(runs / "one" / "model_00006.pt", weights_only=True)["model"]
-    w2 = torch.load(runs / "two" / "model_00006.pt", weights_only=True)["model"]
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+    assert weight_diff(runs / "one" / "model_00006.pt", runs / "two" / "model_00006.pt") < 1e-5
 
 
 def test_two_rank_checkpoint_resumes_in_one_process(runs, small_text, tmp_path):
@@ -169,9 +174,7 @@ def test_checkpoints_move_between_fsdp_and_one_process(runs, fsdp_run, small_tex
     diff = max_diff(one, read_log(tmp_path / "resumed" / "log.txt"))
     print(f"max |diff| {direction}, vs the uninterrupted 1-process run: {diff:.2e}")
     assert diff < 1e-5
-    w1 = torch.load(runs / "one" / "model_00006.pt", weights_only=True)["model"]
-    w2 = torch.load(tmp_path / "resumed" / "model_00006.pt", weights_only=True)["model"]
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+    assert weight_diff(runs / "one" / "model_00006.pt", tmp_path / "resumed" / "model_00006.pt") < 1e-5
 
 
 def test_fsdp_resumes_its_own_checkpoint_bit_identically_with_grad_checkpoint(fsdp_run, small_text, tmp_path):

@@ -1,7 +1,6 @@
 """The decisions train_gpt2.py makes for each GPU, tested on any machine: what torch.cuda reports (name,
 compute capability, memory, the build's architectures) is substituted, and the decision is checked."""
 import datetime
-import os
 
 import pytest
 import torch

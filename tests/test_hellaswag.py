@@ -4,11 +4,9 @@ verified download, and the CLI. Run: python -m pytest tests/test_hellaswag.py"""
 import hashlib
 import http.server
 import json
-import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch

@@ -36,13 +36,17 @@ def assert_same_weights(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.fixture(scope="module")
-def reference(small_text, tmp_path_factory):
+def uninterrupted(tmp_path_factory, name, data, tiny=TINY):
     """An uninterrupted 8-step run: the reference every interrupted run must reproduce bit for bit."""
-    log_dir = tmp_path_factory.mktemp("reference")
-    out = run_cli(*train_args(small_text, log_dir))
+    log_dir = tmp_path_factory.mktemp(name)
+    out = run_cli(*train_args(data, log_dir, tiny=tiny))
     assert out.returncode == 0, out.stderr
     return log_dir
+
+
+@pytest.fixture(scope="module")
+def reference(small_text, tmp_path_factory):
+    return uninterrupted(tmp_path_factory, "reference", small_text)
 
 
 def test_log_format_and_checkpoints(reference):
@@ -95,10 +99,7 @@ assert len(DEFAULTS) == len(TINY) - 2
 
 @pytest.fixture(scope="module")
 def reference_defaults(small_text, tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("reference_defaults")
-    out = run_cli(*train_args(small_text, log_dir, tiny=DEFAULTS))
-    assert out.returncode == 0, out.stderr
-    return log_dir
+    return uninterrupted(tmp_path_factory, "reference_defaults", small_text, tiny=DEFAULTS)
 
 
 def test_same_command_twice_gives_identical_checkpoints_with_default_flags(reference_defaults, small_text, tmp_path):
@@ -536,10 +537,7 @@ def test_keep_checkpoints_spares_the_resumed_one_until_a_newer_one_trained(refer
 @pytest.fixture(scope="module")
 def shuffled_reference(tiny_shards, tmp_path_factory):
     """An uninterrupted run on a shard directory: shuffled by default, through several epochs."""
-    log_dir = tmp_path_factory.mktemp("shuffled")
-    out = run_cli(*train_args(tiny_shards, log_dir))
-    assert out.returncode == 0, out.stderr
-    return log_dir
+    return uninterrupted(tmp_path_factory, "shuffled", tiny_shards)
 
 
 def test_shuffled_shards_sigkill_then_resume_is_bit_identical(shuffled_reference, tiny_shards, tmp_path):
