@@ -1187,9 +1187,9 @@ def use_compile(flag, rt):
         raise UserError(f"--compile on needs a GPU of compute capability {TRITON_MIN_CAPABILITY[0]}.0 or newer "
                         f"(Triton); the {torch.cuda.get_device_name(rt.device)} is older: use --compile off or auto")
     if old_gpu and flag == "auto":
-        print_once = print if rt.master else (lambda *a: None)
-        print_once(f"compile: off: the {torch.cuda.get_device_name(rt.device)} is older than compute capability "
-              f"{TRITON_MIN_CAPABILITY[0]}.0, which Triton (torch.compile on GPUs) needs; training runs eagerly")
+        if rt.master:
+            print(f"compile: off: the {torch.cuda.get_device_name(rt.device)} is older than compute capability "
+                  f"{TRITON_MIN_CAPABILITY[0]}.0, which Triton (torch.compile on GPUs) needs; training runs eagerly")
         return False
     return flag == "on" or (flag == "auto" and rt.device_type in ("cuda", "cpu"))
 
@@ -1316,9 +1316,8 @@ def check_config(cfg, world_size):
                  "hellaswag_every", "checkpoint_every", "hellaswag_limit"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
-    for name, choices in (("device", DEVICES), ("dtype", DTYPES), ("compile", ("auto", "on", "off"))):
-        if getattr(cfg, name) not in choices:
-            raise UserError(f"unknown --{name} {getattr(cfg, name)}; use {', '.join(choices)}")
+    if cfg.compile not in ("auto", "on", "off"):  # (--device and --dtype: setup_runtime checks them first)
+        raise UserError(f"unknown --compile {cfg.compile}; use auto, on, off")
     if cfg.resume and cfg.init_from:
         raise UserError("--resume and --init_from exclude each other: resume continues a run, init_from starts one")
     if not os.path.exists(cfg.data):
@@ -1492,6 +1491,12 @@ def train(cfg):
                 extra = {k: v for k, v in (extra or {}).items() if v is not None}
                 tracker.log({"step": int(step), WANDB_KEYS[kind]: float(value), **extra})
 
+    def checkpoint(path, step):
+        """Every rank calls it (FSDP gathers the shards); rank 0 writes, then prunes older ones."""
+        save_checkpoint(path, raw_model, optimizer, scaler, step, train_loader, cfg, wandb_id, cfg.fsdp)
+        if rt.master and cfg.keep_checkpoints:
+            prune_checkpoints(cfg.log_dir, cfg.keep_checkpoints, step, last_good)
+
     peak = peak_flops(rt)
     tokens_flops = flops_per_token(config, cfg.seq_len)
     stop = StopSignal(rt.ddp)
@@ -1501,10 +1506,8 @@ def train(cfg):
         last = step == cfg.max_steps
         ckpt_path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
         if stop_for:
-            save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg, wandb_id, cfg.fsdp)
+            checkpoint(ckpt_path, step)
             if rt.master:
-                if cfg.keep_checkpoints:
-                    prune_checkpoints(cfg.log_dir, cfg.keep_checkpoints, step, last_good)
                 print(f"stopped by signal at step {step}; wrote {ckpt_path}; continue with --resume auto")
             if rt.ddp:  # no rank leaves before the checkpoint is written: torchrun stops all once one exits
                 dist.barrier()
@@ -1527,10 +1530,7 @@ def train(cfg):
                 if rt.master:
                     print(f"sample {i}: {text!r}")
         if cfg.checkpoint_every and step > start_step and (step % cfg.checkpoint_every == 0 or last):
-            save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_loader, cfg, wandb_id, cfg.fsdp)
-            if rt.master:
-                if cfg.keep_checkpoints:
-                    prune_checkpoints(cfg.log_dir, cfg.keep_checkpoints, step, last_good)
+            checkpoint(ckpt_path, step)
             new_ckpt = ckpt_path
         if last:
             if rt.ddp:  # leave together: a rank that tears down the group while others still use it can abort

@@ -56,14 +56,21 @@ def test_two_ranks_log_what_one_process_logs(runs):
     assert weight_diff(runs / "one" / "model_00006.pt", runs / "two" / "model_00006.pt") < 1e-5
 
 
-def test_two_rank_checkpoint_resumes_in_one_process(runs, small_text, tmp_path):
-    (tmp_path / "resumed").mkdir()
-    shutil.copy(runs / "two" / "model_00003.pt", tmp_path / "resumed")
-    out = run_cli("train_gpt2.py", "--data", small_text, "--log_dir", tmp_path / "resumed", *ARGS, "--resume", "auto")
+def resume_step_3(checkpoint_dir, log_dir, launch, small_text):
+    """Copies model_00003.pt of a run into a new log_dir, resumes there with `launch` (one process, or N ranks)
+    and returns the resumed run's log.txt as {(step, kind): value}."""
+    log_dir.mkdir()
+    shutil.copy(checkpoint_dir / "model_00003.pt", log_dir)
+    out = launch("train_gpt2.py", "--data", small_text, "--log_dir", log_dir, *ARGS, "--resume", "auto")
     assert out.returncode == 0, out.stderr
     assert "resumed at step 3" in out.stdout
+    return read_log(log_dir / "log.txt")
+
+
+def test_two_rank_checkpoint_resumes_in_one_process(runs, small_text, tmp_path):
+    resumed = resume_step_3(runs / "two", tmp_path / "resumed", run_cli, small_text)
     two = {k: v for k, v in read_log(runs / "two" / "log.txt").items() if k[0] >= 3}
-    diff = max_diff(two, read_log(tmp_path / "resumed" / "log.txt"))
+    diff = max_diff(two, resumed)
     print(f"max |diff| resumed in 1 process vs continued on 2 ranks: {diff:.2e}")
     assert diff < 1e-4
 
@@ -163,15 +170,11 @@ def test_fsdp_ranks_log_what_one_process_and_ddp_log(runs, fsdp_run):
 
 @pytest.mark.parametrize("direction", ["fsdp to one process", "one process to fsdp"])
 def test_checkpoints_move_between_fsdp_and_one_process(runs, fsdp_run, small_text, tmp_path, direction):
-    src, run = (fsdp_run, run_cli) if direction == "fsdp to one process" else (runs / "one", fsdp)
-    (tmp_path / "resumed").mkdir()
-    shutil.copy(src / "model_00003.pt", tmp_path / "resumed")
-    args = ("train_gpt2.py",) if run is run_cli else ()
-    out = run(*args, "--data", small_text, "--log_dir", tmp_path / "resumed", *ARGS, "--resume", "auto")
-    assert out.returncode == 0, out.stderr
-    assert "resumed at step 3" in out.stdout
+    launch_fsdp = lambda *args: torchrun(2, *args, "--fsdp", "1")  # noqa: E731
+    src, launch = (fsdp_run, run_cli) if direction == "fsdp to one process" else (runs / "one", launch_fsdp)
+    resumed = resume_step_3(src, tmp_path / "resumed", launch, small_text)
     one = {k: v for k, v in read_log(runs / "one" / "log.txt").items() if k[0] >= 3}
-    diff = max_diff(one, read_log(tmp_path / "resumed" / "log.txt"))
+    diff = max_diff(one, resumed)
     print(f"max |diff| {direction}, vs the uninterrupted 1-process run: {diff:.2e}")
     assert diff < 1e-5
     assert weight_diff(runs / "one" / "model_00006.pt", tmp_path / "resumed" / "model_00006.pt") < 1e-5
