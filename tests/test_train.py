@@ -262,6 +262,8 @@ BAD = {  # name: (extra args replacing defaults, words the one-line message must
     "shuffle not 0/1": (["--shuffle", "2"], "--shuffle must be 0 or 1"),
     "negative seed to shuffle": (["--shuffle", "1", "--seed", "-3"], "--seed must not be negative"),
     "fsdp not 0/1": (["--fsdp", "2"], "--fsdp must be 0 or 1"),
+    "dropout out of range": (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    "zero dist_timeout": (["--dist_timeout", "0"], "--dist_timeout must be positive"),
     "fsdp without torchrun": (["--fsdp", "1"], "torchrun"),
 }
 
