@@ -12,14 +12,14 @@ Launch:
     python hellaswag.py --model gpt2 --data hellaswag_val.jsonl --limit 500 --device cpu  # a local copy
 The last line of stdout is one JSON object: {"n": ..., "acc": ..., "acc_norm": ..., "examples_per_s": ...}.
 
-As a library (train_gpt2.py --hellaswag_every does this on every DDP rank, then all-reduces the counts):
+The scoring itself is train_gpt2.py's (its evaluation section), which --hellaswag_every also runs during
+training; this file downloads and verifies the data and is the command line:
     examples = load_examples(split="val")
     counts = score(model, examples, enc, device, rank=rank, world_size=world_size)  # {n, correct, correct_norm}
     accuracies(counts)                                                                # {n, acc, acc_norm}
 """
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -27,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+import train_gpt2
+from train_gpt2 import accuracies, score
 
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / ".cache" / "hellaswag"
 BASE_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
@@ -97,25 +97,23 @@ def download(split="val", cache_dir=DEFAULT_CACHE_DIR, base_url=BASE_URL):
         except HellaSwagError:
             path.unlink(missing_ok=True)  # a partial or corrupted copy is never used: fetch it again
     url = f"{base_url}/hellaswag_{split}.jsonl"
-    # Write to a temporary name and rename only once verified, so the final name always means "good file"
-    # (an interrupted download or a concurrent reader never sees a partial file there).
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with requests.get(url, stream=True, timeout=60) as r:
+
+    def fetch(f):  # into write_atomic's temporary file, verified before it is renamed: the final name always
+        with requests.get(url, stream=True, timeout=60) as r:  # means "a good file", even to a concurrent reader
             r.raise_for_status()
-            with open(tmp, "wb") as f:
-                for chunk in r.iter_content(1 << 20):
-                    f.write(chunk)
+            for chunk in r.iter_content(1 << 20):
+                f.write(chunk)
+        f.flush()
         try:
-            verify(tmp, split)
+            verify(f.name, split)
         except HellaSwagError as e:
             raise HellaSwagError(f"download of {url} is corrupted or incomplete ({e}); not cached") from None
-        os.replace(tmp, path)
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        train_gpt2.write_atomic(str(path), fetch)
     except (requests.RequestException, OSError) as e:
         raise HellaSwagError(f"could not download {url} to {path}: {type(e).__name__}: {e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -128,96 +126,6 @@ def load_examples(path=None, split="val", limit=0):
         raise HellaSwagError(f"HellaSwag file {path} does not exist")
     examples = parse_file(path)
     return examples[:limit] if limit > 0 else examples
-
-
-# -----------------------------------------------------------------------------
-# scoring
-
-
-def render_example(example, enc):
-    """(context tokens, [tokens of each of the 4 endings], label). The leading space makes the ending's first
-    word tokenize as it would mid-sentence, as in the GPT-2/GPT-3 evaluations."""
-    ctx = enc.encode(example["ctx"])
-    endings = [enc.encode(" " + e) for e in example["endings"]]
-    return ctx, endings, example["label"]
-
-
-@torch.no_grad()
-def ending_losses(model, rendered, device="cpu", batch_size=16, autocast=contextlib.nullcontext, progress=False):
-    """Summed cross-entropy of each ending and its token count: two (n, 4) tensors, in `rendered` order.
-    The model should be in eval mode (score() sees to it).
-
-    A row is context + ending. Rows longer than block_size lose tokens from the LEFT (the start of the
-    context), so the whole ending is always kept; in the extreme case that the ending alone fills the block,
-    its first token has no context and is not scored. Real HellaSwag (<= 166 tokens) is never truncated.
-    """
-    from tqdm import tqdm
-
-    block_size = model.config.block_size
-    rows = []  # per example: 4 x (tokens, number of ending tokens scored)
-    for ctx, endings, _ in rendered:
-        ex_rows = []
-        for end in endings:
-            toks = (ctx + end)[-block_size:]
-            ex_rows.append((toks, min(len(end), len(toks) - 1)))
-        rows.append(ex_rows)
-    # Longest first: similar lengths share a batch (little padding), and an out-of-memory shows up at once.
-    order = sorted(range(len(rows)), key=lambda i: -max(len(t) for t, _ in rows[i]))
-    total = torch.zeros(len(rows), 4, dtype=torch.float64)
-    count = torch.zeros(len(rows), 4, dtype=torch.long)
-    bar = tqdm(total=len(rows), desc="hellaswag", unit="ex", file=sys.stderr, disable=not progress)
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        batch = [r for i in idx for r in rows[i]]  # 4 rows per example, all in one forward
-        T = max(len(t) for t, _ in batch)
-        # Right padding: with causal attention a position only sees positions before it, so the pad
-        # tokens after a row's end cannot change its logits; they are also left out of the loss.
-        x = torch.zeros(len(batch), T, dtype=torch.long)
-        y = torch.zeros(len(batch), T, dtype=torch.long)
-        mask = torch.zeros(len(batch), T, dtype=torch.bool)  # True where logits[t] predicts an ending token
-        for r, (toks, n_end) in enumerate(batch):
-            x[r, :len(toks)] = torch.tensor(toks)
-            y[r, :len(toks) - 1] = torch.tensor(toks[1:])  # logits at t predict token t+1
-            mask[r, len(toks) - 1 - n_end:len(toks) - 1] = True
-        x, y, mask = x.to(device), y.to(device), mask.to(device)
-        with autocast():
-            # Only the ending positions need the output layer: the hidden states of the others are dropped
-            # before it, which saves most of the largest matmul and all of its (rows, T, vocab) logits.
-            logits = model.head(model.features(x)[mask])  # (ending tokens, padded_vocab); padding is -inf
-        tok_loss = F.cross_entropy(logits.float(), y[mask], reduction="none")
-        losses = torch.zeros(mask.shape, device=device)
-        losses[mask] = tok_loss  # scatter back, then sum each row: a fixed order, so deterministic
-        total[idx] = losses.cpu().double().sum(1).view(-1, 4)  # float64 on the CPU: MPS has no float64
-        count[idx] = mask.sum(1).view(-1, 4).cpu()
-        bar.update(len(idx))
-    bar.close()
-    return total, count
-
-
-def score(model, examples, enc, device="cpu", batch_size=16, autocast=contextlib.nullcontext,
-          rank=0, world_size=1, progress=False):
-    """Count right answers on this rank's share of the examples, examples[rank::world_size].
-    `batch_size` examples (x 4 endings) go through the model per forward; `autocast` is a function that
-    returns a context manager (e.g. bf16 autocast). Returns {n, correct, correct_norm}: sum these over
-    ranks, then call accuracies()."""
-    mine = examples[rank::world_size]
-    rendered = [render_example(e, enc) for e in mine]
-    was_training = model.training
-    model.eval()  # no dropout in our GPT, but a caller's model may have some
-    try:
-        total, count = ending_losses(model, rendered, device, batch_size, autocast, progress)
-    finally:
-        model.train(was_training)
-    labels = torch.tensor([label for _, _, label in rendered], dtype=torch.long)
-    return dict(n=len(mine),
-                correct=int((total.argmin(1) == labels).sum()),
-                correct_norm=int(((total / count.clamp(min=1)).argmin(1) == labels).sum()))
-
-
-def accuracies(counts):
-    """{n, correct, correct_norm} (summed over ranks) -> {n, acc, acc_norm}."""
-    n = int(counts["n"])
-    return dict(n=n, acc=int(counts["correct"]) / max(n, 1), acc_norm=int(counts["correct_norm"]) / max(n, 1))
 
 
 # -----------------------------------------------------------------------------
@@ -243,20 +151,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-
-    import tiktoken
-    import train_gpt2  # here, not at the top: train_gpt2 imports this module too
-
     try:
         if args.batch_size < 1:
             raise HellaSwagError("--batch_size must be at least 1")
         rt = train_gpt2.setup_runtime(args.device, args.dtype)
         examples = load_examples(args.data, args.split, args.limit)  # before the model: bad data fails fast
         model = train_gpt2.load_model(args.model).to(rt.device)
+        enc = train_gpt2.get_encoding()
     except (HellaSwagError, train_gpt2.UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    enc = tiktoken.get_encoding("gpt2")
     t0 = time.time()
     counts = score(model, examples, enc, rt.device, args.batch_size, rt.autocast, progress=True)
     dt = time.time() - t0

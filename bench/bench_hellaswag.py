@@ -30,7 +30,7 @@ def timed(model, rendered, batch_size, rt):
     if rt.device_type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    total, count = hellaswag.ending_losses(model, rendered, rt.device, batch_size, rt.autocast)
+    total, count = train_gpt2.ending_losses(model, rendered, rt.device, batch_size, rt.autocast)
     if rt.device_type == "cuda":
         torch.cuda.synchronize()
     return total, count, time.perf_counter() - t0
@@ -62,7 +62,7 @@ def main():
     enc = tiktoken.get_encoding("gpt2")
     sample = ROOT / "tests" / "data" / "hellaswag_val_300.jsonl"  # the first 300 validation examples
     examples = hellaswag.load_examples(sample if max(args.n, args.big_n) <= 300 else None, limit=max(args.n, args.big_n))
-    rendered = [hellaswag.render_example(e, enc) for e in examples]
+    rendered = [train_gpt2.render_example(e, enc) for e in examples]
     print(f"device {rt.device} ({torch.cuda.get_device_name() if rt.device_type == 'cuda' else os.cpu_count()} "
           f"{'GPU' if rt.device_type == 'cuda' else 'CPU cores'}), dtype {rt.dtype}, torch threads "
           f"{torch.get_num_threads()}, batch_size {args.batch_size} examples = {4 * args.batch_size} rows")

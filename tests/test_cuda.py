@@ -74,9 +74,9 @@ def test_hellaswag_batched_equals_one_example_per_forward_on_cuda():
     torch.manual_seed(0)
     model = tg.GPT(tg.GPTConfig(block_size=256, n_layer=2, n_head=4, n_embd=64)).cuda().eval()
     enc = tiktoken.get_encoding("gpt2")
-    rendered = [hellaswag.render_example(e, enc) for e in hellaswag.load_examples(HELLASWAG, limit=40)]
-    one, count1 = hellaswag.ending_losses(model, rendered, "cuda", batch_size=1)
-    many, count16 = hellaswag.ending_losses(model, rendered, "cuda", batch_size=16)
+    rendered = [tg.render_example(e, enc) for e in hellaswag.load_examples(HELLASWAG, limit=40)]
+    one, count1 = tg.ending_losses(model, rendered, "cuda", batch_size=1)
+    many, count16 = tg.ending_losses(model, rendered, "cuda", batch_size=16)
     assert torch.equal(count1, count16)
     torch.testing.assert_close(one, many, atol=1e-3, rtol=1e-4)
 

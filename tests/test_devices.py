@@ -7,6 +7,7 @@ import torch
 
 from conftest import run_cli
 
+import train_extras
 import train_gpt2 as tg
 
 GiB = 1 << 30
@@ -148,7 +149,7 @@ def test_process_group_timeout_fits_rank_0s_checkpoint_writes(monkeypatch):
 ])
 def test_cuda_batch_size_auto_leaves_room(free, trial_peak, ddp, fits):
     n_params = 124_000_000
-    assert tg.cuda_batch_fits(trial_peak, n_params, free, ddp) == fits
+    assert train_extras.cuda_batch_fits(trial_peak, n_params, free, ddp) == fits
 
 
 def test_resume_on_another_device_uses_that_devices_adamw(tmp_path):

@@ -76,8 +76,8 @@ def ours(hf_dir):
 
 def test_scores_match_transformers(ours, examples, enc, reference):
     ref_total, ref_count = reference
-    rendered = [hellaswag.render_example(e, enc) for e in examples]
-    total, count = hellaswag.ending_losses(ours, rendered, batch_size=7)
+    rendered = [train_gpt2.render_example(e, enc) for e in examples]
+    total, count = train_gpt2.ending_losses(ours, rendered, batch_size=7)
     assert torch.equal(count.double(), ref_count.double())
     torch.testing.assert_close(total, ref_total, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(total / count, ref_total / ref_count, atol=1e-5, rtol=1e-6)
@@ -89,17 +89,17 @@ def test_scores_match_transformers(ours, examples, enc, reference):
     assert torch.equal((total / count).argmin(1), (ref_total / ref_count).argmin(1))
 
     labels = torch.tensor([e["label"] for e in examples])
-    counts = hellaswag.score(ours, examples, enc, batch_size=7)
+    counts = train_gpt2.score(ours, examples, enc, batch_size=7)
     assert counts == dict(n=len(examples), correct=int((ref_total.argmin(1) == labels).sum()),
                           correct_norm=int(((ref_total / ref_count).argmin(1) == labels).sum()))
-    acc = hellaswag.accuracies(counts)
+    acc = train_gpt2.accuracies(counts)
     assert acc["n"] == len(examples) and acc["acc"] == counts["correct"] / len(examples)
 
 
 def test_batched_equals_unbatched(ours, examples, enc):
-    rendered = [hellaswag.render_example(e, enc) for e in examples]
-    one_total, one_count = hellaswag.ending_losses(ours, rendered, batch_size=1)
-    all_total, all_count = hellaswag.ending_losses(ours, rendered, batch_size=16)
+    rendered = [train_gpt2.render_example(e, enc) for e in examples]
+    one_total, one_count = train_gpt2.ending_losses(ours, rendered, batch_size=1)
+    all_total, all_count = train_gpt2.ending_losses(ours, rendered, batch_size=16)
     assert torch.equal(one_count, all_count)
     torch.testing.assert_close(one_total, all_total, atol=1e-5, rtol=0)
     assert torch.equal(one_total.argmin(1), all_total.argmin(1))
@@ -108,8 +108,8 @@ def test_batched_equals_unbatched(ours, examples, enc):
 
 def test_ranks_split_the_examples(ours, examples, enc):
     examples = examples[:10]
-    full = hellaswag.score(ours, examples, enc)
-    parts = [hellaswag.score(ours, examples, enc, rank=r, world_size=3) for r in range(3)]
+    full = train_gpt2.score(ours, examples, enc)
+    parts = [train_gpt2.score(ours, examples, enc, rank=r, world_size=3) for r in range(3)]
     assert {k: sum(p[k] for p in parts) for k in full} == full
 
 
@@ -117,10 +117,10 @@ def test_eval_mode_restored_and_left_truncation(ours, enc):
     # A context longer than block_size loses its start; the ending is still scored in full.
     ex = dict(ctx="word " * 400, endings=["a b c", "d e", "f", "g h i j"], label=0)
     ours.train()
-    counts = hellaswag.score(ours, [ex], enc)
+    counts = train_gpt2.score(ours, [ex], enc)
     assert ours.training and counts["n"] == 1
-    rendered = [hellaswag.render_example(ex, enc)]
-    _, count = hellaswag.ending_losses(ours, rendered)
+    rendered = [train_gpt2.render_example(ex, enc)]
+    _, count = train_gpt2.ending_losses(ours, rendered)
     assert count.tolist() == [[len(e) for e in rendered[0][1]]]
 
 
@@ -228,8 +228,8 @@ def test_default_dtype_makes_transformers_fp32_choices_example_by_example(ours, 
     if dtype == "auto":
         dtype = "bf16" if train_gpt2.cpu_has_bf16() else "fp32"
     rt = train_gpt2.Runtime(False, 0, 0, 1, True, "cpu", "cpu", dtype)
-    rendered = [hellaswag.render_example(e, enc) for e in examples]
-    total, count = hellaswag.ending_losses(ours, rendered, batch_size=16, autocast=rt.autocast)
+    rendered = [train_gpt2.render_example(e, enc) for e in examples]
+    total, count = train_gpt2.ending_losses(ours, rendered, batch_size=16, autocast=rt.autocast)
     assert torch.equal(total.argmin(1), ref_total.argmin(1))
     assert torch.equal((total / count).argmin(1), (ref_total / ref_count).argmin(1))
 

@@ -12,6 +12,7 @@ import torch
 
 from conftest import ROOT
 
+import train_extras
 import train_gpt2 as tg
 
 SHAPES = [  # (n_layer, n_head, n_embd, vocab_size, n_positions)
@@ -317,11 +318,11 @@ def test_grad_checkpoint_gives_the_same_loss_and_gradients():
 
 
 def test_pick_batch_size_takes_the_largest_divisor_that_fits():
-    assert tg.pick_batch_size(512, lambda b: b <= 20) == 16  # the largest divisor of 512 that fits
-    assert tg.pick_batch_size(48, lambda b: b <= 30) == 24
-    assert tg.pick_batch_size(1000, lambda b: True) == 50  # at most 64, and a divisor
+    assert train_extras.pick_batch_size(512, lambda b: b <= 20) == 16  # the largest divisor of 512 that fits
+    assert train_extras.pick_batch_size(48, lambda b: b <= 30) == 24
+    assert train_extras.pick_batch_size(1000, lambda b: True) == 50  # at most 64, and a divisor
     with pytest.raises(tg.UserError, match="--grad_checkpoint"):
-        tg.pick_batch_size(8, lambda b: False)
+        train_extras.pick_batch_size(8, lambda b: False)
 
 
 def test_activation_memory_estimate_matches_the_measured_growth():
@@ -341,7 +342,7 @@ def test_activation_memory_estimate_matches_the_measured_growth():
             _, loss = model(x, x)
         return total
     per_token = (saved_bytes(4) - saved_bytes(2)) / (2 * 256)
-    estimate = tg.activation_bytes_per_token(config, "bf16")
+    estimate = train_extras.activation_bytes_per_token(config, "bf16")
     assert 0.5 * estimate < per_token < 1.5 * estimate, (per_token, estimate)
 
 
