@@ -366,3 +366,13 @@ def test_dropout_is_off_by_default_and_active_only_in_training():
     torch.manual_seed(1)
     model.grad_checkpoint = False
     assert model(idx, idx)[1] == a
+
+
+def test_loss_blocks_follow_the_width_and_stay_at_most_32():
+    """The loss's block size: ~n_embd rows (at least 256), and never more than 32 blocks (compiled, the loop
+    over the blocks is unrolled)."""
+    rows = {C: tg.GPT(tg.GPTConfig(block_size=64, vocab_size=300, n_layer=1, n_head=1, n_embd=C)).loss_block_rows
+            for C in (64, 128, 256, 768, 1600)}
+    assert [rows[C](2048) for C in (64, 128, 256, 768, 1600)] == [256, 256, 256, 1024, 2048]
+    assert rows[768](64 * 1024) == 2048  # a GPU micro-batch of 64 x 1024: 32 blocks
+    assert rows[128](10 ** 6) * 32 >= 10 ** 6
