@@ -8,6 +8,8 @@ share of each step, and the time of the loss path's three matmuls alone: the flo
     python bench/bench_train.py                  # the CPU configurations of the README table
     python bench/bench_train.py --device cuda    # the same on a GPU, plus the 124M T=1024 recipe row
     python bench/bench_train.py --only compare   # only the reference comparison
+    python bench/bench_train.py --only blocks    # the loss path at several block sizes (GPT.loss_rows)
+    python bench/bench_train.py --device cuda --only compare --shape 4L-128,T1024   # some shapes only
 
 A benchmark prints figures; it asserts nothing. Machines are noisy: compare ratios from one run.
 """
@@ -68,6 +70,9 @@ def kv_cache_ratio(device, new_tokens=256):
     model = tg.GPT(tg.GPTConfig(**tg.PRESETS["gpt2"])).to(rt.device).eval()
     idx = torch.randint(0, 50257, (1, 8), device=rt.device)
     times, outs = {}, {}
+    for use_cache in (True, False):  # warm-up: the first kernels of each path pay for their set-up
+        with rt.autocast():
+            tg.generate(model, idx, 4, temperature=0, use_cache=use_cache)
     for use_cache in (True, False):
         t0 = time.perf_counter()
         with rt.autocast():
@@ -127,7 +132,7 @@ def compare_reference(device, name, shape, B, T, steps):
     loss_fns = {
         "reference": torch.compile(lambda: F.cross_entropy(model.head(h).float(), y.flatten())),
         "ours": torch.compile(lambda: tg.ChunkedCrossEntropy.apply(h, w, y.flatten(), config.vocab_size,
-                                                                   model.loss_block_rows(B * T))),
+                                                                   model.loss_block_rows(B * T, rt.device_type))),
     }
 
     # The floor under any loss path: its three matmuls alone (logits = h W^T, then d h = g W and d W = g^T h, with
@@ -160,11 +165,42 @@ def compare_reference(device, name, shape, B, T, steps):
             f"{1000 * med['ours']['floor']:,.0f} ms = {100 * med['ours']['floor'] / med['ours']['loss']:.0f}% | {same:.1e} |")
 
 
+def loss_blocks(device, steps):
+    """The loss path alone (forward and backward, compiled, autocast) of 2048 rows at several block sizes, for
+    three widths: what GPT.loss_rows is chosen from."""
+    rt = tg.setup_runtime(device, "auto")
+    rows_all = 2048
+    print("| width | " + " | ".join(f"{r} rows" for r in (128, 256, 512, 1024, 2048)) + " | the model's choice |")
+    print("|---|---|---|---|---|---|---|")
+    for width in (128, 256, 768):
+        torch.manual_seed(0)
+        model = tg.GPT(tg.GPTConfig(n_layer=1, n_head=1, n_embd=width))
+        h = torch.randn(rows_all, width, device=rt.device, requires_grad=True)
+        w = model.lm_head.weight.detach().to(rt.device).requires_grad_()
+        y = torch.randint(0, 50257, (rows_all,), device=rt.device)
+        cells = []
+        for rows in (128, 256, 512, 1024, 2048):
+            torch._dynamo.reset()  # a fresh compile per block size (one lambda would hit the recompile limit)
+            fn = torch.compile(lambda rows=rows: tg.ChunkedCrossEntropy.apply(h, w, y, 50257, rows))
+
+            def run():
+                with rt.autocast():
+                    loss = fn()
+                loss.backward()
+                h.grad = w.grad = None
+            times = [timed(run, rt) for _ in range(steps)]
+            cells.append(f"{1000 * statistics.median(times[2:]):,.0f} ms")
+        print(f"| {width} | {' | '.join(cells)} | {model.loss_block_rows(rows_all)} rows |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per configuration (default: %(default)s)")
-    p.add_argument("--only", choices=["table", "compare"], help="run only one of the two parts")
+    p.add_argument("--only", choices=["table", "compare", "blocks"], help="run only one part (blocks: the loss's "
+                   "block size, run only when asked for)")
+    p.add_argument("--shape", default="", help="compare only the shapes whose names hold one of these "
+                   "(comma-separated), e.g. 4L-128,T1024")
     args = p.parse_args()
     dev = ["--device", args.device]
     gpt2 = ["--model", "gpt2"]
@@ -184,6 +220,8 @@ def main():
                                                     "524288"]))
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {args.device}, load average "
           f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "")
+    if args.only == "blocks":
+        return loss_blocks(args.device, args.steps)
     if args.only != "compare":
         print("| config | flags | tok/s | ms/step | MFU | peak memory | first step | wall |")
         print("|---|---|---|---|---|---|---|---|")
@@ -200,9 +238,12 @@ def main():
         print("| shape | reference tok/s | ours tok/s | ours/reference | loss path, reference | loss path, ours "
               "| its 3 matmuls alone, share of ours | max loss difference |")
         print("|---|---|---|---|---|---|---|---|")
-        for name, shape, B, T in [("4L-128 B8 T256", dict(n_layer=4, n_head=4, n_embd=128), 8, 256),
-                                  ("4L-256 B8 T256", dict(n_layer=4, n_head=4, n_embd=256), 8, 256),
-                                  ("124M B4 T256", tg.PRESETS["gpt2"], 4, 256)]:
+        shapes = [("4L-128 B8 T256", dict(n_layer=4, n_head=4, n_embd=128), 8, 256),
+                  ("4L-256 B8 T256", dict(n_layer=4, n_head=4, n_embd=256), 8, 256),
+                  ("124M B4 T256", tg.PRESETS["gpt2"], 4, 256)]
+        if args.device == "cuda":  # a batch that fills a GPU: the recipe's micro-batch
+            shapes.append(("124M B64 T1024", tg.PRESETS["gpt2"], 64, 1024))
+        for name, shape, B, T in [s for s in shapes if any(k in s[0] for k in args.shape.split(","))]:
             print(compare_reference(args.device, name, shape, B, T, args.steps), flush=True)
 
 

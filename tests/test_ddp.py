@@ -94,6 +94,7 @@ import train_gpt2 as tg
 rt = tg.setup_runtime("cpu", "fp32")
 got = [tg.agree_on_signal(int(sys.argv[2 + rt.rank]), rt) for _ in range(2)]
 print(f"rank {rt.rank} stops for {got[0]}")
+tg.dist.destroy_process_group()  # a group left to the interpreter's exit can abort in gloo's threads
 """
 
 

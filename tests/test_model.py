@@ -376,3 +376,6 @@ def test_loss_blocks_follow_the_width_and_stay_at_most_32():
     assert [rows[C](2048) for C in (64, 128, 256, 768, 1600)] == [256, 256, 256, 1024, 2048]
     assert rows[768](64 * 1024) == 2048  # a GPU micro-batch of 64 x 1024: 32 blocks
     assert rows[128](10 ** 6) * 32 >= 10 ** 6
+    # a GPU: blocks of 4096 rows (launches, not caches, decide), so a small batch is one block
+    assert rows[128](2048, "cuda") == 4096 and rows[768](64 * 1024, "cuda") == 4096
+    assert rows[768](10 ** 6, "cuda") * 32 >= 10 ** 6
