@@ -29,6 +29,7 @@ from pathlib import Path
 
 import train_gpt2
 from train_gpt2 import accuracies, score
+from train_plumbing import write_atomic
 
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / ".cache" / "hellaswag"
 BASE_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
@@ -111,7 +112,7 @@ def download(split="val", cache_dir=DEFAULT_CACHE_DIR, base_url=BASE_URL):
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        train_gpt2.write_atomic(str(path), fetch)
+        write_atomic(str(path), fetch)
     except (requests.RequestException, OSError) as e:
         raise HellaSwagError(f"could not download {url} to {path}: {type(e).__name__}: {e}") from None
     return path

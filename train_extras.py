@@ -16,7 +16,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from train_gpt2 import CONV1D, UserError, get_encoding, load_checkpoint, model_from_checkpoint, write_atomic
+from train_gpt2 import get_encoding, model_from_checkpoint
+from train_plumbing import CONV1D, UserError, load_checkpoint, write_atomic
 
 # -----------------------------------------------------------------------------
 # --batch_size auto: how many sequences per micro-step fit in memory

@@ -9,6 +9,7 @@ from conftest import run_cli
 
 import train_extras
 import train_gpt2 as tg
+import train_plumbing as tp
 
 GiB = 1 << 30
 # What PyTorch's CUDA builds carry (torch.cuda.get_arch_list()), from its release support matrix: the CUDA 12.6
@@ -72,14 +73,14 @@ def test_volta_needs_the_cuda_12_6_build(fake_cuda):
 
 
 def test_ptx_of_an_older_architecture_runs_on_a_newer_gpu():
-    assert tg.cuda_arch_supported((12, 0), ["sm_90", "compute_90"])  # the driver compiles the PTX
-    assert not tg.cuda_arch_supported((12, 0), ["sm_90"])  # a cubin runs only within its major version
-    assert tg.cuda_arch_supported((8, 6), ["sm_80"])  # sm_80 code runs on 8.6
-    assert not tg.cuda_arch_supported((8, 0), ["sm_86"])
-    assert not tg.cuda_arch_supported((5, 2), ["sm_60", "compute_60"])
-    assert tg.cuda_arch_supported((9, 0), ["sm_80", "sm_90", "sm_90a", "sm_100", "sm_120"])
-    assert tg.cuda_arch_supported((12, 0), ["sm_90", "sm_100", "sm_120", "compute_120"])
-    assert tg.cuda_arch_supported((9, 4), ["gfx90a", "gfx942"])  # a ROCm build: not judged by CUDA's rules
+    assert tp.cuda_arch_supported((12, 0), ["sm_90", "compute_90"])  # the driver compiles the PTX
+    assert not tp.cuda_arch_supported((12, 0), ["sm_90"])  # a cubin runs only within its major version
+    assert tp.cuda_arch_supported((8, 6), ["sm_80"])  # sm_80 code runs on 8.6
+    assert not tp.cuda_arch_supported((8, 0), ["sm_86"])
+    assert not tp.cuda_arch_supported((5, 2), ["sm_60", "compute_60"])
+    assert tp.cuda_arch_supported((9, 0), ["sm_80", "sm_90", "sm_90a", "sm_100", "sm_120"])
+    assert tp.cuda_arch_supported((12, 0), ["sm_90", "sm_100", "sm_120", "compute_120"])
+    assert tp.cuda_arch_supported((9, 4), ["gfx90a", "gfx942"])  # a ROCm build: not judged by CUDA's rules
 
 
 def test_compile_auto_is_eager_before_volta_and_on_is_an_error(fake_cuda, capsys):
@@ -159,7 +160,7 @@ def test_resume_on_another_device_uses_that_devices_adamw(tmp_path):
     for group in state["param_groups"]:
         group["fused"] = True  # as a CUDA run saves it
     cpu_opt = tg.configure_optimizer(model, 1e-3, 0.1, "cpu")
-    tg.load_optimizer_state(cpu_opt, state, "cpu")
+    tp.load_optimizer_state(cpu_opt, state, "cpu")
     expected = tg.configure_optimizer(model, 1e-3, 0.1, "cpu").param_groups[0]["fused"]
     assert all(g["fused"] == expected for g in cpu_opt.param_groups)
 

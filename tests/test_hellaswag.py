@@ -15,6 +15,7 @@ from conftest import HELLASWAG as VAL, ROOT
 
 import hellaswag
 import train_gpt2
+import train_plumbing
 
 N_EXAMPLES = 100  # real validation examples, scored against transformers in fp32
 
@@ -226,8 +227,8 @@ def test_default_dtype_makes_transformers_fp32_choices_example_by_example(ours, 
     ref_total, ref_count = reference
     dtype = hellaswag.parse_args(["--model", "any"]).dtype
     if dtype == "auto":
-        dtype = "bf16" if train_gpt2.cpu_has_bf16() else "fp32"
-    rt = train_gpt2.Runtime(False, 0, 0, 1, True, "cpu", "cpu", dtype)
+        dtype = "bf16" if train_plumbing.cpu_has_bf16() else "fp32"
+    rt = train_plumbing.Runtime(False, 0, 0, 1, True, "cpu", "cpu", dtype)
     rendered = [train_gpt2.render_example(e, enc) for e in examples]
     total, count = train_gpt2.ending_losses(ours, rendered, batch_size=16, autocast=rt.autocast)
     assert torch.equal(total.argmin(1), ref_total.argmin(1))

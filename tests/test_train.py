@@ -15,6 +15,7 @@ import torch
 from conftest import ROOT, run_cli
 
 import train_gpt2 as tg
+import train_plumbing as tp
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "32",
         "--total_batch_size", "128", "--warmup_steps", "3", "--max_lr", "1e-3", "--val_tokens", "256",
@@ -83,7 +84,7 @@ def test_sigkill_then_resume_is_bit_identical(reference, small_text, tmp_path, k
     log_dir = tmp_path / "run"
     rc, _, _ = run_until(train_args(small_text, log_dir), kill_after, signal.SIGKILL)
     assert rc == -signal.SIGKILL
-    assert not [p for p in log_dir.iterdir() if p.name.startswith("model_") and not tg.CHECKPOINT_RE.match(p.name)
+    assert not [p for p in log_dir.iterdir() if p.name.startswith("model_") and not tp.CHECKPOINT_RE.match(p.name)
                 and not p.name.endswith(".tmp")]
     out = run_cli(*train_args(small_text, log_dir, "--resume", "auto"))
     assert out.returncode == 0, out.stderr
@@ -146,7 +147,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(reference, small_text, tmp_pa
     rc, out, err = run_until(train_args(small_text, log_dir), "step     2 | loss", signal.SIGTERM)
     assert rc == 143, err
     assert "stopped by signal" in out
-    steps = sorted(int(tg.CHECKPOINT_RE.match(p.name)[1]) for p in log_dir.glob("model_*.pt"))
+    steps = sorted(int(tp.CHECKPOINT_RE.match(p.name)[1]) for p in log_dir.glob("model_*.pt"))
     assert steps and steps[-1] in (3, 4)  # the step in progress finished, then a checkpoint
     out = run_cli(*train_args(small_text, log_dir, "--resume", "auto"))
     assert out.returncode == 0, out.stderr

@@ -1,0 +1,688 @@
+"""
+The plumbing of train_gpt2.py: what its training loop calls to run safely on real machines, kept out of the
+lecture. Nothing here is needed to follow how GPT-2 is pretrained; all of it is needed to pretrain it for
+days on machines that fail. train_gpt2.py imports this file; this file imports nothing of the project.
+
+    the runtime        setup_runtime(): the one place that reads the environment (torchrun's ranks, the
+                       device, the dtype) and sets up the process group; which GPUs this PyTorch build can run
+    checks             flags against the runtime or a checkpoint (the flags alone: train_gpt2.check_config)
+    the run's log      log.txt, W&B, the console (rank 0 only)
+    checkpoints        atomic writes, save, load (weights_only), --resume auto, exact restore, retention
+    signals and errors SIGTERM/SIGINT -> a checkpoint and a clean exit on every rank; the out-of-memory line
+    FLOPs              per token, and each device's peak, for MFU
+    FSDP               --fsdp 1: sharding, and checkpoints that any mode can resume
+    Hugging Face       GPT-2 weights from the hub or a directory, into our names and layout
+"""
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import random
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """Bad input from the user: main() prints the message as one line and exits with code 2."""
+
+
+
+# ---- the runtime: device, dtype, distributed ----
+
+
+@dataclass
+class Runtime:
+    ddp: bool  # launched by torchrun: several processes, one per GPU
+    rank: int
+    local_rank: int
+    world_size: int
+    master: bool  # rank 0: logs, writes checkpoints
+    device: str
+    device_type: str
+    dtype: str  # "bf16", "fp16" or "fp32"
+    local_world_size: int = 1  # processes on this machine
+
+    def autocast(self):
+        if self.dtype == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=torch.bfloat16 if self.dtype == "bf16" else torch.float16)
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def setup_runtime(device="auto", dtype="auto", check=None, dist_timeout=60):
+    """The one place that reads the environment: rank and world size from torchrun, the device, the dtype.
+    check(world_size), if given, validates the flags before any device or process-group setup. It sets
+    process-wide state, as a training program should: deterministic algorithms and the thread count on CPU,
+    TF32 matmuls for fp32 on CUDA, the current GPU, the process group."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # set by torchrun
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    for name, value, choices in (("device", device, DEVICES), ("dtype", dtype, DTYPES)):
+        if value not in choices:
+            raise UserError(f"unknown --{name} {value}; use {', '.join(choices)}")
+    if check is not None:
+        check(world_size)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but PyTorch sees no CUDA GPU; use --device cpu (or auto)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps but MPS is not available here; use --device cpu (or auto)")
+    if device == "mps" and ddp:
+        raise UserError("torchrun cannot train on MPS (its gloo backend does not carry MPS tensors); run one "
+                        "process on MPS, or torchrun with --device cpu")
+    device_type = device
+    if device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {local_rank} but only {torch.cuda.device_count()} GPUs; use "
+                            f"--nproc_per_node={torch.cuda.device_count()} or fewer")
+        device = f"cuda:{local_rank}"
+        name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+        arch_list = torch.cuda.get_arch_list()
+        if not cuda_arch_supported(capability, arch_list):
+            # e.g. a GTX 960 (Maxwell, 5.2) with a CUDA 12.8+ build: it would die at the first kernel
+            fix = ("a newer PyTorch built for a newer CUDA (pip install -U torch)" if capability >= (7, 5) else
+                   "a build for CUDA 12.6, the last with Maxwell, Pascal and Volta: pip install 'torch<2.15' "
+                   "--index-url https://download.pytorch.org/whl/cu126 (see README)")
+            raise UserError(f"this PyTorch build has no kernels for the {name} (compute capability "
+                            f"{capability[0]}.{capability[1]}; it has {' '.join(arch_list)}); install {fix}, or use "
+                            "--device cpu")
+        torch.cuda.set_device(device)
+    bf16_ok = (torch.cuda.is_bf16_supported(including_emulation=False) if device_type == "cuda"
+               else cpu_has_bf16() if device_type == "cpu" else False)
+    if dtype == "auto":
+        # bf16 where the hardware does it natively; fp16 (with a GradScaler) on older GPUs such as the
+        # GTX 960 this project started on; fp32 everywhere else.
+        dtype = "bf16" if bf16_ok else "fp16" if device_type == "cuda" else "fp32"
+    if dtype == "bf16" and device_type == "cuda" and not bf16_ok:
+        raise UserError("--dtype bf16 but this GPU has no bf16 support; use --dtype fp16 (or auto)")
+    if dtype == "fp16" and device_type == "cpu":
+        raise UserError("--dtype fp16 is not supported for training on CPU; use --dtype bf16 or fp32 (or auto)")
+    if device_type == "cuda" and dtype == "fp32":
+        # fp32 matmuls on TF32 tensor cores (Ampere and newer; ignored before): 10 mantissa bits in the
+        # products, fp32 accumulation, ~8x the fp32 throughput. The GPT-2 reproduction recipes train this way.
+        torch.set_float32_matmul_precision("high")
+    if device_type == "cpu":
+        # Bitwise reproducibility on CPU. Compiled, the backward of an embedding lookup is a scatter-add
+        # that Inductor runs as a parallel loop of atomic adds (index_put with accumulate=True lowers to
+        # ir.Scatter(scatter_mode="atomic_add") in torch/_inductor/lowering.py). Where a token or position
+        # repeats in a batch, its gradient row is summed in whatever order the threads arrive, and float
+        # addition is not associative: two runs differed by ~1e-9. Deterministic mode makes Inductor call
+        # ATen's index_put_ instead, which accumulates serially on CPU. Filling new tensors with NaN (on by
+        # default in that mode, to catch reads of uninitialized memory) only costs time, so it is off.
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+        # torchrun sets OMP_NUM_THREADS=1 per process; share the cores between the local ranks instead.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, cores // local_world_size))
+    if ddp and not dist.is_initialized():
+        # The default timeout (10 minutes for NCCL) would abort the job while rank 0 alone writes a big
+        # checkpoint (gpt2-xl: ~19 GB) and the others wait for it in the next collective.
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=dist_timeout))
+    return Runtime(ddp, rank, local_rank, world_size, rank == 0, device, device_type, dtype, local_world_size)
+
+
+def cpu_has_bf16():
+    # Only AVX512-BF16 or AMX do bf16 matmuls natively; elsewhere they are emulated and slower than fp32.
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:  # not Linux: stay with fp32
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def cuda_arch_supported(capability, arch_list):
+    """Does this PyTorch build carry kernels for a GPU of this compute capability? Code built for sm_XY runs on
+    X.y for y >= Y (same major version); PTX for compute_XY is compiled by the driver for any capability >= X.Y
+    (NVIDIA's CUDA C++ Programming Guide, "Binary Compatibility" and "PTX Compatibility")."""
+    if not any(a.startswith(("sm_", "compute_")) for a in arch_list):
+        return True  # a ROCm build lists gfx targets: AMD GPUs are not judged here
+    for arch in arch_list:
+        kind, _, number = arch.partition("_")
+        if number.isdigit():  # "sm_90a" and the like are tied to one chip: the plain "sm_90" is listed beside
+            built = (int(number[:-1]), int(number[-1]))
+            if (kind == "sm" and built[0] == capability[0] and built[1] <= capability[1]) or \
+                    (kind == "compute" and built <= tuple(capability)):
+                return True
+    return False
+
+
+TRITON_MIN_CAPABILITY = (7, 0)  # Triton, torch.compile's GPU code generator, supports Volta and newer
+
+
+def torch_version():
+    return tuple(int(n) for n in re.findall(r"\d+", torch.__version__)[:2])
+
+
+def use_compile(flag, rt):
+    """--compile on/off/auto -> whether to torch.compile. auto: on CPU and CUDA, except GPUs older than Volta."""
+    old_gpu = rt.device_type == "cuda" and torch.cuda.get_device_capability(rt.device) < TRITON_MIN_CAPABILITY
+    if old_gpu and flag == "on":
+        raise UserError(f"--compile on needs a GPU of compute capability {TRITON_MIN_CAPABILITY[0]}.0 or newer "
+                        f"(Triton); the {torch.cuda.get_device_name(rt.device)} is older: use --compile off or auto")
+    if old_gpu and flag == "auto":
+        if rt.master:
+            print(f"compile: off: the {torch.cuda.get_device_name(rt.device)} is older than compute capability "
+                  f"{TRITON_MIN_CAPABILITY[0]}.0, which Triton (torch.compile on GPUs) needs; training runs eagerly")
+        return False
+    return flag == "on" or (flag == "auto" and rt.device_type in ("cuda", "cpu"))
+
+
+# ---- checks that need the runtime or a checkpoint ----
+
+
+def check_fsdp(cfg, rt):
+    """--fsdp against the runtime that setup_runtime chose (world and dtype)."""
+    if cfg.fsdp and not rt.ddp:
+        raise UserError("--fsdp 1 shards over the ranks that torchrun starts: launch with torchrun "
+                        "--nproc_per_node=N (in one process, leave --fsdp off)")
+    if cfg.fsdp and rt.dtype == "fp16":
+        raise UserError("--fsdp 1 trains in bf16 or fp32, not fp16 (no loss scaling for shards here); use --dtype "
+                        "fp32, or DDP")
+
+
+def data_shuffle(cfg):
+    """--shuffle, or its default: shuffle shard directories (many documents, read again every epoch); keep a
+    text file (one document, usually small) in order, as before --shuffle existed."""
+    return bool(cfg.shuffle if cfg.shuffle is not None else os.path.isdir(cfg.data))
+
+
+def check_data_order(cfg, ckpt, master):
+    """A resumed run continues in its checkpoint's data order: changing it mid-epoch would repeat or skip data."""
+    was = int(ckpt["loader"].get("shuffle", 0))
+    if cfg.shuffle is not None and cfg.shuffle != was:
+        raise UserError(f"{ckpt['path']} was trained with --shuffle {was}; resume with --shuffle {was} or without "
+                        "the flag")
+    if master and "shuffle" not in ckpt["loader"] and data_shuffle(cfg):
+        print(f"{ckpt['path']} is from before --shuffle: the data continues in file order")
+
+
+# ---- the run's log ----
+
+
+class RunLog:
+    """What a run reports, from rank 0 only: events to log.txt, one "<step> <kind> <value>" per line (the format
+    `plot` and users' scripts read); the same to W&B with more numbers (--wandb_project); lines to the console."""
+
+    def __init__(self, cfg, rt, s):
+        self.rt, self.file, self.tracker = rt, os.path.join(cfg.log_dir, "log.txt"), None
+        if not rt.master:
+            return
+        try:
+            os.makedirs(cfg.log_dir, exist_ok=True)
+            rewrite_log(self.file, s.step)
+        except OSError as e:
+            raise UserError(f"cannot write to --log_dir {cfg.log_dir} ({e.strerror}); choose a writable directory") \
+                from None
+        config = dataclasses.asdict(s.model.config)
+        print(f"model: {s.model.num_params() / 1e6:.2f}M parameters, {config}")
+        print(f"device {rt.device} ({rt.dtype}), world size {rt.world_size}, {cfg.total_batch_size} tokens/step = "
+              f"{s.batch_size} x {cfg.seq_len} x {rt.world_size} ranks x {s.grad_accum} accumulation steps")
+        if s.step:
+            print(f"resumed at step {s.step}")
+        if cfg.wandb_project is not None:
+            import train_extras
+            self.tracker = train_extras.start_wandb(cfg, s.wandb_id, {
+                **dataclasses.asdict(cfg), "model_config": config, "world_size": rt.world_size,
+                "batch_size": s.batch_size, "grad_accum": s.grad_accum, "num_params": s.model.num_params()})
+            s.wandb_id = self.tracker.id  # saved in checkpoints: a resumed run continues this W&B run
+
+    def __call__(self, event, line=None, extra=None):
+        """event for log.txt and W&B, with the extra numbers for W&B (None: not known); line for the console."""
+        if not self.rt.master:
+            return
+        try:
+            with open(self.file, "a") as f:
+                f.write(event + "\n")
+        except OSError as e:
+            raise UserError(f"cannot append to {self.file} ({e.strerror}); free some disk space and continue with "
+                            "--resume auto") from None
+        if self.tracker is not None:
+            step, kind, value = event.split()
+            kind = {"train": "train/loss", "val": "val/loss", "hella": "hellaswag/acc_norm"}[kind]
+            self.tracker.log({"step": int(step), kind: float(value),
+                              **{k: v for k, v in (extra or {}).items() if v is not None}})
+        self.print(line)
+
+    def print(self, line):
+        if self.rt.master and line is not None:
+            print(line)
+
+    def finish(self):
+        if self.tracker is not None:
+            self.tracker.finish()
+        if self.rt.master and self.rt.device_type == "cuda":
+            print(f"peak GPU memory {torch.cuda.max_memory_allocated(self.rt.device) / 2**30:.2f} GiB")
+
+
+def rewrite_log(log_file, start_step):
+    """On resume, keep only the log lines of the steps before start_step: the run repeats the rest."""
+    lines = []
+    if start_step > 0 and os.path.exists(log_file):
+        with open(log_file) as f:
+            lines = [ln for ln in f if ln.split()[:1] and ln.split()[0].isdigit() and int(ln.split()[0]) < start_step]
+    write_atomic(log_file, lambda f: f.writelines(lines), mode="w")
+
+
+# ---- checkpoints ----
+
+CHECKPOINT_FORMAT = 1  # bump when the layout of the checkpoint dict changes
+CHECKPOINT_RE = re.compile(r"^model_(\d{5,})\.pt$")
+
+
+def write_atomic(path, write, mode="wb"):
+    """Every file this program writes goes through here: write(f) fills a temporary file, which is then
+    renamed to `path`, so a crash at any moment leaves either the old file or the complete new one under
+    `path`, never half a file. A write that fails removes its temporary file."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_save(obj, path):
+    """torch.save, atomically (see write_atomic); a failed write is a UserError that leaves the rest intact."""
+    try:
+        write_atomic(path, lambda f: torch.save(obj, f))
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a full disk as a RuntimeError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed; is the disk full?"
+        raise UserError(f"could not write {path}: {reason}; free some disk space or choose another --log_dir "
+                        "(earlier checkpoints are intact), then continue with --resume auto") from None
+
+
+def save_checkpoint(path, model, optimizer, scaler, step, loader, train_config, wandb_id=None, fsdp=False):
+    """Called on every rank (under FSDP all of them gather the state); rank 0 writes the file."""
+    model_sd, optimizer_sd = training_state(model, optimizer, fsdp)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    atomic_save({
+        "format_version": CHECKPOINT_FORMAT,
+        "model": model_sd,
+        "optimizer": optimizer_sd,
+        "config": dataclasses.asdict(model.config),  # GPTConfig(**ckpt["config"]) rebuilds the model
+        "train_config": dataclasses.asdict(train_config),
+        "step": step,  # optimizer steps done
+        "loader": loader.state_dict(),
+        "rng": rng_state(),
+        "scaler": scaler.state_dict(),
+        "wandb_id": wandb_id,  # the W&B run that a resumed run continues (a str), or None
+    }, path)
+
+
+def rng_state():
+    """Every random generator, as plain types and tensors so that torch.load(weights_only=True) reads it."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": np_state["state"]["pos"],
+                  "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": np_state["key"].numpy().astype(np.uint32),
+                         "pos": np_state["pos"]}, "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+def load_checkpoint(path, mmap=False):
+    """A checkpoint dict, read without unpickling arbitrary objects (weights_only=True), or a UserError.
+    mmap: tensors are read from disk only when used (FSDP's other ranks never use the weights: rank 0
+    broadcasts them)."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; check the path (or use --resume auto)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        reason = "it holds objects other than tensors, which are refused" if "weights_only" in str(e) else \
+            "it is truncated or not a PyTorch file"
+        raise UserError(f"{path} is not a valid checkpoint ({reason}); delete it or point to another one") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= ckpt.keys():
+        raise UserError(f"{path} is not a checkpoint of train_gpt2.py (no model/config/step); point to another one")
+    if ckpt.get("format_version", 0) > CHECKPOINT_FORMAT:
+        raise UserError(f"{path} has checkpoint format {ckpt['format_version']}, newer than this train_gpt2.py "
+                        f"reads ({CHECKPOINT_FORMAT}); update train_gpt2.py")
+    ckpt["path"] = path  # for messages; not stored in the file
+    return ckpt
+
+
+def find_checkpoints(log_dir):
+    """Checkpoint paths in log_dir, newest step first."""
+    names = [n for n in os.listdir(log_dir) if CHECKPOINT_RE.match(n)] if os.path.isdir(log_dir) else []
+    return [os.path.join(log_dir, n) for n in sorted(names, key=lambda n: -int(CHECKPOINT_RE.match(n)[1]))]
+
+
+def checkpoint_to_resume(cfg, rt):
+    """The checkpoint dict that --resume names (None: a new run). Rank 0 chooses; every rank loads that one."""
+    if not cfg.resume and find_checkpoints(cfg.log_dir):
+        raise UserError(f"{cfg.log_dir} already holds checkpoints of a run; continue it with --resume auto, or "
+                        "start a new run with another --log_dir")
+    ckpt = resume_checkpoint(cfg.resume, cfg.log_dir) if cfg.resume and rt.master else None
+    if cfg.resume and rt.ddp:
+        chosen = [ckpt["path"] if ckpt else None]
+        dist.broadcast_object_list(chosen, src=0)
+        if not rt.master and chosen[0]:
+            if not os.path.isfile(chosen[0]):
+                raise UserError(f"rank {rt.rank} cannot see {chosen[0]}; put --log_dir on storage every node shares")
+            ckpt = load_checkpoint(chosen[0], mmap=bool(cfg.fsdp))
+    return ckpt
+
+
+def resume_checkpoint(resume, log_dir):
+    """The checkpoint dict to resume from, or None to start fresh (only where log_dir has none)."""
+    def load_resumable(path):
+        ckpt = load_checkpoint(path)
+        missing = {"optimizer", "loader", "rng", "scaler"} - ckpt.keys()
+        if missing:
+            raise UserError(f"{path} holds weights but not the training state ({', '.join(sorted(missing))}); "
+                            "start a new run from it with --init_from instead")
+        return ckpt
+
+    if resume != "auto":
+        return load_resumable(resume)
+    paths = find_checkpoints(log_dir)
+    for path in paths:
+        try:
+            return load_resumable(path)
+        except UserError as e:
+            print(f"warning: skipping {path}: {e}", file=sys.stderr)
+    if paths:
+        raise UserError(f"--resume auto: none of the {len(paths)} checkpoints in {log_dir} is valid; "
+                        "move them away to start fresh, or --resume a good checkpoint")
+    return None
+
+
+def restore_state(s, ckpt, cfg, rt):
+    """Puts a checkpoint's training state into s: weights, AdamW's moments, the loss scale, the data position,
+    every random generator and the step, so that training continues exactly as if it had never stopped."""
+    load_training_state(s.model, s.optimizer, ckpt, cfg.fsdp, rt.device_type)
+    if s.scaler.is_enabled() and ckpt["scaler"]:  # a bf16/fp32 run's scaler holds nothing to restore
+        s.scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["loader"]["shard"] >= len(s.loader.shards):
+        raise UserError(f"{ckpt['path']} was trained on more shards than --data {cfg.data} has; resume with "
+                        "the same --data")
+    check_data_order(cfg, ckpt, rt.master)
+    s.loader.load_state_dict(ckpt["loader"])
+    set_rng_state(ckpt["rng"])
+    s.step, s.last_good, s.wandb_id = ckpt["step"], ckpt["path"], ckpt.get("wandb_id")
+
+
+def load_optimizer_state(optimizer, state, device_type):
+    """AdamW's saved state, with this device's options: load_state_dict restores the saved param groups' own
+    `fused` flag, so a CPU checkpoint would resume unfused on CUDA (and a CUDA one ask for fused on CPU)."""
+    # before loading: load_state_dict also moves AdamW's step counters by the saved groups' flag
+    groups = [{**saved, "fused": group["fused"]} for saved, group in zip(state["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+
+
+def prune_checkpoints(log_dir, keep, step, protect=None):
+    """--keep_checkpoints: delete all but the `keep` newest checkpoints of steps up to `step`, the one just
+    written. Called only after that one is completely on disk (write_atomic), so a crash at any moment
+    leaves at least one whole checkpoint. Checkpoints of later steps (left by an earlier life of the run,
+    e.g. truncated ones that --resume auto skipped) are left alone: training overwrites them when it gets
+    there. `protect` is never deleted: the newest checkpoint known to give a finite loss (at first the one
+    this run resumed from), the one a NaN stop tells the user to go back to."""
+    done = [p for p in find_checkpoints(log_dir) if int(CHECKPOINT_RE.match(os.path.basename(p))[1]) <= step]
+    for path in done[keep:]:
+        if not (protect and os.path.abspath(path) == os.path.abspath(protect)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
+# ---- signals and errors in the loop ----
+
+
+class StopSignal:
+    """SIGTERM/SIGINT (preemption, Ctrl-C) ask for a clean stop: the step in progress finishes, a checkpoint
+    is written, and the program exits with 128 + the signal number (143 for SIGTERM, 130 for SIGINT), which
+    schedulers tell from success. A second signal gets the default behaviour: exit at once. Under torchrun a
+    repeated SIGTERM is expected (the scheduler signals every process and torchrun forwards its own), so
+    there only a second Ctrl-C exits at once."""
+
+    def __init__(self, ddp=False):
+        self.signum = 0
+        self.ddp = ddp
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            return  # a repeated SIGTERM under torchrun: already stopping
+        self.signum = signum
+        for s in (signal.SIGINT,) if self.ddp else (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_DFL)
+        # os.write, not print: a handler may interrupt a print in progress
+        os.write(2, f"{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+                    "(signal again to exit at once)\n".encode())
+
+
+def agree_on_signal(signum, rt):
+    """The signal that stops every rank (0: none): the largest any rank received, so that all ranks stop at the
+    same step and exit with the same code, whichever of them got it."""
+    if not rt.ddp:
+        return signum
+    agreed = torch.tensor(signum, device=rt.device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return int(agreed.item())
+
+
+def out_of_memory_error(step, s, cfg, rt):
+    """The one-line error for an out-of-memory step, naming the fixes."""
+    max_batch = cfg.total_batch_size // (cfg.seq_len * rt.world_size)
+    smaller = next((f"--batch_size {b}, " for b in range(s.batch_size - 1, 0, -1) if max_batch % b == 0), "")
+    return UserError(f"out of memory on {rt.device} at step {step} with --batch_size {s.batch_size} and --seq_len "
+                     f"{cfg.seq_len}; use {smaller}--grad_checkpoint 1 or a smaller --seq_len (gradient accumulation "
+                     "keeps --total_batch_size)")
+
+
+# ---- FLOPs, for MFU ----
+
+
+def flops_per_token(config, T):
+    """Training FLOPs per token: 6 per parameter in matmuls (forward 2, backward 4) plus attention's
+    12 * L * E * T (PaLM paper, appendix B)."""
+    L, E, V = config.n_layer, config.n_embd, config.padded_vocab_size
+    return 6 * (12 * L * E * E + V * E) + 12 * L * E * T
+
+
+# Dense peak TFLOP/s per card from NVIDIA's data sheets (with-sparsity figures halved): (16-bit tensor cores,
+# fp32 runs), where fp32 runs use TF32 tensor cores from Ampere on (setup_runtime) and plain fp32 before.
+# Keys are whole device names, as torch.cuda.get_device_name() reports them without the vendor words, so that
+# "L4" is not "L40" and a MIG slice ("... MIG 1g.10gb"), which has a fraction of the card, has no entry.
+GPU_PEAK_TFLOPS = {
+    "H100 80GB HBM3": (989, 495), "H100 PCIe": (756, 378), "H100 NVL": (835, 418),  # SXM, PCIe, NVL
+    "H200": (989, 495), "H200 NVL": (835, 418),
+    "A100-SXM4-80GB": (312, 156), "A100-SXM4-40GB": (312, 156), "A100-PCIE-40GB": (312, 156),
+    "A100 80GB PCIe": (312, 156), "A10": (125, 62.5), "L40S": (362, 183), "L40": (181, 90.5), "L4": (121, 60),
+    "RTX 4090": (165, 82.6), "RTX 3090": (71, 35.6),
+    "V100-SXM2-16GB": (125, 15.7), "V100-SXM2-32GB": (125, 15.7), "V100-PCIE-16GB": (112, 14),
+    "V100-PCIE-32GB": (112, 14), "T4": (65, 8.1),  # Volta and Turing: fp16 tensor cores, no bf16
+    "GTX 960": (2.4, 2.4),  # Maxwell: no tensor cores, fp16 at the fp32 rate
+}
+
+
+def peak_flops(rt):
+    """The device's peak FLOP/s in the training dtype, for MFU: a table for GPUs (None for a card it does not
+    know, or a MIG slice); on CPU, measured on the spot with a matmul."""
+    if rt.device_type == "cuda":
+        name = torch.cuda.get_device_name(rt.device)
+        for word in ("NVIDIA ", "Tesla ", "GeForce ", "Quadro "):
+            name = name.replace(word, "")
+        peaks = GPU_PEAK_TFLOPS.get(name.strip())
+        return None if peaks is None else peaks[0 if rt.dtype in ("bf16", "fp16") else 1] * 1e12
+    if rt.device_type != "cpu":
+        return None
+    # the fastest of a few large square matmuls in the training dtype: what the cores can do at best. Its own
+    # generator: drawing from the global one would shift dropout's masks after a resume.
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2048, 2048, generator=gen), torch.randn(2048, 2048, generator=gen)
+    times = []
+    with rt.autocast():
+        for _ in range(5):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+    return 2 * 2048 ** 3 / min(times[1:])
+
+
+# ---- sharded data parallel (FSDP2): each of N ranks keeps 1/N of the weights, gradients and AdamW state ----
+
+
+def shard_model(model, rt, compile_blocks):
+    """--fsdp 1: shards the model in place over the ranks. Each block is one FSDP unit: its weights are
+    all-gathered just before its forward (and again in backward) and freed after, so only about one block
+    is ever whole. The root unit holds the rest, among them wte and lm_head: one tied matrix, which must
+    live in one unit to stay one tensor. On bf16 hardware the gathered weights are bf16 for compute, while
+    the shards (the master weights AdamW updates) and the gradient reduction stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if rt.dtype == "bf16" \
+        else MixedPrecisionPolicy()
+    for block in model.transformer.h:
+        if compile_blocks:  # per block: one graph reused by every layer; FSDP's communication stays outside
+            block.compile()
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    assert model.transformer.wte.weight is model.lm_head.weight  # still tied
+
+
+def dcp_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def training_state(model, optimizer, fsdp):
+    """The model and optimizer state dicts as one unsharded process has them: what a checkpoint holds, so
+    that it resumes in any mode. Under FSDP every rank must call this: the shards are gathered to rank 0,
+    in CPU memory (the other ranks get empty dicts)."""
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    model_sd = get_model_state_dict(model, options=dcp_options(cpu_offload=True))
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=dcp_options(cpu_offload=True))
+    if dist.get_rank() != 0:
+        return {}, {}
+    # These helpers key the optimizer state by parameter name; torch.optim, and so our checkpoints, by the
+    # parameter's position in the param groups.
+    ids = {name: i for i, name in enumerate(n for g in optim_sd["param_groups"] for n in g["params"])}
+    groups = [{**g, "params": [ids[n] for n in g["params"]]} for g in optim_sd["param_groups"]]
+    return model_sd, {"state": {ids[n]: v for n, v in optim_sd["state"].items()}, "param_groups": groups}
+
+
+def load_training_state(model, optimizer, ckpt, fsdp, device_type):
+    """Loads a checkpoint's model and optimizer state (written in any mode). Under FSDP rank 0's copy is
+    broadcast and each rank keeps its shard."""
+    if not fsdp:
+        model.load_state_dict(ckpt["model"])
+        load_optimizer_state(optimizer, ckpt["optimizer"], device_type)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    name = {p: n for n, p in model.named_parameters()}
+    names = [name[p] for g in optimizer.param_groups for p in g["params"]]  # position -> parameter name
+    model_sd, optim_sd = {}, {}
+    if dist.get_rank() == 0:
+        model_sd, sd = ckpt["model"], ckpt["optimizer"]
+        optim_sd = {"state": {names[i]: v for i, v in sd["state"].items()},
+                    "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
+    set_model_state_dict(model, model_sd, options=dcp_options(broadcast_from_rank0=True))
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=dcp_options(broadcast_from_rank0=True))
+
+
+@contextlib.contextmanager
+def gathered_root(model, rt, fsdp):
+    """Under FSDP, the root unit's weights (wte/lm_head, ln_f) whole for the duration."""
+    if fsdp:
+        with torch.no_grad():  # FSDP sets itself up in the first forward(), which a resumed run may not have had
+            model(torch.zeros(1, 1, dtype=torch.long, device=rt.device))
+        model.unshard()
+    try:
+        yield
+    finally:
+        if fsdp:
+            model.reshard()
+
+
+# ---- Hugging Face GPT-2 weights ----
+
+# Hugging Face stores these four as Conv1D, (in, out): the transpose of nn.Linear's (out, in).
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def read_hf_gpt2(path_or_name, hub_names):
+    """(GPTConfig's fields, state dict in our names) of a Hugging Face GPT-2: a local directory (config.json +
+    model.safetensors or pytorch_model.bin) or one of hub_names such as "gpt2" (downloaded through
+    huggingface_hub). The caller pads the vocabulary (hf_to_ours)."""
+    path = path_or_name
+    if not os.path.isdir(path):
+        if path not in hub_names:
+            raise UserError(f"model {path!r} is neither a checkpoint file, a directory, nor one of "
+                            f"{', '.join(hub_names)}; give a model_*.pt, a Hugging Face GPT-2 directory or name")
+        try:
+            from huggingface_hub import snapshot_download
+            path = snapshot_download(path, allow_patterns=["config.json", "model.safetensors"])
+        except Exception as e:
+            raise UserError(f"could not download {path_or_name!r} from the Hugging Face hub ({type(e).__name__}); "
+                            "check the network, or pass a local directory") from None
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise UserError(f"{path} has no config.json; give a Hugging Face GPT-2 directory")
+    try:
+        with open(cfg_file) as f:
+            hf = json.load(f)
+        shape = dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                     n_head=hf["n_head"], n_embd=hf["n_embd"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{cfg_file} is not a GPT-2 config ({type(e).__name__}: {e}); give a GPT-2 directory") \
+            from None
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        from safetensors.torch import load_file
+        sd_hf = load_file(os.path.join(path, "model.safetensors"))
+    elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        sd_hf = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    else:
+        raise UserError(f"{path} has neither model.safetensors nor pytorch_model.bin")
+    return shape, sd_hf
+
+
+def hf_to_ours(sd_hf, padded_vocab_size):
+    """Hugging Face GPT-2 state dict (any real layout) -> our state dict, the vocabulary padded with zero rows.
+    A KeyError if it is not GPT-2's."""
+    sd = {}
+    for k, v in sd_hf.items():
+        k = k.removeprefix("transformer.")
+        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
+            continue  # causal-mask buffers, and the output head that is tied to wte anyway
+        sd["transformer." + k] = v.t() if k.endswith(CONV1D) else v
+    wte = sd["transformer.wte.weight"]  # (vocab, C) -> padded (padded_vocab, C) with zero rows
+    sd["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(padded_vocab_size - wte.size(0), wte.size(1))])
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    return sd
