@@ -4,7 +4,6 @@ What train_gpt2.py does besides the lecture, kept out of its way:
     python train_gpt2.py export --checkpoint log/model_19073.pt --out gpt2-mine   # a Hugging Face GPT-2 directory
     python train_gpt2.py plot --log_dir log                                      # log.txt as a PNG
     python train_gpt2.py --batch_size auto ...        # the largest micro-batch that fits in memory (estimated here)
-    python train_gpt2.py --wandb_project NAME ...     # Weights & Biases logging
 
 train_gpt2.py imports this file only when one of these is asked for; this file imports train_gpt2.
 """
@@ -94,33 +93,6 @@ def cuda_batch_fits(trial_peak, n_params, free, ddp):
     the optimizer's temporaries). DDP's buckets hold the gradients themselves (gradient_as_bucket_view)."""
     margin = 0.1 * free + (512 << 20) * (2 if ddp else 1)
     return trial_peak + 8 * n_params < free - margin
-
-
-# -----------------------------------------------------------------------------
-# --wandb_project: Weights & Biases
-
-
-def import_wandb():
-    try:
-        import wandb  # optional: only runs with --wandb_project need it installed
-    except ImportError:
-        raise UserError("--wandb_project needs the wandb package: pip install wandb (or drop --wandb_project)") \
-            from None
-    return wandb
-
-
-def start_wandb(cfg, run_id, config):
-    """--wandb_project: a W&B run (on rank 0) that gets the events of log.txt and the per-step numbers of stdout.
-    run_id (from the checkpoint) continues that run; None starts a new one. Its files go to --log_dir/wandb."""
-    wandb = import_wandb()
-    try:
-        run = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", dir=cfg.log_dir, config=config)
-    except Exception as e:  # no API key, no network, a bad project name...
-        raise UserError(f"could not start the W&B run ({type(e).__name__}: {str(e).splitlines()[0][:200]}); run "
-                        "`wandb login`, set WANDB_MODE=offline, or drop --wandb_project") from None
-    # The x axis is our step, not W&B's own counter: a resumed run logs again the steps after its checkpoint.
-    run.define_metric("*", step_metric="step")
-    return run
 
 
 # -----------------------------------------------------------------------------

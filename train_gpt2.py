@@ -43,7 +43,7 @@ import torch.utils.checkpoint
 
 # What the loop calls to run safely on real machines, kept out of the lecture (section 7 says more)
 from train_plumbing import (RunLog, StopSignal, UserError, agree_on_signal, check_fsdp, checkpoint_to_resume,
-                            data_shuffle, flops_per_token, gathered_root, hf_to_ours, load_checkpoint,
+                            data_shuffle, flops_per_token, gathered_root, hf_to_ours, import_wandb, load_checkpoint,
                             out_of_memory_error, peak_flops, prune_checkpoints, read_hf_gpt2, restore_state,
                             save_checkpoint, setup_runtime, shard_model, torch_version, use_compile)
 
@@ -981,8 +981,7 @@ def check_config(cfg, world_size):
     if cfg.sample_every and not get_encoding().encode(cfg.prompt, allowed_special="all"):
         raise UserError("--prompt is empty; give some text for the samples (or --sample_every 0)")
     if cfg.wandb_project is not None:
-        import train_extras
-        train_extras.import_wandb()  # missing: say so before anything is written
+        import_wandb()  # missing: say so before anything is written
 
 
 def model_config(cfg, ckpt=None, init_model=None):

@@ -6,7 +6,7 @@ days on machines that fail. train_gpt2.py imports this file; this file imports n
     the runtime        setup_runtime(): the one place that reads the environment (torchrun's ranks, the
                        device, the dtype) and sets up the process group; which GPUs this PyTorch build can run
     checks             flags against the runtime or a checkpoint (the flags alone: train_gpt2.check_config)
-    the run's log      log.txt, W&B, the console (rank 0 only)
+    the run's log      log.txt, Weights & Biases (--wandb_project), the console (rank 0 only)
     checkpoints        atomic writes, save, load (weights_only), --resume auto, exact restore, retention
     signals and errors SIGTERM/SIGINT -> a checkpoint and a clean exit on every rank; the out-of-memory line
     FLOPs              per token, and each device's peak, for MFU
@@ -237,8 +237,7 @@ class RunLog:
         if s.step:
             print(f"resumed at step {s.step}")
         if cfg.wandb_project is not None:
-            import train_extras
-            self.tracker = train_extras.start_wandb(cfg, s.wandb_id, {
+            self.tracker = start_wandb(cfg, s.wandb_id, {
                 **dataclasses.asdict(cfg), "model_config": config, "world_size": rt.world_size,
                 "batch_size": s.batch_size, "grad_accum": s.grad_accum, "num_params": s.model.num_params()})
             s.wandb_id = self.tracker.id  # saved in checkpoints: a resumed run continues this W&B run
@@ -269,6 +268,29 @@ class RunLog:
             self.tracker.finish()
         if self.rt.master and self.rt.device_type == "cuda":
             print(f"peak GPU memory {torch.cuda.max_memory_allocated(self.rt.device) / 2**30:.2f} GiB")
+
+
+def import_wandb():
+    try:
+        import wandb  # optional: only runs with --wandb_project need it installed
+    except ImportError:
+        raise UserError("--wandb_project needs the wandb package: pip install wandb (or drop --wandb_project)") \
+            from None
+    return wandb
+
+
+def start_wandb(cfg, run_id, config):
+    """--wandb_project: a W&B run (on rank 0) that gets the events of log.txt and the per-step numbers of stdout.
+    run_id (from the checkpoint) continues that run; None starts a new one. Its files go to --log_dir/wandb."""
+    wandb = import_wandb()
+    try:
+        run = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", dir=cfg.log_dir, config=config)
+    except Exception as e:  # no API key, no network, a bad project name...
+        raise UserError(f"could not start the W&B run ({type(e).__name__}: {str(e).splitlines()[0][:200]}); run "
+                        "`wandb login`, set WANDB_MODE=offline, or drop --wandb_project") from None
+    # The x axis is our step, not W&B's own counter: a resumed run logs again the steps after its checkpoint.
+    run.define_metric("*", step_metric="step")
+    return run
 
 
 def rewrite_log(log_file, start_step):
