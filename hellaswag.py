@@ -29,7 +29,7 @@ from pathlib import Path
 
 import train_gpt2
 from train_gpt2 import accuracies, score
-from train_plumbing import write_atomic
+from train_plumbing import UserError, setup_runtime, write_atomic
 
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / ".cache" / "hellaswag"
 BASE_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
@@ -155,11 +155,11 @@ def main(argv=None):
     try:
         if args.batch_size < 1:
             raise HellaSwagError("--batch_size must be at least 1")
-        rt = train_gpt2.setup_runtime(args.device, args.dtype)
+        rt = setup_runtime(args.device, args.dtype)
         examples = load_examples(args.data, args.split, args.limit)  # before the model: bad data fails fast
         model = train_gpt2.load_model(args.model).to(rt.device)
         enc = train_gpt2.get_encoding()
-    except (HellaSwagError, train_gpt2.UserError) as e:
+    except (HellaSwagError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     t0 = time.time()

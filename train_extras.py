@@ -5,7 +5,7 @@ What train_gpt2.py does besides the lecture, kept out of its way:
     python train_gpt2.py plot --log_dir log                                      # log.txt as a PNG
     python train_gpt2.py --batch_size auto ...        # the largest micro-batch that fits in memory (estimated here)
 
-train_gpt2.py imports this file only when one of these is asked for; this file imports train_gpt2.
+train_gpt2.py imports this file only when one of these is asked for; this file imports train_gpt2 and train_plumbing.
 """
 
 import argparse

@@ -1,5 +1,5 @@
 """
-Train GPT-2 from scratch, in one file that reads top to bottom as a lecture on pretraining:
+Train GPT-2 from scratch, in a file that reads top to bottom as a lecture on pretraining:
 
     1. the model            GPT-2: token and position embeddings, a stack of transformer blocks, the output layer
     2. the optimizer        AdamW with the GPT-3 paper's settings
@@ -7,9 +7,10 @@ Train GPT-2 from scratch, in one file that reads top to bottom as a lecture on p
     4. the schedule         linear warmup, then cosine decay of the learning rate
     5. the training loop    train() and train_step(): the whole of pretraining in ~150 lines
     6. evaluation           val loss, HellaSwag, and sampling text with a KV cache
-    7. plumbing             the flag checks; the rest (device setup, checkpoints, signals, FLOP counts, FSDP,
-                            Hugging Face weights) is in train_plumbing.py, which the loop calls
+    7. checks and loading   the flags checked as one table; a trained model back from disk
     8. the command line     train (the default), sample, export, plot
+The plumbing (device setup, the log, checkpoint files, signals, FLOP counts, FSDP, Hugging Face weights) is in
+train_plumbing.py: what real machines need, which a reader can skip.
 
 Launch:
     python train_gpt2.py --data input.txt --n_layer 4 --n_head 4 --n_embd 128 ...      # laptop CPU
@@ -41,7 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-# What the loop calls to run safely on real machines, kept out of the lecture (section 7 says more)
+# The plumbing: what pretraining needs on real machines, kept out of the lecture (train_plumbing.py's docstring
+# lists what is where)
 from train_plumbing import (RunLog, StopSignal, UserError, agree_on_signal, check_fsdp, checkpoint_to_resume,
                             data_shuffle, flops_per_token, gathered_root, hf_to_ours, import_wandb, load_checkpoint,
                             out_of_memory_error, peak_flops, prune_checkpoints, read_hf_gpt2, restore_state,
@@ -226,7 +228,9 @@ class GPT(nn.Module):
         model = cls(GPTConfig(**shape))
         try:  # their names and layout -> ours, the vocabulary padded to 50304
             model.load_state_dict(hf_to_ours(sd_hf, model.config.padded_vocab_size))
-        except (KeyError, RuntimeError) as e:
+        except KeyError as e:
+            raise UserError(f"the weights in {path_or_name} are not GPT-2's (no {e})") from None
+        except RuntimeError as e:
             raise UserError(f"the weights in {path_or_name} are not GPT-2's ({str(e).splitlines()[0][:200]})") \
                 from None
         return model
@@ -940,9 +944,7 @@ def sample_texts(model, enc, prompt, num_samples, max_new_tokens, rt, temperatur
 
 
 # =============================================================================
-# 7. Plumbing: what the loop calls to run safely on real machines (device setup, checkpoints, signals, FLOP
-# counts, FSDP, Hugging Face weights) lives in train_plumbing.py, imported at the top. Here: the checks of the
-# flags, and a trained model back from disk.
+# 7. Checking the flags, and a trained model back from disk (the plumbing is in train_plumbing.py)
 
 
 # ---- checks of the flags ----

@@ -1,7 +1,7 @@
 """
 The plumbing of train_gpt2.py: what its training loop calls to run safely on real machines, kept out of the
 lecture. Nothing here is needed to follow how GPT-2 is pretrained; all of it is needed to pretrain it for
-days on machines that fail. train_gpt2.py imports this file; this file imports nothing of the project.
+days on machines that fail. train_gpt2.py, train_extras.py and hellaswag.py import this file; it imports nothing of the project.
 
     the runtime        setup_runtime(): the one place that reads the environment (torchrun's ranks, the
                        device, the dtype) and sets up the process group; which GPUs this PyTorch build can run
@@ -32,7 +32,8 @@ import torch.distributed as dist
 
 
 class UserError(Exception):
-    """Bad input from the user: main() prints the message as one line and exits with code 2."""
+    """Bad input from the user: train_gpt2.main() (and hellaswag.main()) print the message as one line and exit
+    with code 2."""
 
 
 
@@ -344,7 +345,7 @@ def save_checkpoint(path, model, optimizer, scaler, step, loader, train_config, 
         "format_version": CHECKPOINT_FORMAT,
         "model": model_sd,
         "optimizer": optimizer_sd,
-        "config": dataclasses.asdict(model.config),  # GPTConfig(**ckpt["config"]) rebuilds the model
+        "config": dataclasses.asdict(model.config),  # train_gpt2.GPTConfig(**ckpt["config"]) rebuilds the model
         "train_config": dataclasses.asdict(train_config),
         "step": step,  # optimizer steps done
         "loader": loader.state_dict(),
@@ -660,9 +661,9 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 
 
 def read_hf_gpt2(path_or_name, hub_names):
-    """(GPTConfig's fields, state dict in our names) of a Hugging Face GPT-2: a local directory (config.json +
-    model.safetensors or pytorch_model.bin) or one of hub_names such as "gpt2" (downloaded through
-    huggingface_hub). The caller pads the vocabulary (hf_to_ours)."""
+    """(GPTConfig's fields, the state dict as Hugging Face stores it) of a Hugging Face GPT-2: a local directory
+    (config.json + model.safetensors or pytorch_model.bin) or one of hub_names such as "gpt2" (downloaded
+    through huggingface_hub). The caller converts it with hf_to_ours."""
     path = path_or_name
     if not os.path.isdir(path):
         if path not in hub_names:
