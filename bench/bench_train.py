@@ -190,7 +190,7 @@ def loss_blocks(device, steps):
                 h.grad = w.grad = None
             times = [timed(run, rt) for _ in range(steps)]
             cells.append(f"{1000 * statistics.median(times[2:]):,.0f} ms")
-        print(f"| {width} | {' | '.join(cells)} | {model.loss_block_rows(rows_all)} rows |", flush=True)
+        print(f"| {width} | {' | '.join(cells)} | {model.loss_block_rows(rows_all, rt.device_type)} rows |", flush=True)
 
 
 def main():
