@@ -82,7 +82,7 @@ def batch_fits(model, b, seq_len, rt, grad_checkpoint):
     free //= rt.local_world_size
     need = 16 * n_params + b * seq_len * activation_bytes_per_token(model.config, rt.dtype, grad_checkpoint)
     # one block of the loss at a time (ChunkedCrossEntropy): its logits, fp32 softmax and gradient, ~16 bytes each
-    need += min(b * seq_len, model.loss_block_rows(b * seq_len)) * model.config.padded_vocab_size * 16
+    need += min(b * seq_len, model.loss_block_rows(b * seq_len, rt.device_type)) * model.config.padded_vocab_size * 16
     return need < 0.6 * free
 
 
