@@ -15,6 +15,7 @@ days on machines that fail. train_gpt2.py, train_extras.py and hellaswag.py impo
 """
 
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import json
@@ -65,8 +66,8 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 def setup_runtime(device="auto", dtype="auto", check=None, dist_timeout=60):
     """The one place that reads the environment: rank and world size from torchrun, the device, the dtype.
     check(world_size), if given, validates the flags before any device or process-group setup. It sets
-    process-wide state, as a training program should: deterministic algorithms and the thread count on CPU,
-    TF32 matmuls for fp32 on CUDA, the current GPU, the process group."""
+    process-wide state, as a training program should: deterministic algorithms, the thread count and the reuse
+    of freed memory on CPU; TF32 matmuls for fp32 on CUDA, the current GPU, the process group."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # set by torchrun
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -130,12 +131,35 @@ def setup_runtime(device="auto", dtype="auto", check=None, dist_timeout=60):
         # torchrun sets OMP_NUM_THREADS=1 per process; share the cores between the local ranks instead.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, cores // local_world_size))
+        keep_freed_memory()
     if ddp and not dist.is_initialized():
         # The default timeout (10 minutes for NCCL) would abort the job while rank 0 alone writes a big
         # checkpoint (gpt2-xl: ~19 GB) and the others wait for it in the next collective.
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=dist_timeout))
     return Runtime(ddp, rank, local_rank, world_size, rank == 0, device, device_type, dtype, local_world_size)
+
+
+def keep_freed_memory():
+    """On Linux with glibc, keep the memory that tensors free for the next allocation instead of handing it back
+    to the operating system. Returns whether it could.
+
+    Why: a CPU step allocates and frees the same large tensors every time (the (V, C) fp32 gradients of the
+    tied embedding are 51 MB at 256 wide). glibc serves every block over 32 MB, and many smaller ones, with a
+    fresh mmap and unmaps it on free, so each step touches new pages: the kernel zeroes them one 4 KB page
+    fault at a time, ~100,000 faults a step at 4L-256, about a quarter of its time (bench/bench_train.py
+    compares a step with the C library's defaults). M_MMAP_MAX = 0 serves large blocks from the heap, which
+    glibc reuses; a high M_TRIM_THRESHOLD stops it from trimming the heap back (mallopt(3)). PyTorch's
+    Performance Tuning Guide reaches the same end on CPU by preloading jemalloc or tcmalloc. The cost: the
+    process keeps its peak memory until it exits, as a training run's would be anyway."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on; returns 1 where it took
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's <malloc.h>
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def cpu_has_bf16():

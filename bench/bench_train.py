@@ -1,8 +1,8 @@
 """
 Training and sampling speed: runs train_gpt2.py as a user would (no speed flags unless a row says so) and
 prints tokens/s, ms/step, MFU and peak memory per configuration, plus the KV-cache vs recompute ratio.
-Then, in this process, our training step against the reference one (full logits + F.cross_entropy, the
-default AdamW: what train_gpt2.py did before the chunked loss), steps interleaved, the loss path's
+Then our training step against the reference one (full logits + F.cross_entropy, the default AdamW: what
+train_gpt2.py did before the chunked loss), each in its own process, steps interleaved, the loss path's
 share of each step, and the time of the loss path's three matmuls alone: the floor no loss code can go under.
 
     python bench/bench_train.py                  # the CPU configurations of the README table
@@ -14,6 +14,7 @@ share of each step, and the time of the loss path's three matmuls alone: the flo
 A benchmark prints figures; it asserts nothing. Machines are noisy: compare ratios from one run.
 """
 import argparse
+import multiprocessing as mp
 import os
 import re
 import statistics
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train_gpt2 as tg  # noqa: E402
+import train_plumbing as tp  # noqa: E402
 
 STEP_RE = re.compile(r"\| ([\d.]+) ms \| ([\d,]+) tok/s \| MFU ([\d.]+%|n/a)")
 
@@ -95,45 +97,92 @@ def timed(fn, rt):
 
 def compare_reference(device, name, shape, B, T, steps):
     """Ours vs the reference step (plain head, full logits, F.cross_entropy, default AdamW), compiled, autocast,
-    one micro-batch per step, interleaved step by step so that both see the same machine load. Then the
-    loss path alone (hidden states -> loss, forward and backward): plain vs ChunkedCrossEntropy, and its
-    share of each step."""
-    rt = tg.setup_runtime(device, "auto")
+    one micro-batch per step. Each runs in its own process, as each program would: ours after setup_runtime
+    (deterministic mode, the CPU allocator's reuse of freed memory), the reference with PyTorch's and the C
+    library's defaults; and the reference once more with only the allocator setting (keep_freed_memory), to
+    tell what that setting buys from what the rest of ours does. Steps interleave, one process waiting while
+    another runs, so that all see the same machine load. Then the loss path alone (hidden states -> loss,
+    forward and backward): plain vs ChunkedCrossEntropy, its share of each step, and its three matmuls alone."""
+    dtype = tg.setup_runtime(device, "auto").dtype  # the dtype ours trains in; the reference gets the same
+    ctx = mp.get_context("spawn")
+    workers = {}
+    kinds = ("reference", "reference, freed memory kept", "ours") if device == "cpu" else ("reference", "ours")
+    for kind in kinds:
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(target=compare_worker, args=(kind, child, device, dtype, shape, B, T), daemon=True)
+        proc.start()
+        workers[kind] = (proc, conn)
+    for _, conn in workers.values():
+        conn.recv()  # built, and compiled by a first step
+    times = {k: {} for k in workers}
+    losses = {k: [] for k in workers}
+    for _ in range(steps):
+        for kind, (_, conn) in workers.items():
+            for part in {"reference": ("step", "loss"), "ours": ("step", "loss", "floor")}.get(kind, ("step",)):
+                conn.send(part)
+                seconds, loss = conn.recv()
+                times[kind].setdefault(part, []).append(seconds)
+                if part == "step":
+                    losses[kind].append(loss)
+    for proc, conn in workers.values():
+        conn.send(None)
+        proc.join()
+    med = {k: {part: statistics.median(v[2:]) for part, v in t.items()} for k, t in times.items()}
+    same = max(abs(a - b) for a, b in zip(losses["reference"], losses["ours"]))
+    tok = {k: B * T / m["step"] for k, m in med.items()}
+    kept = tok.get("reference, freed memory kept")  # CPU only: the setting is about the CPU's memory
+    kept = f"{kept:,.0f} = {tok['ours'] / kept:.2f}x" if kept else "n/a"
+    return (f"| {name} | {tok['reference']:,.0f} | {tok['ours']:,.0f} | **{tok['ours'] / tok['reference']:.2f}x** | "
+            f"{kept} | "
+            f"{1000 * med['reference']['loss']:,.0f} ms = {100 * med['reference']['loss'] / med['reference']['step']:.0f}% | "
+            f"{1000 * med['ours']['loss']:,.0f} ms = {100 * med['ours']['loss'] / med['ours']['step']:.0f}% | "
+            f"{1000 * med['ours']['floor']:,.0f} ms = {100 * med['ours']['floor'] / med['ours']['loss']:.0f}% | {same:.1e} |")
+
+
+def compare_worker(kind, conn, device, dtype, shape, B, T):
+    """One side of compare_reference, in its own process: builds the model, then times what conn asks for
+    ("step", "loss", "floor") and sends back (seconds, loss), until it gets None."""
+    if kind == "ours":
+        rt = tg.setup_runtime(device, dtype)
+    else:  # none of our process-wide settings: only the device and the dtype (and, if asked, the allocator's)
+        if kind == "reference, freed memory kept":
+            tp.keep_freed_memory()
+        rt = tp.Runtime(False, 0, 0, 1, True, device if device != "cuda" else "cuda:0", device, dtype)
     torch.manual_seed(0)
     config = tg.GPTConfig(**shape)
     x = torch.randint(0, config.vocab_size, (B, T), device=rt.device)
     y = torch.randint(0, config.vocab_size, (B, T), device=rt.device)
-    models = {}
-    for kind in ("reference", "ours"):
-        torch.manual_seed(1337)
-        model = tg.GPT(config).to(rt.device)
-        if kind == "ours":
-            opt = tg.configure_optimizer(model, 1e-4, 0.1, rt.device_type)
-            fwd = torch.compile(lambda x, y, model=model: model(x, y)[1])
-        else:
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-            fwd = torch.compile(lambda x, y, model=model: F.cross_entropy(
-                model.head(model.features(x)).float().flatten(0, 1), y.flatten()))
-        models[kind] = (model, fwd, opt)
+    torch.manual_seed(1337)
+    model = tg.GPT(config).to(rt.device)
+    if kind == "ours":
+        opt = tg.configure_optimizer(model, 1e-4, 0.1, rt.device_type)
+        fwd = torch.compile(lambda: model(x, y)[1])
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        fwd = torch.compile(lambda: F.cross_entropy(model.head(model.features(x)).float().flatten(0, 1), y.flatten()))
 
-    def step(kind):
-        model, fwd, opt = models[kind]
+    def step():
         with rt.autocast():
-            loss = fwd(x, y)
+            loss = fwd()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses[kind].append(loss.item())
+        return loss.item()
 
-    model = models["ours"][0]
     h = torch.randn(B * T, config.n_embd, device=rt.device, requires_grad=True)  # final hidden states
     w = model.lm_head.weight
-    loss_fns = {
-        "reference": torch.compile(lambda: F.cross_entropy(model.head(h).float(), y.flatten())),
-        "ours": torch.compile(lambda: tg.ChunkedCrossEntropy.apply(h, w, y.flatten(), config.vocab_size,
-                                                                   model.loss_block_rows(B * T, rt.device_type))),
-    }
+    if kind == "ours":
+        loss_fn = torch.compile(lambda: tg.ChunkedCrossEntropy.apply(h, w, y.flatten(), config.vocab_size,
+                                                                     model.loss_block_rows(B * T, rt.device_type)))
+    else:
+        loss_fn = torch.compile(lambda: F.cross_entropy(model.head(h).float(), y.flatten()))
+
+    def loss_path():
+        with rt.autocast():
+            loss = loss_fn()
+        loss.backward()
+        h.grad = w.grad = None
 
     # The floor under any loss path: its three matmuls alone (logits = h W^T, then d h = g W and d W = g^T h, with
     # g the (N, V) gradient of the logits) in the training dtype, with no softmax, no casts and no memory traffic
@@ -141,28 +190,12 @@ def compare_reference(device, name, shape, B, T, steps):
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(rt.dtype, torch.float32)
     hb, wb = h.detach().to(dt), w.detach().to(dt)
     gb = torch.randn(B * T, config.padded_vocab_size, device=rt.device).to(dt)
-    floor = lambda: (hb @ wb.t(), gb @ wb, gb.t() @ hb)  # noqa: E731
-
-    def loss_path(kind):
-        with rt.autocast():
-            loss = loss_fns[kind]()
-        loss.backward()
-        h.grad = w.grad = None
-
-    times = {k: {"step": [], "loss": []} for k in models}
-    losses = {k: [] for k in models}
-    for _ in range(steps):
-        for kind in models:
-            times[kind]["step"].append(timed(lambda: step(kind), rt))
-            times[kind]["loss"].append(timed(lambda: loss_path(kind), rt))
-        times["ours"].setdefault("floor", []).append(timed(floor, rt))
-    med = {k: {part: statistics.median(v[2:]) for part, v in t.items()} for k, t in times.items()}
-    same = max(abs(a - b) for a, b in zip(losses["reference"], losses["ours"]))
-    tok = {k: B * T / m["step"] for k, m in med.items()}
-    return (f"| {name} | {tok['reference']:,.0f} | {tok['ours']:,.0f} | **{tok['ours'] / tok['reference']:.2f}x** | "
-            f"{1000 * med['reference']['loss']:,.0f} ms = {100 * med['reference']['loss'] / med['reference']['step']:.0f}% | "
-            f"{1000 * med['ours']['loss']:,.0f} ms = {100 * med['ours']['loss'] / med['ours']['step']:.0f}% | "
-            f"{1000 * med['ours']['floor']:,.0f} ms = {100 * med['ours']['floor'] / med['ours']['loss']:.0f}% | {same:.1e} |")
+    parts = {"step": step, "loss": loss_path, "floor": lambda: (hb @ wb.t(), gb @ wb, gb.t() @ hb)}
+    step(), loss_path()  # compile both before the first timed call
+    conn.send("ready")
+    while (part := conn.recv()) is not None:
+        out = []
+        conn.send((timed(lambda: out.append(parts[part]()), rt), out[0] if part == "step" else None))
 
 
 def loss_blocks(device, steps):
@@ -235,9 +268,10 @@ def main():
     if args.only != "table":
         print("\nOurs vs the reference step (full logits + F.cross_entropy, default AdamW), compiled, one micro-batch "
               "per step; loss path = hidden states -> loss, forward + backward, and its share of the step")
-        print("| shape | reference tok/s | ours tok/s | ours/reference | loss path, reference | loss path, ours "
-              "| its 3 matmuls alone, share of ours | max loss difference |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| shape | reference tok/s | ours tok/s | ours/reference | reference with freed memory kept: tok/s, "
+              "ours/it | loss path, reference | loss path, ours | its 3 matmuls alone, share of ours | max loss "
+              "difference |")
+        print("|---|---|---|---|---|---|---|---|---|")
         shapes = [("4L-128 B8 T256", dict(n_layer=4, n_head=4, n_embd=128), 8, 256),
                   ("4L-256 B8 T256", dict(n_layer=4, n_head=4, n_embd=256), 8, 256),
                   ("124M B4 T256", tg.PRESETS["gpt2"], 4, 256)]
