@@ -158,10 +158,10 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         self.grad_checkpoint = False  # set by training to trade compute for memory
         self.dropout = 0.0  # set by training; only in train() mode
-        # Rows per block of the loss (ChunkedCrossEntropy). Each block rereads and rewrites the (V, C) fp32
-        # gradient of lm_head, while its own logits are (rows, V): rows ~ C balances the two memory streams
-        # (`python bench/bench_train.py --only blocks` times the loss at each block size on your machine).
-        self.loss_rows = max(256, 1 << round(math.log2(config.n_embd)))
+        # Rows per block of the loss on a CPU (ChunkedCrossEntropy): from 256 rows up a block's matmuls run
+        # at full speed (`python bench/bench_train.py --only blocks` times the loss at each block size), and
+        # smaller blocks hold less memory.
+        self.loss_rows = 256
 
     def _init_weights(self, module):
         # GPT-2 init: N(0, 0.02), biases zero; each residual projection scaled by 1/sqrt(2 * n_layer)
@@ -212,10 +212,10 @@ class GPT(nn.Module):
         return logits
 
     def loss_block_rows(self, n, device_type="cpu"):
-        """Rows per block of the loss for n rows in all: loss_rows on a CPU; on a GPU, where caches matter
-        less than kernel launches, 4096 (fp32 logits of 0.8 GB a block at GPT-2's vocabulary: the memory
-        saving stays, and a small batch is one block). At most 32 blocks, because compiled the loop over the
-        blocks is unrolled (a GPU micro-batch of 64 x 1024 rows in blocks of 256 would be 256 copies)."""
+        """Rows per block of the loss for n rows in all: loss_rows on a CPU; on a GPU, where kernel launches
+        matter more, 4096 (fp32 logits of 0.8 GB a block at GPT-2's vocabulary: the memory saving stays, and
+        a small batch is one block). At most 32 blocks, because compiled the loop over the blocks is unrolled
+        (a GPU micro-batch of 64 x 1024 rows in blocks of 256 would be 256 copies)."""
         return max(self.loss_rows if device_type == "cpu" else 4096, -(-n // 32))
 
     def num_params(self):

@@ -200,7 +200,7 @@ def compare_worker(kind, conn, device, dtype, shape, B, T):
 
 def loss_blocks(device, steps):
     """The loss path alone (forward and backward, compiled, autocast) of 2048 rows at several block sizes, for
-    three widths: what GPT.loss_rows is chosen from."""
+    three widths: what GPT.loss_rows (a CPU's block) is chosen from."""
     rt = tg.setup_runtime(device, "auto")
     rows_all = 2048
     print("| width | " + " | ".join(f"{r} rows" for r in (128, 256, 512, 1024, 2048)) + " | the model's choice |")
