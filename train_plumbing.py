@@ -4,7 +4,8 @@ lecture. Nothing here is needed to follow how GPT-2 is pretrained; all of it is 
 days on machines that fail. train_gpt2.py, train_extras.py and hellaswag.py import this file; it imports nothing of the project.
 
     the runtime        setup_runtime(): the one place that reads the environment (torchrun's ranks, the
-                       device, the dtype) and sets up the process group; which GPUs this PyTorch build can run
+                       device, the dtype) and sets up the process group; which GPUs this PyTorch build can run;
+                       on CPU, freed memory kept for the next step (keep_freed_memory)
     checks             flags against the runtime or a checkpoint (the flags alone: train_gpt2.check_config)
     the run's log      log.txt, Weights & Biases (--wandb_project), the console (rank 0 only)
     checkpoints        atomic writes, save, load (weights_only), --resume auto, exact restore, retention

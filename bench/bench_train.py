@@ -2,8 +2,9 @@
 Training and sampling speed: runs train_gpt2.py as a user would (no speed flags unless a row says so) and
 prints tokens/s, ms/step, MFU and peak memory per configuration, plus the KV-cache vs recompute ratio.
 Then our training step against the reference one (full logits + F.cross_entropy, the default AdamW: what
-train_gpt2.py did before the chunked loss), each in its own process, steps interleaved, the loss path's
-share of each step, and the time of the loss path's three matmuls alone: the floor no loss code can go under.
+train_gpt2.py did before the chunked loss), each in its own process, steps interleaved: the loss path's
+share of each step, the time of its three matmuls alone (the floor no loss code can go under), and the page
+faults of a step (memory the kernel had to hand out and zero again).
 
     python bench/bench_train.py                  # the CPU configurations of the README table
     python bench/bench_train.py --device cuda    # the same on a GPU, plus the 124M T=1024 recipe row
@@ -17,6 +18,7 @@ import argparse
 import multiprocessing as mp
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -120,10 +122,11 @@ def compare_reference(device, name, shape, B, T, steps):
         for kind, (_, conn) in workers.items():
             for part in {"reference": ("step", "loss"), "ours": ("step", "loss", "floor")}.get(kind, ("step",)):
                 conn.send(part)
-                seconds, loss = conn.recv()
+                seconds, loss, faults = conn.recv()
                 times[kind].setdefault(part, []).append(seconds)
                 if part == "step":
                     losses[kind].append(loss)
+                    times[kind].setdefault("faults", []).append(faults)
     for proc, conn in workers.values():
         conn.send(None)
         proc.join()
@@ -136,12 +139,13 @@ def compare_reference(device, name, shape, B, T, steps):
             f"{kept} | "
             f"{1000 * med['reference']['loss']:,.0f} ms = {100 * med['reference']['loss'] / med['reference']['step']:.0f}% | "
             f"{1000 * med['ours']['loss']:,.0f} ms = {100 * med['ours']['loss'] / med['ours']['step']:.0f}% | "
-            f"{1000 * med['ours']['floor']:,.0f} ms = {100 * med['ours']['floor'] / med['ours']['loss']:.0f}% | {same:.1e} |")
+            f"{1000 * med['ours']['floor']:,.0f} ms = {100 * med['ours']['floor'] / med['ours']['loss']:.0f}% | "
+            f"{med['reference']['faults']:,.0f} / {med['ours']['faults']:,.0f} | {same:.1e} |")
 
 
 def compare_worker(kind, conn, device, dtype, shape, B, T):
     """One side of compare_reference, in its own process: builds the model, then times what conn asks for
-    ("step", "loss", "floor") and sends back (seconds, loss), until it gets None."""
+    ("step", "loss", "floor") and sends back (seconds, loss, page faults), until it gets None."""
     if kind == "ours":
         rt = tg.setup_runtime(device, dtype)
     else:  # none of our process-wide settings: only the device and the dtype (and, if asked, the allocator's)
@@ -194,8 +198,10 @@ def compare_worker(kind, conn, device, dtype, shape, B, T):
     step(), loss_path()  # compile both before the first timed call
     conn.send("ready")
     while (part := conn.recv()) is not None:
-        out = []
-        conn.send((timed(lambda: out.append(parts[part]()), rt), out[0] if part == "step" else None))
+        out, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        seconds = timed(lambda: out.append(parts[part]()), rt)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults  # pages the kernel had to zero
+        conn.send((seconds, out[0] if part == "step" else None, faults))
 
 
 def loss_blocks(device, steps):
@@ -269,9 +275,9 @@ def main():
         print("\nOurs vs the reference step (full logits + F.cross_entropy, default AdamW), compiled, one micro-batch "
               "per step; loss path = hidden states -> loss, forward + backward, and its share of the step")
         print("| shape | reference tok/s | ours tok/s | ours/reference | reference with freed memory kept: tok/s, "
-              "ours/it | loss path, reference | loss path, ours | its 3 matmuls alone, share of ours | max loss "
-              "difference |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "ours/it | loss path, reference | loss path, ours | its 3 matmuls alone, share of ours | page faults "
+              "a step, reference / ours | max loss difference |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         shapes = [("4L-128 B8 T256", dict(n_layer=4, n_head=4, n_embd=128), 8, 256),
                   ("4L-256 B8 T256", dict(n_layer=4, n_head=4, n_embd=256), 8, 256),
                   ("124M B4 T256", tg.PRESETS["gpt2"], 4, 256)]

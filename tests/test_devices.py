@@ -152,7 +152,7 @@ import train_gpt2 as tg
 if sys.argv[1] == "setup_runtime":
     tg.setup_runtime("cpu", "auto")
 torch.manual_seed(0)
-model = tg.GPT(tg.GPTConfig(block_size=64, n_layer=1, n_head=3, n_embd=192))  # lm_head's fp32 gradient: 39 MB
+model = tg.GPT(tg.GPTConfig(block_size=64, n_layer=1, n_head=6, n_embd=384))  # its (V, C) fp32 tensors: 77 MB
 optimizer = tg.configure_optimizer(model, 1e-3, 0.1, "cpu")
 x = torch.randint(0, 50257, (2, 64))
 faults = []
@@ -175,10 +175,10 @@ def test_cpu_steps_reuse_freed_memory_instead_of_faulting_in_new_pages():
         assert out.returncode == 0, out.stderr
         faults[how] = float(out.stdout)
     # Under glibc's defaults the step's large tensors are fresh mmaps, each 4 KB page zeroed by the kernel on its
-    # first write: ~80,000 page faults a step for this model. After setup_runtime the heap keeps what a step
-    # frees and gives it to the next step.
-    assert faults["the C library's defaults"] > 10_000, faults
-    assert faults["setup_runtime"] < 100, faults
+    # first write: 50,000 to 120,000 page faults a step for this model. After setup_runtime the heap keeps what
+    # a step frees and gives it to the next step: 0 or 1 a step.
+    assert faults["the C library's defaults"] > 20_000, faults
+    assert faults["setup_runtime"] < 1_000, faults
 
 
 @pytest.mark.parametrize("free, trial_peak, ddp, fits", [
