@@ -9,6 +9,7 @@ faults of a step (memory the kernel had to hand out and zero again).
     python bench/bench_train.py                  # the CPU configurations of the README table
     python bench/bench_train.py --device cuda    # the same on a GPU, plus the 124M T=1024 recipe row
     python bench/bench_train.py --only compare   # only the reference comparison
+    python bench/bench_train.py --only compare --dtype fp32   # both sides in fp32 (an AVX2 laptop's dtype)
     python bench/bench_train.py --only blocks    # the loss path at several block sizes (GPT.loss_rows)
     python bench/bench_train.py --device cuda --only compare --shape 4L-128,T1024   # some shapes only
 
@@ -97,15 +98,17 @@ def timed(fn, rt):
     return time.perf_counter() - t0
 
 
-def compare_reference(device, name, shape, B, T, steps):
+def compare_reference(device, dtype, name, shape, B, T, steps):
     """Ours vs the reference step (plain head, full logits, F.cross_entropy, default AdamW), compiled, autocast,
     one micro-batch per step. Each runs in its own process, as each program would: ours after setup_runtime
     (deterministic mode, the CPU allocator's reuse of freed memory), the reference with PyTorch's and the C
     library's defaults; and the reference once more with only the allocator setting (keep_freed_memory), to
     tell what that setting buys from what the rest of ours does. Steps interleave, one process waiting while
     another runs, so that all see the same machine load. Then the loss path alone (hidden states -> loss,
-    forward and backward): plain vs ChunkedCrossEntropy, its share of each step, and its three matmuls alone."""
-    dtype = tg.setup_runtime(device, "auto").dtype  # the dtype ours trains in; the reference gets the same
+    forward and backward): plain vs ChunkedCrossEntropy, its share of each step, and its three matmuls alone.
+    MFU of each side is against the peak of `dtype` measured here (train_plumbing.peak_flops), after the steps."""
+    rt = tg.setup_runtime(device, dtype)  # the dtype ours trains in (auto: as train_gpt2.py picks); the reference too
+    dtype = rt.dtype
     ctx = mp.get_context("spawn")
     workers = {}
     kinds = ("reference", "reference, freed memory kept", "ours") if device == "cpu" else ("reference", "ours")
@@ -135,7 +138,11 @@ def compare_reference(device, name, shape, B, T, steps):
     tok = {k: B * T / m["step"] for k, m in med.items()}
     kept = tok.get("reference, freed memory kept")  # CPU only: the setting is about the CPU's memory
     kept = f"{kept:,.0f} = {tok['ours'] / kept:.2f}x" if kept else "n/a"
-    return (f"| {name} | {tok['reference']:,.0f} | {tok['ours']:,.0f} | **{tok['ours'] / tok['reference']:.2f}x** | "
+    peak = tp.peak_flops(rt)  # measured now, with the workers gone: the machine's best in this dtype
+    flops = tp.flops_per_token(tg.GPTConfig(**shape), T)
+    mfu = " / ".join(f"{100 * tok[k] * flops / peak:.0f}%" for k in ("reference", "ours")) if peak else "n/a"
+    return (f"| {name} | {dtype} | {tok['reference']:,.0f} | {tok['ours']:,.0f} | "
+            f"**{tok['ours'] / tok['reference']:.2f}x** | {mfu} (peak {peak / 1e9:,.0f} GFLOP/s) | "
             f"{kept} | "
             f"{1000 * med['reference']['loss']:,.0f} ms = {100 * med['reference']['loss'] / med['reference']['step']:.0f}% | "
             f"{1000 * med['ours']['loss']:,.0f} ms = {100 * med['ours']['loss'] / med['ours']['step']:.0f}% | "
@@ -235,13 +242,16 @@ def loss_blocks(device, steps):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="the training dtype of every run, both sides of the comparison included (auto: what "
+                   "train_gpt2.py picks; fp32 on a CPU with AVX512-BF16 stands in for an AVX2 laptop)")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per configuration (default: %(default)s)")
     p.add_argument("--only", choices=["table", "compare", "blocks"], help="run only one part (blocks: the loss's "
                    "block size, run only when asked for)")
     p.add_argument("--shape", default="", help="compare only the shapes whose names hold one of these "
                    "(comma-separated), e.g. 4L-128,T1024")
     args = p.parse_args()
-    dev = ["--device", args.device]
+    dev = ["--device", args.device, "--dtype", args.dtype]
     gpt2 = ["--model", "gpt2"]
     small = ["--n_layer", "4", "--n_head", "4", "--n_embd", "256"]
     configs = [
@@ -274,17 +284,17 @@ def main():
     if args.only != "table":
         print("\nOurs vs the reference step (full logits + F.cross_entropy, default AdamW), compiled, one micro-batch "
               "per step; loss path = hidden states -> loss, forward + backward, and its share of the step")
-        print("| shape | reference tok/s | ours tok/s | ours/reference | reference with freed memory kept: tok/s, "
+        print("| shape | dtype | reference tok/s | ours tok/s | ours/reference | MFU reference / ours | reference with freed memory kept: tok/s, "
               "ours/it | loss path, reference | loss path, ours | its 3 matmuls alone, share of ours | page faults "
               "a step, reference / ours | max loss difference |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         shapes = [("4L-128 B8 T256", dict(n_layer=4, n_head=4, n_embd=128), 8, 256),
                   ("4L-256 B8 T256", dict(n_layer=4, n_head=4, n_embd=256), 8, 256),
                   ("124M B4 T256", tg.PRESETS["gpt2"], 4, 256)]
         if args.device == "cuda":  # a batch that fills a GPU: the recipe's micro-batch
             shapes.append(("124M B64 T1024", tg.PRESETS["gpt2"], 64, 1024))
         for name, shape, B, T in [s for s in shapes if any(k in s[0] for k in args.shape.split(","))]:
-            print(compare_reference(args.device, name, shape, B, T, args.steps), flush=True)
+            print(compare_reference(args.device, args.dtype, name, shape, B, T, args.steps), flush=True)
 
 
 if __name__ == "__main__":
