@@ -9,8 +9,8 @@ Train GPT-2 from scratch, in a file that reads top to bottom as a lecture on pre
     6. evaluation           val loss, HellaSwag, and sampling text with a KV cache
     7. checks and loading   the flags checked as one table; a trained model back from disk
     8. the command line     train (the default), sample, export, plot, evaluate
-The plumbing (device setup, the log, checkpoint files, signals, FLOP counts, FSDP, Hugging Face weights) is in
-train_plumbing.py: what real machines need, which a reader can skip.
+The plumbing (device setup, the log, checkpoint files, signals, FLOP counts, FSDP, Hugging Face weights, other
+programs' checkpoints) is in train_plumbing.py: what real machines need, which a reader can skip.
 
 Launch:
     python train_gpt2.py --data input.txt --n_layer 4 --n_head 4 --n_embd 128 ...      # laptop CPU
@@ -48,8 +48,8 @@ import torch.utils.checkpoint
 from train_plumbing import (RunLog, StopSignal, UserError, agree_on_signal, check_fsdp, checkpoint_to_resume,
                             data_shuffle, flops_per_token, format_duration, gathered_root, hf_to_ours, import_wandb,
                             load_checkpoint, out_of_memory_error, peak_flops, prune_checkpoints, read_hf_gpt2,
-                            read_llmc_tokens, restore_state, save_checkpoint, setup_runtime, shard_model,
-                            torch_version, use_compile)
+                            read_llmc_tokens, restore_state, save_checkpoint, schedule_flags, setup_runtime,
+                            shard_model, torch_version, use_compile)
 
 # =============================================================================
 # 1. The model: GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners")
@@ -1057,7 +1057,7 @@ def load_model(path_or_name, report=False):
         step = ckpt.get("step")
         print(f"--init_from {path_or_name}: the weights of a {ckpt.get('source', 'train_gpt2.py')} checkpoint at "
               f"step {'?' if step is None else step}, with a new AdamW optimizer and the data from its start; "
-              + (f"--init_step {step} continues its learning-rate schedule (with its --max_steps, --warmup_steps)"
+              + (f"--init_step {step} with {schedule_flags(ckpt)} continues its learning-rate schedule"
                  if step else "the learning-rate schedule starts at --init_step"))
     return model_from_checkpoint(ckpt, path_or_name)
 

@@ -8,11 +8,13 @@ days on machines that fail. train_gpt2.py, train_extras.py and hellaswag.py impo
                        on CPU, freed memory kept for the next step (keep_freed_memory)
     checks             flags against the runtime or a checkpoint (the flags alone: train_gpt2.check_config)
     the run's log      log.txt, Weights & Biases (--wandb_project), the console (rank 0 only)
-    checkpoints        atomic writes, save, load (weights_only), --resume auto, exact restore, retention
+    checkpoints        atomic writes, save, load (weights_only; other programs' formats by content), --resume
+                       auto, exact restore, retention
     signals and errors SIGTERM/SIGINT -> a checkpoint and a clean exit on every rank; the out-of-memory line
     FLOPs              per token, and each device's peak, for MFU
     FSDP               --fsdp 1: sharding, and checkpoints that any mode can resume
     Hugging Face       GPT-2 weights from the hub or a directory, into our names and layout
+    other programs     build-nanogpt's, nanoGPT's and llm.c's checkpoints, and llm.c's token shards
 """
 
 import contextlib
@@ -807,6 +809,17 @@ def foreign_checkpoint(path, source, shape, sd, step, recipe=None):
         out["transformer.wte.weight"] = torch.cat([wte[:rows], wte.new_zeros(max(0, rows - len(wte)), wte.size(1))])
         out["lm_head.weight"] = out["transformer.wte.weight"]
     return {"model": out, "config": config, "step": step, "source": source, "recipe": recipe, "path": path}
+
+
+def schedule_flags(ckpt):
+    """The flags that continue another program's learning-rate schedule, as far as its file tells them."""
+    c = ckpt.get("recipe") or {}
+    if ckpt.get("source") == "build-nanogpt":  # its script's constants, which are this program's defaults
+        return "--max_lr 6e-4 --warmup_steps 715 --max_steps 19073 (build-nanogpt's script, and the defaults here)"
+    if all(k in c for k in ("learning_rate", "warmup_iters", "lr_decay_iters", "min_lr")):  # nanoGPT's config
+        return (f"--max_lr {c['learning_rate']} --warmup_steps {c['warmup_iters']} --max_steps {c['lr_decay_iters']} "
+                f"--min_lr_ratio {c['min_lr'] / c['learning_rate']:.4g} (from its config)")
+    return "its --max_steps and --warmup_steps"
 
 
 def read_llmc_model(path):
