@@ -164,7 +164,8 @@ def test_unknown_files_one_line_never_advise_deleting(tmp_path):
     bad_llmc[:2] = [20240326, 4]
     (tmp_path / "v4.bin").write_bytes(bad_llmc.tobytes())
     torch.save({"model": {}, "model_args": dict(SHAPE, vocab_size=65)}, tmp_path / "char.pt")  # shakespeare_char
-    for name, words in (("noise.pt", "not a valid checkpoint"), ("v4.bin", "version 4"), ("char.pt", "vocabulary of 65")):
+    for name, words in (("noise.pt", "not a valid checkpoint"), ("v4.bin", "version 4"),
+                        ("char.pt", "vocabulary of 65")):
         with pytest.raises(tg.UserError) as e:
             tg.load_model(str(tmp_path / name))
         assert words in str(e.value) and "delete" not in str(e.value) and "\n" not in str(e.value)
