@@ -1084,8 +1084,9 @@ def train_main(argv):
 def sample_main(argv):
     parser = argparse.ArgumentParser(prog="train_gpt2.py sample", description="Generate text from a model.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", default="gpt2", help="a model_*.pt checkpoint, or Hugging Face GPT-2 "
-                        "weights: a name (gpt2, gpt2-medium, ...) or a directory")
+    parser.add_argument("--checkpoint", default="gpt2", help="a checkpoint file (ours, build-nanogpt's, "
+                        "nanoGPT's or llm.c's), or Hugging Face GPT-2 weights: a name (gpt2, gpt2-medium, ...) or a "
+                        "directory")
     parser.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate")
     parser.add_argument("--num_samples", type=int, default=4, help="continuations per prompt")
