@@ -236,19 +236,21 @@ def test_build_nanogpt_checkpoint_in_every_command(files, tmp_path):
     """sample, export (then read back by transformers), hellaswag.py and --init_from with --init_step."""
     d, refs = files
     path, hf, _ = refs["build-nanogpt"]
-    out = run_cli("train_gpt2.py", "sample", "--checkpoint", path, "--prompt", "Hello", "--max_new_tokens", "4",
-                  "--num_samples", "1", "--device", "cpu")
-    assert out.returncode == 0 and out.stdout.count("--- sample") == 1, out.stderr
-    out = run_cli("train_gpt2.py", "export", "--checkpoint", path, "--out", tmp_path / "hf")
+    # the three commands' real entry points in one process (one interpreter start instead of three)
+    script = ("import sys, hellaswag, train_gpt2; a = sys.argv[1:]; "
+              "train_gpt2.main(['sample', '--checkpoint', a[0], '--prompt', 'Hello', '--max_new_tokens', '4', "
+              "'--num_samples', '1', '--device', 'cpu']); "
+              "train_gpt2.main(['export', '--checkpoint', a[0], '--out', a[1]]); "
+              "hellaswag.main(['--model', a[0], '--data', a[2], '--limit', '4', '--device', 'cpu'])")
+    out = run_cli("-c", script, path, tmp_path / "hf", HELLASWAG)
     assert out.returncode == 0, out.stderr
+    assert out.stdout.count("--- sample") == 1 and f"wrote {tmp_path / 'hf'}" in out.stdout
+    assert json.loads(out.stdout.splitlines()[-1])["n"] == 4  # hellaswag.py's result line
     import transformers
     back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     idx = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (back(idx).logits - hf(idx).logits[..., :50257]).abs().max().item() < 1e-4
-    out = run_cli("hellaswag.py", "--model", path, "--data", HELLASWAG, "--limit", "4", "--device", "cpu")
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.splitlines()[-1])["n"] == 4
     log_dir = tmp_path / "cont"
     (tmp_path / "t.txt").write_text((ROOT / "input.txt").read_text()[:4000])
     out = run_cli("train_gpt2.py", "--init_from", path, "--init_step", "100", "--max_steps", "106",
