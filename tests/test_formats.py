@@ -241,11 +241,18 @@ def test_build_nanogpt_checkpoint_in_every_command(files, tmp_path):
               "train_gpt2.main(['sample', '--checkpoint', a[0], '--prompt', 'Hello', '--max_new_tokens', '4', "
               "'--num_samples', '1', '--device', 'cpu']); "
               "train_gpt2.main(['export', '--checkpoint', a[0], '--out', a[1]]); "
-              "hellaswag.main(['--model', a[0], '--data', a[2], '--limit', '4', '--device', 'cpu'])")
-    out = run_cli("-c", script, path, tmp_path / "hf", HELLASWAG)
+              "hellaswag.main(['--model', a[0], '--data', a[2], '--limit', '4', '--device', 'cpu']); "
+              "train_gpt2.main(['evaluate', '--checkpoint', a[1], '--data', a[3], '--device', 'cpu'])")
+    text = (ROOT / "input.txt").read_text()[:300]
+    (tmp_path / "e.txt").write_text(text)
+    out = run_cli("-c", script, path, tmp_path / "hf", HELLASWAG, tmp_path / "e.txt")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("--- sample") == 1 and f"wrote {tmp_path / 'hf'}" in out.stdout
-    assert json.loads(out.stdout.splitlines()[-1])["n"] == 4  # hellaswag.py's result line
+    assert json.loads(out.stdout.splitlines()[-3])["n"] == 4  # hellaswag.py's result line
+    # evaluate reads the exported Hugging Face directory too
+    tokens = tg.get_encoding().encode_ordinary(text)
+    ref = hf_windows_loss(hf, tokens, 64).mean().item()
+    assert abs(json.loads(out.stdout.splitlines()[-1])["loss"] - ref) < 1e-4
     import transformers
     back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     idx = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(1))
