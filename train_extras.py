@@ -335,7 +335,8 @@ def evaluate_main(argv):
     model = load_model(args.checkpoint).to(rt.device)
     seq_len = args.seq_len or model.config.block_size
     if seq_len > model.config.block_size:
-        raise UserError(f"--seq_len {seq_len} is larger than the model's block size {model.config.block_size}")
+        raise UserError(f"--seq_len {seq_len} is larger than the model's block size {model.config.block_size}; "
+                        f"use --seq_len {model.config.block_size} or less")
     enc = get_encoding()
     if os.path.isdir(args.data):  # the val split's shards, only as far as --tokens reaches
         shards, need = load_split(args.data, "val"), args.tokens + 1 if args.tokens else None

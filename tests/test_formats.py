@@ -292,3 +292,14 @@ def test_notebook_helpers_against_transformers(files):
     assert [p for _, p in top] == pytest.approx(probs.topk(5).values.tolist(), abs=1e-5)
     tokens, att = train_extras.attention_of_head(model, enc, prompt, layer=1, head=1)
     assert len(tokens) == idx.size(1) and (att - out.attentions[1][0, 1]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("flags, words", [(["--tokens", "-1"], "--tokens and --seq_len must be >= 0"),
+                                          (["--batch_size", "0"], "--batch_size positive"),
+                                          (["--data", "nowhere.txt"], "--data nowhere.txt does not exist")])
+def test_evaluate_flags_are_checked_before_any_setup(flags, words, capsys, monkeypatch):
+    monkeypatch.setattr(train_extras, "setup_runtime", None)  # reached only after the checks: calling it fails
+    with pytest.raises(SystemExit) as e:
+        tg.main(["evaluate", "--checkpoint", "gpt2", "--data", str(ROOT / "input.txt"), *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err
