@@ -137,7 +137,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="HellaSwag accuracy of a GPT-2 (see the module docstring).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, default=argparse.SUPPRESS,
-                   help="required: Hugging Face GPT-2 name (gpt2, gpt2-xl, ...) or directory, or our checkpoint .pt")
+                   help="required: Hugging Face GPT-2 name (gpt2, gpt2-xl, ...) or directory, or a checkpoint file: "
+                   "ours, build-nanogpt's, nanoGPT's or llm.c's")
     p.add_argument("--data", default=None, help="local HellaSwag .jsonl; None: download the official file once")
     p.add_argument("--split", default="val", choices=["val", "train"], help="split to download when --data is None")
     p.add_argument("--limit", type=int, default=0, help="score only the first N examples (0 = all)")

@@ -3,20 +3,27 @@ What train_gpt2.py does besides the lecture, kept out of its way:
 
     python train_gpt2.py export --checkpoint log/model_19073.pt --out gpt2-mine   # a Hugging Face GPT-2 directory
     python train_gpt2.py plot --log_dir log                                      # log.txt as a PNG
+    python train_gpt2.py evaluate --checkpoint gpt2 --data my.txt --per_token   # a model's loss on a text
     python train_gpt2.py --batch_size auto ...        # the largest micro-batch that fits in memory (estimated here)
 
 train_gpt2.py imports this file only when one of these is asked for; this file imports train_gpt2 and train_plumbing.
 """
 
 import argparse
+import contextlib
 import json
+import math
 import os
+import sys
+import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from train_gpt2 import get_encoding, model_from_checkpoint
-from train_plumbing import CONV1D, UserError, load_checkpoint, write_atomic
+from train_gpt2 import get_encoding, load_model, load_split, model_from_checkpoint, text_tokens
+from train_plumbing import CONV1D, UserError, load_checkpoint, setup_runtime, write_atomic
 
 # -----------------------------------------------------------------------------
 # --batch_size auto: how many sequences per micro-step fit in memory
@@ -115,7 +122,8 @@ def ours_to_hf(sd, config):
 def export_main(argv):
     parser = argparse.ArgumentParser(prog="train_gpt2.py export",
                                      description="Write a checkpoint as a Hugging Face GPT-2 directory.")
-    parser.add_argument("--checkpoint", required=True, help="a model_*.pt checkpoint (required)")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint file (required): ours, or build-nanogpt's, "
+                        "nanoGPT's or llm.c's")
     parser.add_argument("--out", required=True, help="output directory (required)")
     args = parser.parse_args(argv)
     from safetensors.torch import save
@@ -172,13 +180,9 @@ def export_tokenizer(out, max_length):
 # plot: log.txt as loss and HellaSwag curves
 
 
-def plot_main(argv):
-    parser = argparse.ArgumentParser(prog="train_gpt2.py plot", description="Plot log.txt: losses and HellaSwag.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--log_dir", default="log", help="directory holding log.txt")
-    parser.add_argument("--out", default=None, help="PNG to write (None: <log_dir>/plot.png)")
-    args = parser.parse_args(argv)
-    log_file = os.path.join(args.log_dir, "log.txt")
+def plot_figure(log_dir):
+    """log.txt's curves as a matplotlib figure, with the GPT-2 reference lines (notebooks/play.ipynb shows it)."""
+    log_file = os.path.join(log_dir, "log.txt")
     if not os.path.isfile(log_file):
         raise UserError(f"{log_file} does not exist; give the --log_dir of a training run")
     series = {"train": ([], []), "val": ([], []), "hella": ([], [])}
@@ -189,11 +193,9 @@ def plot_main(argv):
                 series[parts[1]][0].append(int(parts[0]))
                 series[parts[1]][1].append(float(parts[2]))
     try:
-        import matplotlib
+        import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("plot needs matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
     ax1.plot(*series["train"], label="train loss", alpha=0.6)
     ax1.plot(*series["val"], label="val loss", marker="o", markersize=3)
@@ -208,11 +210,158 @@ def plot_main(argv):
     ax2.set(xlabel="step", ylabel="acc_norm", title="HellaSwag" if series["hella"][0] else
             "HellaSwag (not in this log: train with --hellaswag_every)", xlim=ax1.get_xlim(), ylim=(0.2, 0.4))
     ax2.legend()
+    return fig
+
+
+def plot_main(argv):
+    parser = argparse.ArgumentParser(prog="train_gpt2.py plot", description="Plot log.txt: losses and HellaSwag.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--log_dir", default="log", help="directory holding log.txt")
+    parser.add_argument("--out", default=None, help="PNG to write (None: <log_dir>/plot.png)")
+    args = parser.parse_args(argv)
     out = args.out or os.path.join(args.log_dir, "plot.png")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise UserError(f"the folder of --out {out} does not exist; create it or choose another --out")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # a file, no window
+    except ImportError:
+        raise UserError("plot needs matplotlib: pip install matplotlib") from None
+    fig = plot_figure(args.log_dir)
     write_atomic(out, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
     print(f"wrote {out}")
 
 
-COMMANDS = {"export": export_main, "plot": plot_main}
+# -----------------------------------------------------------------------------
+# evaluate: a model's loss on any text or shards; and what notebooks/play.ipynb shows of a model
+
+
+@torch.no_grad()
+def token_losses(model, tokens, seq_len, batch_size=8, device="cpu", autocast=contextlib.nullcontext,
+                 per_token=False, progress=False):
+    """The loss of every token but the first, each predicted from the tokens before it in its window: windows
+    of seq_len + 1 tokens, overlapping by one (the last may be shorter). Returns (sum of the losses, their count,
+    each token's loss as a float array if per_token else None)."""
+    model.eval()
+    starts = list(range(0, len(tokens) - 1, seq_len))
+    full = [i for i in starts if i + seq_len < len(tokens)]  # the windows of seq_len + 1 tokens
+    groups = [full[j: j + batch_size] for j in range(0, len(full), batch_size)] + [[i] for i in starts[len(full):]]
+    loss_sum, count, losses = 0.0, 0, []
+    from tqdm import tqdm  # a progress bar over the tokens, on stderr
+    bar = tqdm(total=len(tokens) - 1, desc="evaluate", unit="tok", file=sys.stderr, disable=not progress)
+    for group in groups:
+        buf = torch.from_numpy(np.stack([np.asarray(tokens[i: i + seq_len + 1], dtype=np.int64) for i in group]))
+        x, y = buf[:, :-1].to(device), buf[:, 1:].to(device)  # (b, T) inputs, (b, T) their next tokens
+        with autocast():
+            if per_token:
+                logits, _ = model(x)  # (b, T, padded_vocab)
+                each = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (b * T,)
+                losses.append(each.cpu().numpy())
+                loss_sum += float(each.double().sum())
+            else:  # the loss alone: the model never builds the whole logits
+                loss_sum += float(model(x, y)[1]) * y.numel()
+        count += y.numel()
+        bar.update(y.numel())
+    bar.close()
+    return loss_sum, count, np.concatenate(losses) if per_token else None
+
+
+def text_losses(model, enc, text, device="cpu"):
+    """[(token text, its loss in nats or None for the first)] of a text: what `evaluate --per_token` prints."""
+    tokens = enc.encode_ordinary(text)
+    _, _, losses = token_losses(model, tokens, model.config.block_size, device=device, per_token=True)
+    return [(enc.decode([t]), None if i == 0 else float(losses[i - 1])) for i, t in enumerate(tokens)]
+
+
+def format_text_losses(pairs):
+    """One line per token: its loss (nats) and its text."""
+    return "\n".join(f"{'-' if loss is None else f'{loss:.3f}':>8}  {tok!r}" for tok, loss in pairs)
+
+
+@torch.no_grad()
+def next_tokens(model, enc, prompt, k=10, device="cpu"):
+    """The k likeliest next tokens after the prompt: [(token text, probability)]."""
+    model.eval()
+    idx = torch.tensor([enc.encode_ordinary(prompt)[-model.config.block_size:]], device=device)  # (1, T)
+    probs = F.softmax(model(idx)[0][0, -1].float(), dim=-1)  # (padded_vocab,): the padding rows get 0
+    top = torch.topk(probs, k)
+    return [(enc.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
+
+
+@torch.no_grad()
+def attention_of_head(model, enc, prompt, layer, head, device="cpu"):
+    """(the prompt's token texts, the (T, T) attention weights of one head): row i is how much position i takes
+    from each position j <= i. The model itself never forms this matrix (flash attention), so it is rebuilt
+    from the keys and queries of the layer's input, caught on its way in."""
+    model.eval()
+    tokens = enc.encode_ordinary(prompt)[-model.config.block_size:]
+    attn, seen = model.transformer.h[layer].attn, []
+    hook = attn.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        model(torch.tensor([tokens], device=device))
+    finally:
+        hook.remove()
+    x = seen[0][0]  # (T, C): the layer's input, after ln_1
+    T, C = x.shape
+    hs = C // attn.n_head
+    q, k, _ = attn.c_attn(x).split(C, dim=1)  # 3 x (T, C)
+    q, k = q[:, head * hs: (head + 1) * hs], k[:, head * hs: (head + 1) * hs]  # (T, hs) each
+    scores = (q @ k.T).float() / math.sqrt(hs)  # (T, T)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+    return [enc.decode([t]) for t in tokens], F.softmax(scores, dim=-1).cpu()
+
+
+def evaluate_main(argv):
+    parser = argparse.ArgumentParser(prog="train_gpt2.py evaluate", description="A model's mean loss, perplexity "
+                                     "and bits per byte on a text file or a shard directory's val split.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="required: a checkpoint file (ours, build-nanogpt's, "
+                        "nanoGPT's or llm.c's) or Hugging Face GPT-2 weights: a name (gpt2, ...) or a directory")
+    parser.add_argument("--data", required=True, help="required: a text file (all of it), or a directory of "
+                        "token shards (its val split)")
+    parser.add_argument("--tokens", type=int, default=0, help="evaluate only the first N tokens (0 = all)")
+    parser.add_argument("--seq_len", type=int, default=0, help="tokens of context per window (0 = the model's "
+                        "block size)")
+    parser.add_argument("--batch_size", type=int, default=8, help="windows per forward")
+    parser.add_argument("--per_token", action="store_true", help="print every token with its loss")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--dtype", default="fp32", help="fp32 (full precision), or autocast to bf16, fp16, auto")
+    args = parser.parse_args(argv)
+    if args.tokens < 0 or args.seq_len < 0 or args.batch_size <= 0:
+        raise UserError("--tokens and --seq_len must be >= 0, --batch_size positive")
+    if not os.path.exists(args.data):
+        raise UserError(f"--data {args.data} does not exist; give a text file or a directory of token shards")
+    rt = setup_runtime(args.device, args.dtype)
+    model = load_model(args.checkpoint).to(rt.device)
+    seq_len = args.seq_len or model.config.block_size
+    if seq_len > model.config.block_size:
+        raise UserError(f"--seq_len {seq_len} is larger than the model's block size {model.config.block_size}; "
+                        f"use --seq_len {model.config.block_size} or less")
+    enc = get_encoding()
+    if os.path.isdir(args.data):  # the val split's shards, only as far as --tokens reaches
+        shards, need = load_split(args.data, "val"), args.tokens + 1 if args.tokens else None
+        tokens = np.concatenate([np.asarray(s[:need]) for s in shards])[:need]
+    else:
+        tokens = text_tokens(args.data)[: args.tokens + 1 if args.tokens else None]
+    if len(tokens) < 2:
+        raise UserError(f"{args.data} has {len(tokens)} token; give at least two (the first has no loss)")
+    t0 = time.time()
+    loss_sum, n, losses = token_losses(model, tokens, seq_len, args.batch_size, rt.device, rt.autocast,
+                                       args.per_token, progress=True)
+    dt = time.time() - t0
+    if args.per_token:
+        print(format_text_losses([(enc.decode([int(t)]), None if i == 0 else float(losses[i - 1]))
+                                  for i, t in enumerate(tokens)]))
+    # bits per byte: the loss in bits over the UTF-8 bytes of the predicted tokens, comparable across tokenizers
+    token_bytes = np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)])
+    n_bytes = int(token_bytes[np.asarray(tokens[1:], dtype=np.int64)].sum())
+    loss = loss_sum / n
+    result = dict(model=args.checkpoint, data=args.data, tokens=n, loss=round(loss, 6),
+                  perplexity=round(math.exp(loss), 4), bits_per_byte=round(loss_sum / math.log(2) / n_bytes, 6),
+                  seq_len=seq_len, device=rt.device, dtype=rt.dtype, seconds=round(dt, 1))
+    print(f"{n} tokens: loss {loss:.4f} | perplexity {math.exp(loss):.2f} | {result['bits_per_byte']:.4f} bits per "
+          "byte")
+    print(json.dumps(result))
+
+
+COMMANDS = {"export": export_main, "plot": plot_main, "evaluate": evaluate_main}

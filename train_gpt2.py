@@ -8,9 +8,9 @@ Train GPT-2 from scratch, in a file that reads top to bottom as a lecture on pre
     5. the training loop    train() and train_step(): the whole of pretraining in ~150 lines
     6. evaluation           val loss, HellaSwag, and sampling text with a KV cache
     7. checks and loading   the flags checked as one table; a trained model back from disk
-    8. the command line     train (the default), sample, export, plot
-The plumbing (device setup, the log, checkpoint files, signals, FLOP counts, FSDP, Hugging Face weights) is in
-train_plumbing.py: what real machines need, which a reader can skip.
+    8. the command line     train (the default), sample, export, plot, evaluate
+The plumbing (device setup, the log, checkpoint files, signals, FLOP counts, FSDP, Hugging Face weights, other
+programs' checkpoints) is in train_plumbing.py: what real machines need, which a reader can skip.
 
 Launch:
     python train_gpt2.py --data input.txt --n_layer 4 --n_head 4 --n_embd 128 ...      # laptop CPU
@@ -19,6 +19,7 @@ Launch:
     python train_gpt2.py sample --checkpoint log/model_19073.pt --prompt "Hello"     # play with it
     python train_gpt2.py export --checkpoint log/model_19073.pt --out gpt2-mine       # to Hugging Face
     python train_gpt2.py plot --log_dir log                                          # loss curves
+    python train_gpt2.py evaluate --checkpoint log/model_19073.pt --data my.txt       # loss on any text
 See README.md for every flag.
 """
 
@@ -45,9 +46,10 @@ import torch.utils.checkpoint
 # The plumbing: what pretraining needs on real machines, kept out of the lecture (train_plumbing.py's docstring
 # lists what is where)
 from train_plumbing import (RunLog, StopSignal, UserError, agree_on_signal, check_fsdp, checkpoint_to_resume,
-                            data_shuffle, flops_per_token, gathered_root, hf_to_ours, import_wandb, load_checkpoint,
-                            out_of_memory_error, peak_flops, prune_checkpoints, read_hf_gpt2, restore_state,
-                            save_checkpoint, setup_runtime, shard_model, torch_version, use_compile)
+                            data_shuffle, flops_per_token, format_duration, gathered_root, hf_to_ours, import_wandb,
+                            load_checkpoint, out_of_memory_error, peak_flops, prune_checkpoints, read_hf_gpt2,
+                            read_llmc_tokens, restore_state, save_checkpoint, schedule_flags, setup_runtime,
+                            shard_model, torch_version, use_compile)
 
 # =============================================================================
 # 1. The model: GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners")
@@ -313,7 +315,10 @@ def get_encoding():
 
 
 def load_tokens(path):
-    """A uint16 token shard (.npy), memory-mapped: it is read from disk only as batches need it."""
+    """A uint16 token shard, memory-mapped: it is read from disk only as batches need it. A .npy (fineweb.py,
+    build-nanogpt) or llm.c's .bin, whose 256-int32 header read_llmc_tokens checks."""
+    if path.endswith(".bin"):
+        return read_llmc_tokens(path)
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as e:
@@ -325,9 +330,9 @@ def load_tokens(path):
 
 
 def shard_paths(data_dir, split):
-    """The shards of one split ("train"/"val") in a directory: the .npy files with that word in their name
-    (edufineweb_val_000000.npy), ordered by the number in their name."""
-    paths = [p for p in glob.glob(os.path.join(data_dir, "*.npy"))
+    """The shards of one split ("train"/"val") in a directory: the .npy (or llm.c .bin) files with that word in
+    their name (edufineweb_val_000000.npy, fineweb_val_000000.bin), ordered by the number in their name."""
+    paths = [p for p in glob.glob(os.path.join(data_dir, "*.npy")) + glob.glob(os.path.join(data_dir, "*.bin"))
              if split in re.split(r"[^a-z]+", os.path.basename(p).lower())]
     return sorted(paths, key=lambda p: [int(n) for n in re.findall(r"\d+", os.path.basename(p))] or [0])
 
@@ -338,21 +343,26 @@ def load_split(data, split):
     if os.path.isdir(data):
         paths = shard_paths(data, split)
         if not paths:
-            raise UserError(f"{data} has no {split} shards (*{split}*.npy); create them with fineweb.py")
+            raise UserError(f"{data} has no {split} shards (*{split}*.npy or .bin); create them with fineweb.py")
         return [load_tokens(p) for p in paths]
-    if not os.path.isfile(data):
-        raise UserError(f"--data {data} does not exist; give a text file or a directory of .npy shards")
-    try:
-        with open(data, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{data} is not UTF-8 text (byte {e.start}); convert it to UTF-8 first") from None
-    if not text.strip():
-        raise UserError(f"{data} is empty; give a text file with some text in it")
-    # encode_ordinary: text that happens to contain "<|endoftext|>" is just text, not the special token
-    tokens = np.array(get_encoding().encode_ordinary(text), dtype=np.uint16)
+    tokens = text_tokens(data)
     n_val = len(tokens) // 10  # the val split is the end of the text: no sentence is in both
     return [tokens[: len(tokens) - n_val]] if split == "train" else [tokens[len(tokens) - n_val:]]
+
+
+def text_tokens(path):
+    """The GPT-2 tokens of a UTF-8 text file, as uint16."""
+    if not os.path.isfile(path):
+        raise UserError(f"--data {path} does not exist; give a text file or a directory of .npy shards")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8 first") from None
+    if not text.strip():
+        raise UserError(f"{path} is empty; give a text file with some text in it")
+    # encode_ordinary: text that happens to contain "<|endoftext|>" is just text, not the special token
+    return np.array(get_encoding().encode_ordinary(text), dtype=np.uint16)
 
 
 class DataLoader:
@@ -499,7 +509,10 @@ class TrainConfig:
     n_layer: int = arg(None, "number of layers (overrides the preset)")
     n_head: int = arg(None, "number of attention heads (overrides the preset)")
     n_embd: int = arg(None, "embedding width (overrides the preset)")
-    init_from: str = arg(None, "start from these weights: a Hugging Face GPT-2 name/directory or a checkpoint")
+    init_from: str = arg(None, "start from these weights: a Hugging Face GPT-2 name/directory or a checkpoint "
+                         "(ours, build-nanogpt's, nanoGPT's or llm.c's), with a new optimizer")
+    init_step: int = arg(0, "with --init_from: start at this step of the learning-rate schedule (e.g. the step the "
+                         "checkpoint was at, to finish its run with its --max_steps and --warmup_steps)")
     resume: str = arg(None, "'auto': continue from the newest valid checkpoint in --log_dir; or a checkpoint path")
     # batch: the GPT-3 paper's 124M ("Small") recipe uses 0.5M tokens per optimizer step
     total_batch_size: int = arg(524288, "tokens per optimizer step, over all ranks and accumulation steps (2**19)")
@@ -557,6 +570,7 @@ def train(cfg):
     flops, peak = flops_per_token(s.model.config, cfg.seq_len), peak_flops(rt)  # for MFU
     stop = StopSignal(rt.ddp)  # SIGTERM/SIGINT (preemption, Ctrl-C): finish the step, checkpoint, exit
     stop_for, new_ckpt = 0, None  # the signal every rank stops for (0: none); the newest checkpoint written
+    step_times = []  # seconds of the recent optimizer steps (evaluation excluded), for the time left
 
     def checkpoint(path, step):  # every rank calls it (FSDP gathers the shards); rank 0 writes, then prunes
         save_checkpoint(path, s.model, s.optimizer, s.scaler, step, s.loader, cfg, s.wandb_id, cfg.fsdp)
@@ -621,10 +635,17 @@ def train(cfg):
         # MFU, model FLOPs utilization (PaLM paper, appendix B): the FLOPs the model needs per second, as a share
         # of what the hardware can do at best. 40-50% is good on GPUs; time lost elsewhere shows up here
         mfu = 100 * tok_s * flops / (peak * rt.world_size) if peak else None  # percent
+        # the time left: the median of the last 20 steps (a compile or a slow step moves it little) x steps left
+        step_times = step_times[-19:] + [dt]
+        left = float(np.median(step_times)) * (cfg.max_steps - step - 1)
         log(f"{step} train {loss:.6f}",
             f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm.item():.4f} | {1000 * dt:.1f} ms | "
-            f"{tok_s:,.0f} tok/s | MFU " + (f"{mfu:.1f}%" if mfu is not None else "n/a"),
+            f"{tok_s:,.0f} tok/s | MFU " + (f"{mfu:.1f}%" if mfu is not None else "n/a") +
+            f" | ETA {format_duration(left)}",
             {"train/lr": lr, "train/grad_norm": norm.item(), "train/tok_per_s": tok_s, "train/mfu": mfu})
+        if len(step_times) == 5 and step + 1 < cfg.max_steps:
+            log.print(f"at {float(np.median(step_times)):.3g} s a step, the {cfg.max_steps - step - 1} steps left take "
+                      f"about {format_duration(left)} (evaluations, samples and checkpoints come on top)")
 
 
 def train_step(model, optimizer, scaler, loader, grad_accum, lr, grad_clip, rt, fsdp=False):
@@ -686,7 +707,7 @@ def build_state(cfg, rt):
     (--init_from), or a whole training state to continue (--resume: also the step, data position, random state)."""
     check_fsdp(cfg, rt)
     ckpt = checkpoint_to_resume(cfg, rt)  # None: a new run
-    init_model = load_model(cfg.init_from) if cfg.init_from else None
+    init_model = load_model(cfg.init_from, report=rt.master) if cfg.init_from else None
     config = model_config(cfg, ckpt, init_model)
     max_batch = cfg.total_batch_size // (cfg.seq_len * rt.world_size)  # sequences per rank and optimizer step
     train_shards = load_split(cfg.data, "train")
@@ -715,6 +736,7 @@ def build_state(cfg, rt):
     s = TrainState(model, optimizer, scaler, loader, val_shards, batch_size, grad_accum, compile_model)
     if ckpt is not None:
         restore_state(s, ckpt, cfg, rt)
+    s.step = s.step or cfg.init_step  # --init_from: new AdamW moments, the schedule where --init_step says
     return s
 
 
@@ -969,6 +991,8 @@ def check_config(cfg, world_size):
         *((getattr(cfg, n) < 0, f"--{n} must not be negative, got {getattr(cfg, n)}") for n in NON_NEGATIVE),
         (cfg.compile not in ("auto", "on", "off"), f"unknown --compile {cfg.compile}; use auto, on, off"),
         (cfg.resume and cfg.init_from, "--resume and --init_from exclude each other: resume continues a run, init_from starts one"),
+        (cfg.init_step and not cfg.init_from, "--init_step needs --init_from: it is where the schedule starts for those weights"),
+        (not 0 <= cfg.init_step < cfg.max_steps, f"--init_step must be in [0, --max_steps), got {cfg.init_step}"),
         (not os.path.exists(cfg.data), f"--data {cfg.data} does not exist; give a text file or a directory of .npy shards"),
         (cfg.hellaswag_every and cfg.hellaswag_data and not os.path.isfile(cfg.hellaswag_data),
          f"HellaSwag file {cfg.hellaswag_data} does not exist; fix --hellaswag_data or leave --hellaswag_every at 0"),
@@ -1022,11 +1046,20 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
     return model
 
 
-def load_model(path_or_name):
-    """A model from one of our checkpoints (model_*.pt) or from Hugging Face GPT-2 weights (name or directory)."""
-    if os.path.isfile(path_or_name):
-        return model_from_checkpoint(load_checkpoint(path_or_name), path_or_name)
-    return GPT.from_pretrained(path_or_name)
+def load_model(path_or_name, report=False):
+    """A model from a checkpoint file (ours, build-nanogpt's, nanoGPT's or llm.c's: load_checkpoint tells them
+    apart by content) or from Hugging Face GPT-2 weights (name or directory). report: say what was read, for
+    --init_from, whose training starts from the weights alone."""
+    if not os.path.isfile(path_or_name):
+        return GPT.from_pretrained(path_or_name)
+    ckpt = load_checkpoint(path_or_name)
+    if report:
+        step = ckpt.get("step")
+        print(f"--init_from {path_or_name}: the weights of a {ckpt.get('source', 'train_gpt2.py')} checkpoint at "
+              f"step {'?' if step is None else step}, with a new AdamW optimizer and the data from its start; "
+              + (f"--init_step {step} with {schedule_flags(ckpt)} continues its learning-rate schedule"
+                 if step else "the learning-rate schedule starts at --init_step"))
+    return model_from_checkpoint(ckpt, path_or_name)
 
 
 # =============================================================================
@@ -1035,7 +1068,7 @@ def load_model(path_or_name):
 
 def train_main(argv):
     parser = argparse.ArgumentParser(prog="train_gpt2.py", description="Train GPT-2. Subcommands: sample, "
-                                     "export, plot (python train_gpt2.py sample --help).",
+                                     "export, plot, evaluate (python train_gpt2.py sample --help).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f.metadata["help"])
@@ -1051,8 +1084,9 @@ def train_main(argv):
 def sample_main(argv):
     parser = argparse.ArgumentParser(prog="train_gpt2.py sample", description="Generate text from a model.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", default="gpt2", help="a model_*.pt checkpoint, or Hugging Face GPT-2 "
-                        "weights: a name (gpt2, gpt2-medium, ...) or a directory")
+    parser.add_argument("--checkpoint", default="gpt2", help="a checkpoint file (ours, build-nanogpt's, "
+                        "nanoGPT's or llm.c's), or Hugging Face GPT-2 weights: a name (gpt2, gpt2-medium, ...) or a "
+                        "directory")
     parser.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate")
     parser.add_argument("--num_samples", type=int, default=4, help="continuations per prompt")
@@ -1088,8 +1122,8 @@ def main(argv=None):
     try:
         if argv and argv[0] == "sample":
             sample_main(argv[1:])
-        elif argv and argv[0] in ("export", "plot"):
-            import train_extras  # writing Hugging Face directories and plots: not part of the lecture
+        elif argv and argv[0] in ("export", "plot", "evaluate"):
+            import train_extras  # Hugging Face directories, plots, a model's loss on a text: not the lecture
             train_extras.COMMANDS[argv[0]](argv[1:])
         else:
             train_main(argv)

@@ -8,11 +8,13 @@ days on machines that fail. train_gpt2.py, train_extras.py and hellaswag.py impo
                        on CPU, freed memory kept for the next step (keep_freed_memory)
     checks             flags against the runtime or a checkpoint (the flags alone: train_gpt2.check_config)
     the run's log      log.txt, Weights & Biases (--wandb_project), the console (rank 0 only)
-    checkpoints        atomic writes, save, load (weights_only), --resume auto, exact restore, retention
+    checkpoints        atomic writes, save, load (weights_only; other programs' formats by content), --resume
+                       auto, exact restore, retention
     signals and errors SIGTERM/SIGINT -> a checkpoint and a clean exit on every rank; the out-of-memory line
     FLOPs              per token, and each device's peak, for MFU
     FSDP               --fsdp 1: sharding, and checkpoints that any mode can resume
     Hugging Face       GPT-2 weights from the hub or a directory, into our names and layout
+    other programs     build-nanogpt's, nanoGPT's and llm.c's checkpoints, and llm.c's token shards
 """
 
 import contextlib
@@ -20,6 +22,7 @@ import ctypes
 import dataclasses
 import datetime
 import json
+import math
 import os
 import random
 import re
@@ -261,7 +264,7 @@ class RunLog:
         print(f"device {rt.device} ({rt.dtype}), world size {rt.world_size}, {cfg.total_batch_size} tokens/step = "
               f"{s.batch_size} x {cfg.seq_len} x {rt.world_size} ranks x {s.grad_accum} accumulation steps")
         if s.step:
-            print(f"resumed at step {s.step}")
+            print(f"{'resumed' if cfg.resume else 'continuing the learning-rate schedule'} at step {s.step}")
         if cfg.wandb_project is not None:
             self.tracker = start_wandb(cfg, s.wandb_id, {
                 **dataclasses.asdict(cfg), "model_config": config, "world_size": rt.world_size,
@@ -294,6 +297,13 @@ class RunLog:
             self.tracker.finish()
         if self.rt.master and self.rt.device_type == "cuda":
             print(f"peak GPU memory {torch.cuda.max_memory_allocated(self.rt.device) / 2**30:.2f} GiB")
+
+
+def format_duration(seconds):
+    """3725.0 -> '1h02m', 125.0 -> '2m05s', 7.3 -> '7s': the time left, as the step line shows it."""
+    m, sec = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
 
 
 def import_wandb():
@@ -405,18 +415,28 @@ def set_rng_state(state):
 
 def load_checkpoint(path, mmap=False):
     """A checkpoint dict, read without unpickling arbitrary objects (weights_only=True), or a UserError.
+    Recognized by content: ours, build-nanogpt's, nanoGPT's and llm.c's (read_foreign_checkpoint), the
+    others' turned into ours with their own "source" and (if known) "step", and no training state.
     mmap: tensors are read from disk only when used (FSDP's other ranks never use the weights: rank 0
     broadcasts them)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist; check the path (or use --resume auto)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    with open(path, "rb") as f:
+        if f.read(4) == LLMC_MODEL_MAGIC.to_bytes(4, "little"):
+            return read_llmc_model(path)
+    try:  # the one class another program pickles beside its weights may be built, as a stand-in (see below)
+        with torch.serialization.safe_globals([(PickledGPTConfig, "__main__.GPTConfig")]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        reason = "it holds objects other than tensors, which are refused" if "weights_only" in str(e) else \
-            "it is truncated or not a PyTorch file"
-        raise UserError(f"{path} is not a valid checkpoint ({reason}); delete it or point to another one") from None
+        name = re.search(r"GLOBAL (\S+)", str(e)) if "weights_only" in str(e) else None
+        reason = f"it holds a pickled {name[1] if name else 'object'}, and only tensors and plain values are read" \
+            if "weights_only" in str(e) else "it is truncated or not a PyTorch file"
+        raise UserError(f"{path} is not a valid checkpoint ({reason}); point to another checkpoint") from None
+    if isinstance(ckpt, dict) and (isinstance(ckpt.get("config"), PickledGPTConfig) or "model_args" in ckpt):
+        return read_foreign_checkpoint(ckpt, path)
     if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= ckpt.keys():
-        raise UserError(f"{path} is not a checkpoint of train_gpt2.py (no model/config/step); point to another one")
+        raise UserError(f"{path} is not a checkpoint of train_gpt2.py (no model/config/step), nor one of "
+                        "build-nanogpt, nanoGPT or llm.c; point to another one")
     if ckpt.get("format_version", 0) > CHECKPOINT_FORMAT:
         raise UserError(f"{path} has checkpoint format {ckpt['format_version']}, newer than this train_gpt2.py "
                         f"reads ({CHECKPOINT_FORMAT}); update train_gpt2.py")
@@ -734,3 +754,116 @@ def hf_to_ours(sd_hf, padded_vocab_size):
     sd["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(padded_vocab_size - wte.size(0), wte.size(1))])
     sd["lm_head.weight"] = sd["transformer.wte.weight"]
     return sd
+
+
+# ---- other programs' checkpoints: build-nanogpt, nanoGPT, llm.c ----
+# (their formats' facts and sources: README.md, "Coming from build-nanogpt, nanoGPT or llm.c")
+
+
+class PickledGPTConfig:
+    """Stands in for build-nanogpt's GPTConfig, a dataclass of its training script that torch.save pickles as
+    __main__.GPTConfig beside the weights. torch.load(weights_only=True) may create this class under that name
+    and fill its __dict__ with the pickled fields; no code of the file runs, and every other class stays refused."""
+
+
+LLMC_MODEL_MAGIC = 20240326  # llm.c model files (train_gpt2.py write_model, train_gpt2.cu gpt2_write_to_checkpoint)
+LLMC_MODEL_DTYPES = {1: "<f4", 3: "<f4", 5: "<i2"}  # header version -> dtype on disk (5: bf16, as its 16 bits)
+LLMC_TOKENS_MAGIC = 20240520  # llm.c GPT-2 token shards, version 1 (dev/data/data_common.py write_datafile)
+GPT2_VOCAB = 50257  # GPT-2's BPE; the others pad their tables to 50304 rows, as we do
+
+
+def read_foreign_checkpoint(ckpt, path):
+    """build-nanogpt's {'model', 'config': GPTConfig, 'step', 'val_loss'} or nanoGPT's {'model', 'model_args',
+    'iter_num', 'config', 'optimizer', ...} -> our checkpoint dict (weights only: a new run starts from it)."""
+    if isinstance(ckpt.get("config"), PickledGPTConfig):
+        source, shape, step = "build-nanogpt", vars(ckpt["config"]), ckpt.get("step")
+    else:
+        source, shape, step = "nanoGPT", ckpt["model_args"], ckpt.get("iter_num")
+    try:
+        shape = {k: int(shape[k]) for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")}
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} looks like a {source} checkpoint but its config lacks {e}; point to another one") \
+            from None
+    return foreign_checkpoint(path, source, shape, dict(ckpt["model"]), step, ckpt.get("config") if
+                              source == "nanoGPT" else None)
+
+
+def foreign_checkpoint(path, source, shape, sd, step, recipe=None):
+    """Another program's GPT-2 (our parameter names, nn.Linear's layout) as our checkpoint dict: prefixes of
+    torch.compile and DDP off, causal-mask buffers dropped, zero biases where the model had none (nanoGPT's
+    bias=False: a zero bias computes the same), the token table padded (or cut) to our 50304 rows and tied."""
+    vocab = shape["vocab_size"]
+    if not GPT2_VOCAB <= vocab <= 50304:
+        raise UserError(f"{path} ({source}) has a vocabulary of {vocab} tokens, not GPT-2's {GPT2_VOCAB} (a "
+                        "character-level model uses its own tokenizer); this program reads GPT-2 BPE models")
+    config = {**shape, "vocab_size": GPT2_VOCAB}  # rows past 50257 are padding: never a token (see GPTConfig)
+    out = {}
+    for k, v in sd.items():
+        k = k.removeprefix("_orig_mod.").removeprefix("module.")
+        if not k.endswith((".attn.bias", ".attn.masked_bias")):
+            out[k] = v
+    for k in [k for k in out if k.endswith(".weight") and not k.startswith(("transformer.w", "lm_head"))]:
+        out.setdefault(k.removesuffix(".weight") + ".bias", out[k].new_zeros(out[k].size(0)))
+    if "transformer.wte.weight" in out:
+        wte, rows = out["transformer.wte.weight"], 50304  # (rows in the file, C) -> (50304, C)
+        out["transformer.wte.weight"] = torch.cat([wte[:rows], wte.new_zeros(max(0, rows - len(wte)), wte.size(1))])
+        out["lm_head.weight"] = out["transformer.wte.weight"]
+    return {"model": out, "config": config, "step": step, "source": source, "recipe": recipe, "path": path}
+
+
+def schedule_flags(ckpt):
+    """The flags that continue another program's learning-rate schedule, as far as its file tells them."""
+    c = ckpt.get("recipe") or {}
+    if ckpt.get("source") == "build-nanogpt":  # its script's constants, which are this program's defaults
+        return "--max_lr 6e-4 --warmup_steps 715 --max_steps 19073 (build-nanogpt's script, and the defaults here)"
+    if all(k in c for k in ("learning_rate", "warmup_iters", "lr_decay_iters", "min_lr")):  # nanoGPT's config
+        return (f"--max_lr {c['learning_rate']} --warmup_steps {c['warmup_iters']} --max_steps {c['lr_decay_iters']} "
+                f"--min_lr_ratio {c['min_lr'] / c['learning_rate']:.4g} (from its config)")
+    return "its --max_steps and --warmup_steps"
+
+
+def read_llmc_model(path):
+    """An llm.c model file: 256 int32 header words (magic, version, max_seq_len, vocab_size, num_layers,
+    num_heads, channels, padded_vocab_size), then every parameter in llm.c's order, fp32 or bf16."""
+    header = np.fromfile(path, dtype="<i4", count=256)
+    version = int(header[1]) if len(header) == 256 else -1
+    if version not in LLMC_MODEL_DTYPES:
+        raise UserError(f"{path} is an llm.c model file of version {version}, which is not read here (versions "
+                        "1, 3: fp32; 5: bf16); write it again with llm.c's current train_gpt2.py")
+    maxT, V, L, nh, C = (int(x) for x in header[2:7])
+    dtype = LLMC_MODEL_DTYPES[version]
+    data = np.memmap(path, dtype=dtype, mode="r", offset=1024)
+    per_layer = [("ln_1.weight", (C,)), ("ln_1.bias", (C,)), ("attn.c_attn.weight", (3 * C, C)),
+                 ("attn.c_attn.bias", (3 * C,)), ("attn.c_proj.weight", (C, C)), ("attn.c_proj.bias", (C,)),
+                 ("ln_2.weight", (C,)), ("ln_2.bias", (C,)), ("mlp.c_fc.weight", (4 * C, C)),
+                 ("mlp.c_fc.bias", (4 * C,)), ("mlp.c_proj.weight", (C, 4 * C)), ("mlp.c_proj.bias", (C,))]
+    rest = maxT * C + L * sum(math.prod(s) for _, s in per_layer) + 2 * C
+    Vp = (len(data) - rest) // C if C > 0 else 0  # the padded vocabulary: whatever the file size leaves
+    if C <= 0 or L <= 0 or Vp < V or Vp * C + rest != len(data) or int(header[7]) not in (0, Vp):
+        raise UserError(f"{path} has an llm.c header (version {version}) that does not match its size; "
+                        "it is truncated or was written by another program; point to another checkpoint")
+    # llm.c stores each kind of tensor for all layers together: wte, wpe, then (L, ...) stacks, then ln_f
+    order = [("transformer.wte.weight", (Vp, C)), ("transformer.wpe.weight", (maxT, C))]
+    order += [(f"transformer.h.*.{name}", (L, *s)) for name, s in per_layer]
+    order += [("transformer.ln_f.weight", (C,)), ("transformer.ln_f.bias", (C,))]
+    sd, at = {}, 0
+    for name, s in order:
+        t = torch.from_numpy(np.array(data[at: at + math.prod(s)])).view(s)
+        at += math.prod(s)
+        t = t.view(torch.bfloat16).float() if dtype == "<i2" else t  # bf16: the upper 16 bits of an fp32
+        for i, part in enumerate(t if "*" in name else [t]):
+            sd[name.replace("*", str(i))] = part.clone()
+    step = re.search(r"model_0*(\d+)\.bin$", os.path.basename(path))  # llm.c names its files by step
+    return foreign_checkpoint(path, "llm.c", dict(block_size=maxT, vocab_size=V, n_layer=L, n_head=nh, n_embd=C),
+                              sd, int(step[1]) if step else None)
+
+
+def read_llmc_tokens(path):
+    """An llm.c GPT-2 token shard: 256 int32 header words (magic, version 1, token count), then uint16 tokens."""
+    header = np.fromfile(path, dtype="<i4", count=256)
+    n = int(header[2]) if len(header) == 256 else -1
+    if len(header) < 2 or (int(header[0]), int(header[1])) != (LLMC_TOKENS_MAGIC, 1) or \
+            os.path.getsize(path) != 1024 + 2 * n:
+        raise UserError(f"{path} is not an llm.c GPT-2 token shard (magic {LLMC_TOKENS_MAGIC}, version 1, uint16 "
+                        "tokens, of the size its header says); give .npy shards of fineweb.py or llm.c's GPT-2 .bin")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=1024, shape=(n,))

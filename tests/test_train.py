@@ -269,6 +269,8 @@ BAD = {  # name: (extra args replacing defaults, words the one-line message must
     "not our checkpoint": (["--resume", "{d}/foreign.pt"], "not a checkpoint of train_gpt2.py"),
     "log_dir is a file": (["--log_dir", "{d}/a_file"], "--log_dir"),
     "resume with init_from": (["--resume", "auto", "--init_from", "gpt2"], "exclude each other"),
+    "init_step without init_from": (["--init_step", "5"], "--init_step needs --init_from"),
+    "init_step past max_steps": (["--init_from", "gpt2", "--init_step", "2"], "--init_step must be in [0, --max_steps)"),
     "zero batch size": (["--batch_size", "0"], "positive number or auto"),
     "negative grad_clip": (["--grad_clip", "-1"], "must not be negative"),
     "empty prompt": (["--sample_every", "1", "--prompt", ""], "--prompt is empty"),
