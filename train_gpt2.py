@@ -44,10 +44,11 @@ import torch.utils.checkpoint
 
 # The plumbing: what pretraining needs on real machines, kept out of the lecture (train_plumbing.py's docstring
 # lists what is where)
-from train_plumbing import (RunLog, StopSignal, UserError, agree_on_signal, check_fsdp, checkpoint_to_resume,
-                            data_shuffle, flops_per_token, gathered_root, hf_to_ours, import_wandb, load_checkpoint,
-                            out_of_memory_error, peak_flops, prune_checkpoints, read_hf_gpt2, restore_state,
-                            save_checkpoint, setup_runtime, shard_model, torch_version, use_compile)
+from train_plumbing import (RunLog, StopSignal, UserError, agree_on_signal, check_fsdp, check_resume,
+                            checkpoint_to_resume, data_shuffle, flops_per_token, gathered_root, hf_to_ours,
+                            import_wandb, load_checkpoint, out_of_memory_error, peak_flops, prune_checkpoints,
+                            read_hf_gpt2, restore_state, save_checkpoint, setup_runtime, shard_model, torch_version,
+                            use_compile)
 
 # =============================================================================
 # 1. The model: GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners")
@@ -686,6 +687,8 @@ def build_state(cfg, rt):
     (--init_from), or a whole training state to continue (--resume: also the step, data position, random state)."""
     check_fsdp(cfg, rt)
     ckpt = checkpoint_to_resume(cfg, rt)  # None: a new run
+    if ckpt is not None:
+        check_resume(cfg, ckpt, rt.master)  # the flags against the checkpoint's: what may change on resume
     init_model = load_model(cfg.init_from) if cfg.init_from else None
     config = model_config(cfg, ckpt, init_model)
     max_batch = cfg.total_batch_size // (cfg.seq_len * rt.world_size)  # sequences per rank and optimizer step

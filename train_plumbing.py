@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import glob
 import json
 import os
 import random
@@ -229,6 +230,54 @@ def data_shuffle(cfg):
     return bool(cfg.shuffle if cfg.shuffle is not None else os.path.isdir(cfg.data))
 
 
+# What a resumed run may change (the README's resume table). A flag that decides which tokens come next, or what
+# the model is, must stay: a new value would repeat or skip data, or continue another model than the one saved.
+# The optimizer's and the schedule's settings may change (a NaN stop says: resume with a lower --max_lr); each new
+# value takes effect from the resumed step, with one line saying so. Everything else (the machine, --batch_size,
+# the world size, periodic work, where the log goes) is free: exact resume on any number of ranks is a promise.
+RESUME_KEEP = {  # flag: why it must stay
+    "data": "the data position counts tokens of these files",
+    "seq_len": "the data position counts seq_len-token blocks, and a shuffled epoch permutes them",
+    "seed": "the data order and the samples come from it",
+    "model": "the model's shape comes from it",
+}
+RESUME_APPLIED = ("max_lr", "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "dropout",
+                  "total_batch_size")
+
+
+def data_files(data):
+    """What --data holds, as checkpoints record it: [name, bytes] of a text file, or of each .npy in a directory.
+    Names and sizes, not paths: the same files moved to another disk or node still resume."""
+    paths = sorted(glob.glob(os.path.join(data, "*.npy"))) if os.path.isdir(data) else [data]
+    return [[os.path.basename(p), os.path.getsize(p)] for p in paths if os.path.isfile(p)]
+
+
+def check_resume(cfg, ckpt, master):
+    """The flags against the checkpoint's own (train_config), before anything is loaded: a change that would
+    repeat or skip data or change the model is refused; a new optimizer or schedule setting is applied, said in
+    one line. A checkpoint from before some flag existed is not checked for it."""
+    path, saved, step = ckpt["path"], ckpt.get("train_config") or {}, ckpt["step"]
+    keep = "resume with --{0} {1}, or start a new run from its weights: --init_from {2} and another --log_dir"
+    for name, why in RESUME_KEEP.items():
+        if name not in saved or saved[name] == getattr(cfg, name):
+            continue
+        if name == "data":  # the same files under another path are the same data
+            if "data_files" not in ckpt:
+                if master:
+                    print(f"note: {path} does not record its data files; continuing on --data {cfg.data}")
+            elif data_files(cfg.data) != ckpt["data_files"]:
+                raise UserError(f"{path} was trained on --data {saved['data']}, and --data {cfg.data} holds other "
+                                f"files ({why}); " + keep.format(name, saved[name], path))
+            continue
+        raise UserError(f"{path} was trained with --{name} {saved[name]}, not {getattr(cfg, name)} ({why}); " +
+                        keep.format(name, saved[name], path))
+    if cfg.max_steps < step:
+        raise UserError(f"{path} is at step {step}, past --max_steps {cfg.max_steps}; give --max_steps {step} or more")
+    for name in RESUME_APPLIED:
+        if name in saved and saved[name] != getattr(cfg, name) and master:
+            print(f"resume: --{name} {getattr(cfg, name)} (the checkpoint's was {saved[name]}) applies from step {step}")
+
+
 def check_data_order(cfg, ckpt, master):
     """A resumed run continues in its checkpoint's data order: changing it mid-epoch would repeat or skip data."""
     was = int(ckpt["loader"].get("shuffle", 0))
@@ -372,6 +421,7 @@ def save_checkpoint(path, model, optimizer, scaler, step, loader, train_config, 
         "optimizer": optimizer_sd,
         "config": dataclasses.asdict(model.config),  # train_gpt2.GPTConfig(**ckpt["config"]) rebuilds the model
         "train_config": dataclasses.asdict(train_config),
+        "data_files": data_files(train_config.data),  # what --data held: a resume on other files is refused
         "step": step,  # optimizer steps done
         "loader": loader.state_dict(),
         "rng": rng_state(),
@@ -474,6 +524,9 @@ def restore_state(s, ckpt, cfg, rt):
     """Puts a checkpoint's training state into s: weights, AdamW's moments, the loss scale, the data position,
     every random generator and the step, so that training continues exactly as if it had never stopped."""
     load_training_state(s.model, s.optimizer, ckpt, cfg.fsdp, rt.device_type)
+    # load_state_dict restored the saved weight decay; --weight_decay may change on resume (check_resume). The
+    # first group is the decayed one (train_gpt2.configure_optimizer)
+    s.optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
     if s.scaler.is_enabled() and ckpt["scaler"]:  # a bf16/fp32 run's scaler holds nothing to restore
         s.scaler.load_state_dict(ckpt["scaler"])
     if ckpt["loader"]["shard"] >= len(s.loader.shards):
