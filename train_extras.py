@@ -8,7 +8,6 @@ What train_gpt2.py does besides the lecture, kept out of its way:
 train_gpt2.py imports this file only when one of these is asked for; this file imports train_gpt2 and train_plumbing.
 """
 
-import argparse
 import json
 import os
 
@@ -16,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from train_gpt2 import get_encoding, model_from_checkpoint
-from train_plumbing import CONV1D, UserError, load_checkpoint, write_atomic
+from train_plumbing import CONV1D, Flag, FlagParser, UserError, load_checkpoint, path_problem, write_atomic
 
 # -----------------------------------------------------------------------------
 # --batch_size auto: how many sequences per micro-step fit in memory
@@ -113,11 +112,11 @@ def ours_to_hf(sd, config):
 
 
 def export_main(argv):
-    parser = argparse.ArgumentParser(prog="train_gpt2.py export",
-                                     description="Write a checkpoint as a Hugging Face GPT-2 directory.")
-    parser.add_argument("--checkpoint", required=True, help="a model_*.pt checkpoint (required)")
-    parser.add_argument("--out", required=True, help="output directory (required)")
-    args = parser.parse_args(argv)
+    parser = FlagParser(prog="train_gpt2.py export",
+                        description="Write a checkpoint as a Hugging Face GPT-2 directory.")
+    parser.flag("checkpoint", Flag(path="file"), None, "a model_*.pt checkpoint (required)", required=True)
+    parser.flag("out", Flag(path="out_dir"), None, "output directory (required)", required=True)
+    args = parser.parse(argv)
     from safetensors.torch import save
     model = model_from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint)
     c = model.config
@@ -173,11 +172,10 @@ def export_tokenizer(out, max_length):
 
 
 def plot_main(argv):
-    parser = argparse.ArgumentParser(prog="train_gpt2.py plot", description="Plot log.txt: losses and HellaSwag.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--log_dir", default="log", help="directory holding log.txt")
-    parser.add_argument("--out", default=None, help="PNG to write (None: <log_dir>/plot.png)")
-    args = parser.parse_args(argv)
+    parser = FlagParser(prog="train_gpt2.py plot", description="Plot log.txt: losses and HellaSwag.")
+    parser.flag("log_dir", Flag(path="dir"), "log", "directory holding log.txt")
+    parser.flag("out", Flag(path="out_file"), None, "PNG to write (None: <log_dir>/plot.png)")
+    args = parser.parse(argv)
     log_file = os.path.join(args.log_dir, "log.txt")
     if not os.path.isfile(log_file):
         raise UserError(f"{log_file} does not exist; give the --log_dir of a training run")
@@ -209,8 +207,8 @@ def plot_main(argv):
             "HellaSwag (not in this log: train with --hellaswag_every)", xlim=ax1.get_xlim(), ylim=(0.2, 0.4))
     ax2.legend()
     out = args.out or os.path.join(args.log_dir, "plot.png")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-        raise UserError(f"the folder of --out {out} does not exist; create it or choose another --out")
+    if problem := path_problem(out, "out_file"):
+        raise UserError(f"cannot write the plot: {problem}")
     write_atomic(out, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
     print(f"wrote {out}")
 
