@@ -47,8 +47,9 @@ import torch.utils.checkpoint
 from train_plumbing import (DEVICES, DTYPES, Flag, FlagParser, RunLog, StopSignal, Stopped, UserError, agree_on_signal,
                             check_flags, check_fsdp, check_log_dir, check_resume, checkpoint_to_resume, data_shuffle,
                             flops_per_token, gathered_root, hf_to_ours, import_wandb, keeps_signal_handlers,
-                            load_checkpoint, out_of_memory_error, peak_flops, prune_checkpoints, read_hf_gpt2,
-                            restore_state, save_checkpoint, setup_runtime, shard_model, torch_version, use_compile)
+                            load_checkpoint, mfu_percent, out_of_memory_error, peak_flops, prune_checkpoints,
+                            read_hf_gpt2, restore_state, save_checkpoint, setup_runtime, shard_model, torch_version,
+                            use_compile)
 
 # =============================================================================
 # 1. The model: GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners")
@@ -651,10 +652,11 @@ def train(cfg):
         tok_s = cfg.total_batch_size / dt
         # MFU, model FLOPs utilization (PaLM paper, appendix B): the FLOPs the model needs per second, as a share
         # of what the hardware can do at best. 40-50% is good on GPUs; time lost elsewhere shows up here
-        mfu = 100 * tok_s * flops / (peak * rt.world_size) if peak else None  # percent
+        mfu, peak = mfu_percent(tok_s, flops, peak, rt)  # a CPU's peak is measured again if this beats it
         log(f"{step} train {loss:.6f}",
             f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm.item():.4f} | {1000 * dt:.1f} ms | "
-            f"{tok_s:,.0f} tok/s | MFU " + (f"{mfu:.1f}%" if mfu is not None else "n/a"),
+            f"{tok_s:,.0f} tok/s | MFU " + (f"{mfu:.1f}%" if mfu is not None else "n/a") +
+            (" (above 100%: the CPU's measured peak is too low; was it busy?)" if mfu and mfu > 100 else ""),
             {"train/lr": lr, "train/grad_norm": norm.item(), "train/tok_per_s": tok_s, "train/mfu": mfu})
 
 

@@ -854,6 +854,17 @@ def peak_flops(rt):
     return 2 * 2048 ** 3 / min(times[1:])
 
 
+def mfu_percent(tok_s, flops, peak, rt):
+    """(MFU in percent, None where the peak is unknown; the peak to use from now on). A CPU's peak is a
+    measurement (peak_flops), which another process running at that moment undercuts: where a step seems to beat
+    it, it is measured again and the best kept, so that an MFU above 100% means the machine was busy both times."""
+    if not peak:
+        return None, peak
+    if rt.device_type == "cpu" and tok_s * flops > peak * rt.world_size:
+        peak = max(peak, peak_flops(rt))
+    return 100 * tok_s * flops / (peak * rt.world_size), peak
+
+
 # ---- sharded data parallel (FSDP2): each of N ranks keeps 1/N of the weights, gradients and AdamW state ----
 
 

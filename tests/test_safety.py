@@ -218,3 +218,21 @@ def test_a_truncated_hugging_face_directory_is_one_line(tmp_path, capsys):
     (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000])  # a cut-off download
     code, out, err = run(["sample", "--checkpoint", d, "--device", "cpu"], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: {d}/model.safetensors cannot be read")
+
+
+@pytest.mark.parametrize("remeasured", [1e15, 1.0])
+def test_mfu_never_prints_above_100_percent_without_saying_why(text, tmp_path, monkeypatch, capsys, remeasured):
+    # the start-up measurement of the CPU's peak undercut (another process was running): 1 FLOP/s
+    monkeypatch.setattr(tg, "peak_flops", lambda rt: 1.0)
+    monkeypatch.setattr(tp, "peak_flops", lambda rt: remeasured)  # measured again: now right, or still too low
+    code, out, err = run([*TINY, "--data", text, "--log_dir", tmp_path / "log", "--max_steps", "2",
+                          "--checkpoint_every", "0"], capsys)
+    assert code == 0, err
+    steps = [ln for ln in out.splitlines() if "| MFU " in ln]
+    mfus = [float(ln.split("| MFU ")[1].split("%")[0]) for ln in steps]
+    assert len(steps) == 2
+    if remeasured > 1:
+        assert all(m <= 100 for m in mfus) and not any("above 100%" in ln for ln in steps)
+    else:
+        assert all(m > 100 and ln.endswith("(above 100%: the CPU's measured peak is too low; was it busy?)")
+                   for m, ln in zip(mfus, steps))
