@@ -7,7 +7,7 @@ Train GPT-2 from scratch, in a file that reads top to bottom as a lecture on pre
     4. the schedule         linear warmup, then cosine decay of the learning rate
     5. the training loop    train() and train_step(): the whole of pretraining in ~150 lines
     6. evaluation           val loss, HellaSwag, and sampling text with a KV cache
-    7. checks and loading   the flags checked as one table; a trained model back from disk
+    7. checks and loading   every flag against its domain, then against each other; a trained model from disk
     8. the command line     train (the default), sample, export, plot
 The plumbing (device setup, the log, checkpoint files, signals, FLOP counts, FSDP, Hugging Face weights) is in
 train_plumbing.py: what real machines need, which a reader can skip.
@@ -22,7 +22,6 @@ Launch:
 See README.md for every flag.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import gc

@@ -1,12 +1,14 @@
 """
 The plumbing of train_gpt2.py: what its training loop calls to run safely on real machines, kept out of the
 lecture. Nothing here is needed to follow how GPT-2 is pretrained; all of it is needed to pretrain it for
-days on machines that fail. train_gpt2.py, train_extras.py and hellaswag.py import this file; it imports nothing of the project.
+days on machines that fail. train_gpt2.py, train_extras.py, hellaswag.py, the benches and (inside its main, so
+that its tokenizer processes need no torch) fineweb.py import this file; it imports nothing of the project.
 
     the runtime        setup_runtime(): the one place that reads the environment (torchrun's ranks, the
                        device, the dtype) and sets up the process group; which GPUs this PyTorch build can run;
                        on CPU, freed memory kept for the next step (keep_freed_memory)
-    checks             flags against the runtime or a checkpoint (the flags alone: train_gpt2.check_config)
+    flags              Flag: what each flag of every command accepts; FlagParser: argparse, errors as one line
+    checks             flags against the runtime or a checkpoint (resume: what may change); a log never lost
     the run's log      log.txt, Weights & Biases (--wandb_project), the console (rank 0 only)
     checkpoints        atomic writes, save, load (weights_only), --resume auto, exact restore, retention
     signals and errors SIGTERM/SIGINT -> a checkpoint and a clean exit on every rank; the out-of-memory line
@@ -226,9 +228,8 @@ def setup_runtime(device="auto", dtype="auto", check=None, dist_timeout=60):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    for name, value, choices in (("device", device, DEVICES), ("dtype", dtype, DTYPES)):
-        if value not in choices:
-            raise UserError(f"unknown --{name} {value}; use {', '.join(choices)}")
+    check_flags(argparse.Namespace(device=device, dtype=dtype), {"device": Flag(choices=DEVICES),
+                                                                 "dtype": Flag(choices=DTYPES)})
     if check is not None:
         check(world_size)
     if device == "auto":

@@ -10,9 +10,9 @@ value counts as accepting it: a gap. Running as root, unwritable directories can
 is drawn only for other users."""
 import importlib
 import os
+import re
 import sys
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -232,3 +232,11 @@ def test_a_value_outside_a_flags_domain_is_one_line_and_exit_2(cmd, flag, ws, mo
         assert snapshot(ws) == before, f"{value!r}: files were written"
 
     check()
+
+
+@pytest.mark.parametrize("cmd", SPEC)
+def test_the_table_names_every_flag_of_every_command(cmd, ws, monkeypatch, capsys):
+    """A new flag must be added to SPEC above (with its kind, or None: any text), so that it is fuzzed too."""
+    code = call(cmd, ["--help"], monkeypatch)
+    shown = set(re.findall(r"^  --(\w+)", capsys.readouterr().out, re.M)) - {"help"}
+    assert code == 0 and shown == set(SPEC[cmd][2]), shown
