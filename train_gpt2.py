@@ -521,8 +521,8 @@ class TrainConfig:
     # batch: the GPT-3 paper's 124M ("Small") recipe uses 0.5M tokens per optimizer step
     total_batch_size: int = arg(524288, Flag(int, lo=1),
                                 "tokens per optimizer step, over all ranks and accumulation steps (2**19)")
-    batch_size: str = arg(16, Flag(int, lo=1, also=("auto",)), "sequences per micro-step on each rank, or 'auto': "
-                          "the largest that fits in memory (gradient accumulation makes up the rest)")
+    batch_size: int | str = arg(16, Flag(int, lo=1, also=("auto",)), "sequences per micro-step on each rank, or "
+                                "'auto': the largest that fits in memory (gradient accumulation makes up the rest)")
     seq_len: int = arg(1024, Flag(int, lo=1), "tokens per sequence, at most the model's block size")
     # optimizer and schedule: GPT-3 paper, appendix B; step counts from the 10B-token reproduction
     max_lr: float = arg(6e-4, Flag(float, lo=0, lo_open=True), "peak learning rate, reached after warmup")
