@@ -411,15 +411,16 @@ def check_resume(cfg, ckpt, master):
     path, saved, step = ckpt["path"], ckpt.get("train_config") or {}, ckpt["step"]
     keep = "resume with --{0} {1}, or start a new run from its weights: --init_from {2} and another --log_dir"
     for name, why in RESUME_KEEP.items():
+        if name == "data" and "data_files" in ckpt:  # by content: the same files elsewhere are the same data
+            if data_files(cfg.data) != ckpt["data_files"]:
+                raise UserError(f"{path} was trained on --data {saved.get('data')}, and --data {cfg.data} holds other "
+                                f"files ({why}); " + keep.format(name, saved.get("data"), path))
+            continue
         if name not in saved or saved[name] == getattr(cfg, name):
             continue
-        if name == "data":  # the same files under another path are the same data
-            if "data_files" not in ckpt:
-                if master:
-                    print(f"note: {path} does not record its data files; continuing on --data {cfg.data}")
-            elif data_files(cfg.data) != ckpt["data_files"]:
-                raise UserError(f"{path} was trained on --data {saved['data']}, and --data {cfg.data} holds other "
-                                f"files ({why}); " + keep.format(name, saved[name], path))
+        if name == "data":  # from before data_files: the path is all there is, and it may have moved
+            if master:
+                print(f"note: {path} does not record its data files; continuing on --data {cfg.data}")
             continue
         raise UserError(f"{path} was trained with --{name} {saved[name]}, not {getattr(cfg, name)} ({why}); " +
                         keep.format(name, saved[name], path))

@@ -63,6 +63,10 @@ REFUSED = {  # flag changed on resume: the one line it must get
              "data position counts tokens of these files); resume with --data {text}, or start a new run from its "
              "weights: --init_from {ck} and another --log_dir"),
     "max_steps behind": (["--max_steps", "1"], "{ck} is at step 2, past --max_steps 1; give --max_steps 2 or more"),
+    "data changed in place": (["--data", "{changed}"], "{ck} was trained on --data {text}, and --data {changed} "
+                              "holds other files (the data position counts tokens of these files); resume with "
+                              "--data {text}, or start a new run from its weights: --init_from {ck} and another "
+                              "--log_dir"),
     "shuffle": (["--shuffle", "1"], "{ck} was trained with --shuffle 0; resume with --shuffle 0 or without the flag"),
 }
 
@@ -73,8 +77,15 @@ def test_resume_refuses_a_change_that_repeats_or_skips_data_or_changes_the_model
     other = tmp_path / "other.txt"
     other.write_text(text.read_text() + "more text")  # the same name elsewhere would pass: names and sizes count
     ck = run4 / "model_00002.pt"
+    if case == "data changed in place":  # the checkpoint's --data, rewritten since: a copy of both, in one place
+        ck = tmp_path / "model_00002.pt"
+        ckpt = torch.load(run4 / "model_00002.pt", weights_only=True)
+        ckpt["train_config"]["data"] = str(tmp_path / "changed.txt")
+        torch.save(ckpt, ck)
+    changed = tmp_path / "changed.txt"
+    changed.write_text(text.read_text()[:-100])
     extra, message = REFUSED[case]
-    fill = dict(ck=ck, text=text, other=other)
+    fill = dict(ck=ck, text=changed if case == "data changed in place" else text, other=other, changed=changed)
     code, out, err = run([*TINY, "--data", text, "--log_dir", tmp_path / "log", "--max_steps", "4",
                           "--resume", ck, *[a.format(**fill) for a in extra]], capsys)
     assert (code, err.strip()) == (2, "error: " + message.format(**fill))
