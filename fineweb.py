@@ -19,7 +19,6 @@ Interrupted? Run the same command again: it continues after the last complete sh
 byte-identical to an uninterrupted run (progress is kept in <out>/<prefix>_progress.json).
 """
 
-import argparse
 import itertools
 import json
 import os
@@ -39,8 +38,12 @@ BATCH_DOCS = 256  # documents per task sent to a worker: big enough that sending
 LOCAL_TYPES = (".txt", ".jsonl", ".json", ".parquet")
 
 
-class DataError(Exception):
-    """Bad input or a conflicting output directory: main() prints it as one line and exits with code 2."""
+def user_error(message):
+    """Bad input or a conflicting output directory: train_plumbing's UserError, which main() prints as one line
+    (exit code 2). Imported here, not at the top: the tokenizer processes import this file, and train_plumbing
+    imports torch, which they do not need (~2 s and ~200 MB each)."""
+    from train_plumbing import UserError
+    return UserError(message)
 
 
 # --------------------------------------------------------------------------- reading documents
@@ -51,7 +54,7 @@ def read_txt(path):
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 (byte {e.start}); convert it to UTF-8 first") from None
+        raise user_error(f"{path}: not UTF-8 (byte {e.start}); convert it to UTF-8 first") from None
     if text:
         yield text
 
@@ -60,9 +63,9 @@ def parse_json(raw, path, where):
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: {where} is not UTF-8 (byte {e.start}); convert the file to UTF-8") from None
+        raise user_error(f"{path}: {where} is not UTF-8 (byte {e.start}); convert the file to UTF-8") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: {where} is not valid JSON ({e.msg}); fix or remove it") from None
+        raise user_error(f"{path}: {where} is not valid JSON ({e.msg}); fix or remove it") from None
 
 
 def read_json(path, text_field):
@@ -79,7 +82,7 @@ def read_json(path, text_field):
         for i, row in rows:
             text = row.get(text_field) if isinstance(row, dict) else None
             if not isinstance(text, str):
-                raise DataError(f"{path}: {what} {i} has no text field {text_field!r}; fix the file or set --text_field")
+                raise user_error(f"{path}: {what} {i} has no text field {text_field!r}; fix the file or set --text_field")
             yield text
 
 
@@ -89,15 +92,15 @@ def read_parquet(path, text_field):
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable parquet file ({e}); check the file") from None
+        raise user_error(f"{path}: not a readable parquet file ({e}); check the file") from None
     if text_field not in pf.schema_arrow.names:
-        raise DataError(f"{path}: no column {text_field!r} (has {pf.schema_arrow.names}); set --text_field")
+        raise user_error(f"{path}: no column {text_field!r} (has {pf.schema_arrow.names}); set --text_field")
     row = 0
     for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
             row += 1
             if not isinstance(text, str):
-                raise DataError(f"{path}: row {row} has no text in {text_field!r}; fix the file or set --text_field")
+                raise user_error(f"{path}: row {row} has no text in {text_field!r}; fix the file or set --text_field")
             yield text
 
 
@@ -107,13 +110,13 @@ def read_hf(source, name, text_field):
         ds = datasets.load_dataset(source, name=name, split="train", streaming=True)
     except Exception as e:  # the hub raises many kinds; all mean "cannot open this"
         msg = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raise DataError(f"cannot open {source!r} (name={name!r}) as a local path or Hugging Face dataset: {msg}") from None
+        raise user_error(f"cannot open {source!r} (name={name!r}) as a local path or Hugging Face dataset: {msg}") from None
 
     def texts():
         for i, row in enumerate(ds, 1):
             text = row.get(text_field)
             if not isinstance(text, str):
-                raise DataError(f"{source}: row {i} has no text field {text_field!r} (has {list(row)}); set --text_field")
+                raise user_error(f"{source}: row {i} has no text field {text_field!r} (has {list(row)}); set --text_field")
             yield text
     return texts()
 
@@ -123,13 +126,13 @@ def open_source(source, name, text_field):
     path = Path(source).expanduser()
     if not path.exists():
         if path.suffix in LOCAL_TYPES or source.startswith((".", "/", "~")):
-            raise DataError(f"{source}: no such file or directory; check --source")
+            raise user_error(f"{source}: no such file or directory; check --source")
         return read_hf(source, name, text_field)
     if path.is_file() and path.suffix not in LOCAL_TYPES:
-        raise DataError(f"{source}: unsupported file type; use one of {', '.join(LOCAL_TYPES)}")
+        raise user_error(f"{source}: unsupported file type; use one of {', '.join(LOCAL_TYPES)}")
     files = sorted(f for f in path.rglob("*") if f.suffix in LOCAL_TYPES and f.is_file()) if path.is_dir() else [path]
     if not files:
-        raise DataError(f"{source}: no {'/'.join(LOCAL_TYPES)} files in this directory; check --source")
+        raise user_error(f"{source}: no {'/'.join(LOCAL_TYPES)} files in this directory; check --source")
     return itertools.chain.from_iterable(read_file(f, text_field) for f in files)
 
 
@@ -187,13 +190,10 @@ def shard_path(out, prefix, k):
 
 
 def save_atomic(path, write):
-    """Write to a temporary name, then rename: a reader (or a resumed run) never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")  # ends in .tmp, so a loader looking for *.npy never picks it up
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write to a unique temporary name, then rename: a reader (or a resumed run) never sees half a file
+    (train_plumbing.write_atomic, imported here for the reason user_error gives)."""
+    from train_plumbing import write_atomic
+    write_atomic(str(path), write)
 
 
 def save_json(path, obj):
@@ -204,19 +204,19 @@ def load_progress(out, params):
     """The progress of an earlier run with the same parameters in `out`, or a fresh start; refuse anything else."""
     meta = out / f"{params['prefix']}_progress.json"
     if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} is a file, not a directory; give a directory path")
+        raise user_error(f"--out {out} is a file, not a directory; give a directory path")
     if meta.exists():
         try:
             state = json.loads(meta.read_text())
             was = state["params"]
         except (ValueError, KeyError, TypeError):
-            raise DataError(f"{meta}: not a progress file of this script; use another --out or delete it") from None
+            raise user_error(f"{meta}: not a progress file of this script; use another --out or delete it") from None
         if was != params:
             diff = ", ".join(f"{k}={was.get(k)!r} (now {v!r})" for k, v in params.items() if was.get(k) != v)
-            raise DataError(f"{out} holds a run with other parameters: {diff}; use another --out or the same parameters")
+            raise user_error(f"{out} holds a run with other parameters: {diff}; use another --out or the same parameters")
         return state
     if any(out.glob(f"{params['prefix']}_*.npy")):
-        raise DataError(f"{out} holds {params['prefix']} shards but no {meta.name}; use another --out or delete them")
+        raise user_error(f"{out} holds {params['prefix']} shards but no {meta.name}; use another --out or delete them")
     return {"params": params, "shards": 0, "next_doc": 0, "next_offset": 0, "tokens": 0, "done": False}
 
 
@@ -258,7 +258,7 @@ def write_shards(texts, out, state, workers):
         doc += len(ends)
     bar.close()
     if doc == 0:
-        raise DataError("the source holds no documents; check --source (and --text_field)")
+        raise user_error("the source holds no documents; check --source (and --text_field)")
     if fill:
         commit(buf[:fill], doc, 0, done=True)
     elif not state["done"]:  # the corpus ended exactly at a shard boundary
@@ -269,27 +269,23 @@ def write_shards(texts, out, state, workers):
 
 # --------------------------------------------------------------------------- command line
 
-def count(text):
-    return int(text.replace("_", ""))  # accepts 100_000_000
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Tokenize a corpus (FineWeb-Edu by default) into GPT-2 uint16 .npy shards.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--source", default="HuggingFaceFW/fineweb-edu",
-                   help="Hugging Face dataset name, or a local .txt/.jsonl/.json/.parquet file or a directory of them")
-    p.add_argument("--name", default=None,
-                   help="dataset config; None means sample-10BT for fineweb-edu, none otherwise (unused for local files)")
-    p.add_argument("--text_field", default="text", help="field/column with each document's text (json/parquet/hub)")
-    p.add_argument("--out", default="edu_fineweb10B", help="output directory for the shards and the progress file")
-    p.add_argument("--shard_size", type=count, default=100_000_000,
-                   help="tokens per shard (the last shard holds the rest)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes; the default is one per core")
-    p.add_argument("--prefix", default="edufineweb", help="shard names: <prefix>_val_000000.npy, <prefix>_train_000001.npy, ...")
-    args = p.parse_args(argv)
+    from train_plumbing import Flag, FlagParser, UserError  # here: see user_error
+    p = FlagParser(prog="fineweb.py", description="Tokenize a corpus (FineWeb-Edu by default) into GPT-2 uint16 "
+                   ".npy shards.")
+    p.flag("source", Flag(), "HuggingFaceFW/fineweb-edu",
+           "Hugging Face dataset name, or a local .txt/.jsonl/.json/.parquet file or a directory of them")
+    p.flag("name", Flag(), None, "dataset config; None means sample-10BT for fineweb-edu, none otherwise (unused for "
+           "local files)")
+    p.flag("text_field", Flag(), "text", "field/column with each document's text (json/parquet/hub)")
+    p.flag("out", Flag(path="out_dir"), "edu_fineweb10B", "output directory for the shards and the progress file")
+    p.flag("shard_size", Flag(int, lo=1, hi=2**32, hint="; e.g. 100_000_000"), 100_000_000,
+           "tokens per shard (the last shard holds the rest); 100_000_000 is read too")
+    p.flag("workers", Flag(int, lo=1, hi=4096), os.cpu_count(), "tokenizer processes; the default is one per core")
+    p.flag("prefix", Flag(path="name"), "edufineweb", "shard names: <prefix>_val_000000.npy, "
+           "<prefix>_train_000001.npy, ...")
     try:
-        if args.shard_size <= 0 or args.workers <= 0:
-            raise DataError("--shard_size and --workers must be > 0; e.g. --shard_size 100000000 --workers 4")
+        args = p.parse(argv)
         local = Path(args.source).expanduser().exists()
         source = str(Path(args.source).expanduser().resolve()) if local else args.source  # same file, same name
         name = None if local else args.name or ("sample-10BT" if source == "HuggingFaceFW/fineweb-edu" else None)
@@ -300,9 +296,9 @@ def main(argv=None):
         if not state["done"]:
             enc = tiktoken.get_encoding(ENCODING)
             if enc.max_token_value >= 2**16:  # shards are uint16
-                raise DataError(f"{ENCODING} has token ids up to {enc.max_token_value}, more than uint16 holds; use a wider dtype")
+                raise user_error(f"{ENCODING} has token ids up to {enc.max_token_value}, more than uint16 holds; use a wider dtype")
             state = write_shards(open_source(source, name, args.text_field), out, state, args.workers)
-    except DataError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

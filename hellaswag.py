@@ -23,13 +23,12 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import train_gpt2
 from train_gpt2 import accuracies, score
-from train_plumbing import UserError, setup_runtime, write_atomic
+from train_plumbing import DEVICES, DTYPES, Flag, FlagParser, UserError, cli, setup_runtime, write_atomic
 
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / ".cache" / "hellaswag"
 BASE_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
@@ -37,49 +36,45 @@ BASE_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
 SHA256 = {"val": "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"}
 
 
-class HellaSwagError(Exception):
-    """Bad or missing data: the CLI prints the message as one line and exits with code 2."""
-
-
 # -----------------------------------------------------------------------------
 # data: download, verify, parse
 
 
 def parse_file(path, need_label=True):
-    """Every line of a HellaSwag .jsonl as a dict; a clear HellaSwagError on the first bad line."""
+    """Every line of a HellaSwag .jsonl as a dict; a clear UserError on the first bad line."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise HellaSwagError(f"cannot read HellaSwag file {path}: {e}") from None
+        raise UserError(f"cannot read HellaSwag file {path}: {e}") from None
     examples = []
     for i, line in enumerate(lines, 1):
         try:
             ex = json.loads(line)
         except json.JSONDecodeError:
-            raise HellaSwagError(f"{path} line {i} is not valid JSON (corrupted or partial file?)") from None
+            raise UserError(f"{path} line {i} is not valid JSON (corrupted or partial file?)") from None
         ok = (isinstance(ex, dict) and isinstance(ex.get("ctx"), str)
               and isinstance(ex.get("endings"), list) and len(ex["endings"]) == 4
               and all(isinstance(e, str) for e in ex["endings"])
               and (not need_label or ex.get("label") in (0, 1, 2, 3)))
         if not ok:
-            raise HellaSwagError(f"{path} line {i} is not a HellaSwag example "
+            raise UserError(f"{path} line {i} is not a HellaSwag example "
                                  f"(needs ctx, 4 endings{', label 0-3' if need_label else ''})")
         examples.append(ex)
     if not examples:
-        raise HellaSwagError(f"{path} is empty")
+        raise UserError(f"{path} is empty")
     return examples
 
 
 def verify(path, split):
-    """Raise HellaSwagError unless `path` is a complete, intact copy of the official file."""
+    """Raise UserError unless `path` is a complete, intact copy of the official file."""
     if split in SHA256:
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         if h.hexdigest() != SHA256[split]:
-            raise HellaSwagError(f"{path}: sha256 {h.hexdigest()} is not the official {split} file's")
+            raise UserError(f"{path}: sha256 {h.hexdigest()} is not the official {split} file's")
     else:
         # train/test have no pinned hash here: the best we can check is that the file is non-empty and
         # every line parses as an example. (The test split has no labels: its answers are hidden.)
@@ -95,7 +90,7 @@ def download(split="val", cache_dir=DEFAULT_CACHE_DIR, base_url=BASE_URL):
         try:
             verify(path, split)
             return path
-        except HellaSwagError:
+        except UserError:
             path.unlink(missing_ok=True)  # a partial or corrupted copy is never used: fetch it again
     url = f"{base_url}/hellaswag_{split}.jsonl"
 
@@ -107,14 +102,14 @@ def download(split="val", cache_dir=DEFAULT_CACHE_DIR, base_url=BASE_URL):
         f.flush()
         try:
             verify(f.name, split)
-        except HellaSwagError as e:
-            raise HellaSwagError(f"download of {url} is corrupted or incomplete ({e}); not cached") from None
+        except UserError as e:
+            raise UserError(f"download of {url} is corrupted or incomplete ({e}); not cached") from None
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(str(path), fetch)
     except (requests.RequestException, OSError) as e:
-        raise HellaSwagError(f"could not download {url} to {path}: {type(e).__name__}: {e}") from None
+        raise UserError(f"could not download {url} to {path}: {type(e).__name__}: {e}") from None
     return path
 
 
@@ -124,7 +119,7 @@ def load_examples(path=None, split="val", limit=0):
     if path is None:
         path = download(split)
     elif not os.path.isfile(path):
-        raise HellaSwagError(f"HellaSwag file {path} does not exist")
+        raise UserError(f"HellaSwag file {path} does not exist")
     examples = parse_file(path)
     return examples[:limit] if limit > 0 else examples
 
@@ -133,36 +128,36 @@ def load_examples(path=None, split="val", limit=0):
 # command line
 
 
+def parser():
+    p = FlagParser(prog="hellaswag.py", description="HellaSwag accuracy of a GPT-2 (see the module docstring).")
+    p.flag("model", Flag(path="exists", also=tuple(train_gpt2.PRESETS), hint="; give a Hugging Face GPT-2 name ("
+           + ", ".join(train_gpt2.PRESETS) + ") or directory, or a checkpoint file"), argparse.SUPPRESS,
+           "required: Hugging Face GPT-2 name (gpt2, gpt2-xl, ...) or directory, or a checkpoint file: ours, or "
+           "build-nanogpt's, nanoGPT's or llm.c's", required=True)
+    p.flag("data", Flag(path="file"), None, "local HellaSwag .jsonl; None: download the official file once")
+    p.flag("split", Flag(choices=("val", "train")), "val", "split to download when --data is None")
+    p.flag("limit", Flag(int, lo=0), 0, "score only the first N examples (0 = all)")
+    p.flag("device", Flag(choices=DEVICES), "auto", "auto (cuda > mps > cpu), cpu, cuda or mps")
+    p.flag("dtype", Flag(choices=DTYPES), "fp32", "fp32 (full precision, as the published scores were taken; TF32 "
+           "matmuls on CUDA), or autocast to bf16, fp16, or auto (bf16 if native, fp16 on older CUDA): faster, but a "
+           "few examples may flip")
+    p.flag("batch_size", Flag(int, lo=1), 16, "examples per forward (x4 rows, one per ending): faster until memory "
+           "runs out")
+    return p
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="HellaSwag accuracy of a GPT-2 (see the module docstring).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, default=argparse.SUPPRESS,
-                   help="required: Hugging Face GPT-2 name (gpt2, gpt2-xl, ...) or directory, or a checkpoint file: "
-                   "ours, build-nanogpt's, nanoGPT's or llm.c's")
-    p.add_argument("--data", default=None, help="local HellaSwag .jsonl; None: download the official file once")
-    p.add_argument("--split", default="val", choices=["val", "train"], help="split to download when --data is None")
-    p.add_argument("--limit", type=int, default=0, help="score only the first N examples (0 = all)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps")
-    p.add_argument("--dtype", default="fp32", help="fp32 (full precision, as the published scores were taken; TF32 "
-                   "matmuls on CUDA), or autocast to bf16, fp16, or auto (bf16 if native, fp16 on older CUDA): faster, "
-                   "but a few examples may flip")
-    p.add_argument("--batch_size", type=int, default=16,
-                   help="examples per forward (x4 rows, one per ending): faster until memory runs out")
-    return p.parse_args(argv)
+    """The flags as parsed, not yet checked (parser().parse also checks them)."""
+    return parser().parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        if args.batch_size < 1:
-            raise HellaSwagError("--batch_size must be at least 1")
-        rt = setup_runtime(args.device, args.dtype)
-        examples = load_examples(args.data, args.split, args.limit)  # before the model: bad data fails fast
-        model = train_gpt2.load_model(args.model).to(rt.device)
-        enc = train_gpt2.get_encoding()
-    except (HellaSwagError, UserError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+@cli
+def main(argv):
+    args = parser().parse(argv)
+    rt = setup_runtime(args.device, args.dtype)
+    examples = load_examples(args.data, args.split, args.limit)  # before the model: bad data fails fast
+    model = train_gpt2.load_model(args.model).to(rt.device)
+    enc = train_gpt2.get_encoding()
     t0 = time.time()
     counts = score(model, examples, enc, rt.device, args.batch_size, rt.autocast, progress=True)
     dt = time.time() - t0

@@ -9,7 +9,6 @@ What train_gpt2.py does besides the lecture, kept out of its way:
 train_gpt2.py imports this file only when one of these is asked for; this file imports train_gpt2 and train_plumbing.
 """
 
-import argparse
 import contextlib
 import json
 import math
@@ -22,8 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from train_gpt2 import get_encoding, load_model, load_split, model_from_checkpoint, text_tokens
-from train_plumbing import CONV1D, UserError, load_checkpoint, setup_runtime, write_atomic
+from train_gpt2 import PRESETS, get_encoding, load_model, load_split, model_from_checkpoint, text_tokens
+from train_plumbing import (CONV1D, DEVICES, DTYPES, Flag, FlagParser, UserError, load_checkpoint, path_problem,
+                            setup_runtime, write_atomic)
 
 # -----------------------------------------------------------------------------
 # --batch_size auto: how many sequences per micro-step fit in memory
@@ -120,12 +120,12 @@ def ours_to_hf(sd, config):
 
 
 def export_main(argv):
-    parser = argparse.ArgumentParser(prog="train_gpt2.py export",
-                                     description="Write a checkpoint as a Hugging Face GPT-2 directory.")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint file (required): ours, or build-nanogpt's, "
-                        "nanoGPT's or llm.c's")
-    parser.add_argument("--out", required=True, help="output directory (required)")
-    args = parser.parse_args(argv)
+    parser = FlagParser(prog="train_gpt2.py export",
+                        description="Write a checkpoint as a Hugging Face GPT-2 directory.")
+    parser.flag("checkpoint", Flag(path="file"), None, "a checkpoint file (required): ours, or build-nanogpt's, "
+                "nanoGPT's or llm.c's", required=True)
+    parser.flag("out", Flag(path="out_dir"), None, "output directory (required)", required=True)
+    args = parser.parse(argv)
     from safetensors.torch import save
     model = model_from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint)
     c = model.config
@@ -214,14 +214,13 @@ def plot_figure(log_dir):
 
 
 def plot_main(argv):
-    parser = argparse.ArgumentParser(prog="train_gpt2.py plot", description="Plot log.txt: losses and HellaSwag.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--log_dir", default="log", help="directory holding log.txt")
-    parser.add_argument("--out", default=None, help="PNG to write (None: <log_dir>/plot.png)")
-    args = parser.parse_args(argv)
+    parser = FlagParser(prog="train_gpt2.py plot", description="Plot log.txt: losses and HellaSwag.")
+    parser.flag("log_dir", Flag(path="dir"), "log", "directory holding log.txt")
+    parser.flag("out", Flag(path="out_file"), None, "PNG to write (None: <log_dir>/plot.png)")
+    args = parser.parse(argv)
     out = args.out or os.path.join(args.log_dir, "plot.png")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-        raise UserError(f"the folder of --out {out} does not exist; create it or choose another --out")
+    if problem := path_problem(out, "out_file"):
+        raise UserError(f"cannot write the plot: {problem}")
     try:
         import matplotlib
         matplotlib.use("Agg")  # a file, no window
@@ -312,25 +311,21 @@ def attention_of_head(model, enc, prompt, layer, head, device="cpu"):
 
 
 def evaluate_main(argv):
-    parser = argparse.ArgumentParser(prog="train_gpt2.py evaluate", description="A model's mean loss, perplexity "
-                                     "and bits per byte on a text file or a shard directory's val split.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="required: a checkpoint file (ours, build-nanogpt's, "
-                        "nanoGPT's or llm.c's) or Hugging Face GPT-2 weights: a name (gpt2, ...) or a directory")
-    parser.add_argument("--data", required=True, help="required: a text file (all of it), or a directory of "
-                        "token shards (its val split)")
-    parser.add_argument("--tokens", type=int, default=0, help="evaluate only the first N tokens (0 = all)")
-    parser.add_argument("--seq_len", type=int, default=0, help="tokens of context per window (0 = the model's "
-                        "block size)")
-    parser.add_argument("--batch_size", type=int, default=8, help="windows per forward")
+    parser = FlagParser(prog="train_gpt2.py evaluate", description="A model's mean loss, perplexity and bits per "
+                        "byte on a text file or a shard directory's val split.")
+    parser.flag("checkpoint", Flag(path="exists", also=tuple(PRESETS), hint="; give a checkpoint file, a Hugging "
+                "Face GPT-2 directory or one of " + ", ".join(PRESETS)), None, "required: a checkpoint file (ours, "
+                "build-nanogpt's, nanoGPT's or llm.c's) or Hugging Face GPT-2 weights: a name (gpt2, ...) or a "
+                "directory", required=True)
+    parser.flag("data", Flag(path="exists"), None, "required: a text file (all of it), or a directory of token "
+                "shards (its val split)", required=True)
+    parser.flag("tokens", Flag(int, lo=0), 0, "evaluate only the first N tokens (0 = all)")
+    parser.flag("seq_len", Flag(int, lo=0), 0, "tokens of context per window (0 = the model's block size)")
+    parser.flag("batch_size", Flag(int, lo=1), 8, "windows per forward")
     parser.add_argument("--per_token", action="store_true", help="print every token with its loss")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--dtype", default="fp32", help="fp32 (full precision), or autocast to bf16, fp16, auto")
-    args = parser.parse_args(argv)
-    if args.tokens < 0 or args.seq_len < 0 or args.batch_size <= 0:
-        raise UserError("--tokens and --seq_len must be >= 0, --batch_size positive")
-    if not os.path.exists(args.data):
-        raise UserError(f"--data {args.data} does not exist; give a text file or a directory of token shards")
+    parser.flag("device", Flag(choices=DEVICES), "auto", "auto, cpu, cuda or mps")
+    parser.flag("dtype", Flag(choices=DTYPES), "fp32", "fp32 (full precision), or autocast to bf16, fp16, auto")
+    args = parser.parse(argv)
     rt = setup_runtime(args.device, args.dtype)
     model = load_model(args.checkpoint).to(rt.device)
     seq_len = args.seq_len or model.config.block_size

@@ -7,7 +7,7 @@ Train GPT-2 from scratch, in a file that reads top to bottom as a lecture on pre
     4. the schedule         linear warmup, then cosine decay of the learning rate
     5. the training loop    train() and train_step(): the whole of pretraining in ~150 lines
     6. evaluation           val loss, HellaSwag, and sampling text with a KV cache
-    7. checks and loading   the flags checked as one table; a trained model back from disk
+    7. checks and loading   every flag against its domain, then against each other; a trained model from disk
     8. the command line     train (the default), sample, export, plot, evaluate
 The plumbing (device setup, the log, checkpoint files, signals, FLOP counts, FSDP, Hugging Face weights, other
 programs' checkpoints) is in train_plumbing.py: what real machines need, which a reader can skip.
@@ -23,7 +23,6 @@ Launch:
 See README.md for every flag.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import gc
@@ -45,11 +44,12 @@ import torch.utils.checkpoint
 
 # The plumbing: what pretraining needs on real machines, kept out of the lecture (train_plumbing.py's docstring
 # lists what is where)
-from train_plumbing import (RunLog, StopSignal, UserError, agree_on_signal, check_fsdp, checkpoint_to_resume,
-                            data_shuffle, flops_per_token, format_duration, gathered_root, hf_to_ours, import_wandb,
-                            load_checkpoint, out_of_memory_error, peak_flops, prune_checkpoints, read_hf_gpt2,
-                            read_llmc_tokens, restore_state, save_checkpoint, schedule_flags, setup_runtime,
-                            shard_model, torch_version, use_compile)
+from train_plumbing import (DEVICES, DTYPES, Flag, FlagParser, RunLog, StopSignal, Stopped, UserError, agree_on_signal,
+                            check_flags, check_fsdp, check_log_dir, check_resume, checkpoint_to_resume, data_shuffle,
+                            flops_per_token, format_duration, gathered_root, hf_to_ours, import_wandb,
+                            keeps_signal_handlers, load_checkpoint, mfu_percent, out_of_memory_error, peak_flops,
+                            prune_checkpoints, read_hf_gpt2, read_llmc_tokens, restore_state, save_checkpoint,
+                            schedule_flags, setup_runtime, shard_model, torch_version, use_compile)
 
 # =============================================================================
 # 1. The model: GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners")
@@ -318,14 +318,20 @@ def load_tokens(path):
     """A uint16 token shard, memory-mapped: it is read from disk only as batches need it. A .npy (fineweb.py,
     build-nanogpt) or llm.c's .bin, whose 256-int32 header read_llmc_tokens checks."""
     if path.endswith(".bin"):
-        return read_llmc_tokens(path)
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable .npy token shard ({e}); re-create it with fineweb.py") from None
-    if arr.dtype != np.uint16 or arr.ndim != 1:
-        raise UserError(f"{path} holds {arr.dtype} of shape {arr.shape}, expected a 1-D uint16 token array; "
-                        "re-create it with fineweb.py")
+        arr = read_llmc_tokens(path)
+    else:
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as e:
+            raise UserError(f"{path} is not a readable .npy token shard ({e}); re-create it with fineweb.py") from None
+        if arr.dtype != np.uint16 or arr.ndim != 1:
+            raise UserError(f"{path} holds {arr.dtype} of shape {arr.shape}, expected a 1-D uint16 token array; "
+                            "re-create it with fineweb.py")
+    # one pass over the shard (~0.1 s per 100M tokens): another tokenizer's ids would be an infinite loss, or
+    # on a GPU a device-side assert, much later
+    if len(arr) and (top := int(arr.max())) >= GPTConfig.vocab_size:
+        raise UserError(f"{path} holds token id {top}, but GPT-2's ids end at {GPTConfig.vocab_size - 1}: it was made "
+                        "with another tokenizer; re-create it with fineweb.py")
     return arr
 
 
@@ -337,17 +343,23 @@ def shard_paths(data_dir, split):
     return sorted(paths, key=lambda p: [int(n) for n in re.findall(r"\d+", os.path.basename(p))] or [0])
 
 
-def load_split(data, split):
-    """Token arrays of one split. data is a directory of .npy shards, or a text file of which the last
-    10% is the val split."""
+def load_splits(data, splits=("train", "val")):
+    """Token arrays of each split, as a list per split. data is a directory of .npy shards, or a text file (read
+    and tokenized once) of which the last 10% is the val split."""
     if os.path.isdir(data):
-        paths = shard_paths(data, split)
-        if not paths:
-            raise UserError(f"{data} has no {split} shards (*{split}*.npy or .bin); create them with fineweb.py")
-        return [load_tokens(p) for p in paths]
-    tokens = text_tokens(data)
+        paths = {split: shard_paths(data, split) for split in splits}
+        for split in splits:
+            if not paths[split]:
+                raise UserError(f"{data} has no {split} shards (*{split}*.npy or .bin); create them with fineweb.py")
+        return [[load_tokens(p) for p in paths[split]] for split in splits]
+    tokens = text_tokens(data)  # read and tokenized once, for both splits
     n_val = len(tokens) // 10  # the val split is the end of the text: no sentence is in both
-    return [tokens[: len(tokens) - n_val]] if split == "train" else [tokens[len(tokens) - n_val:]]
+    return [[tokens[: len(tokens) - n_val]] if split == "train" else [tokens[len(tokens) - n_val:]] for split in splits]
+
+
+def load_split(data, split):
+    """Token arrays of one split (load_splits)."""
+    return load_splits(data, (split,))[0]
 
 
 def text_tokens(path):
@@ -495,68 +507,88 @@ def grad_accum_steps(total_batch_size, batch_size, seq_len, world_size):
 # 5. Training: the flags, the loop, one optimizer step, and building what the loop starts from
 
 
-def arg(default, help):
-    """A config field with the one-line help that --help shows."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def arg(default, flag, help):
+    """A config field with the one-line help that --help shows and the Flag that says what it accepts."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
 
 
 @dataclass
 class TrainConfig:
-    """Every flag of `python train_gpt2.py`; the defaults are GPT-2 124M on 10B tokens of FineWeb-Edu."""
-    data: str = arg("input.txt", "a text file (last 10%% is val) or a directory of uint16 .npy shards from fineweb.py")
-    log_dir: str = arg("log", "where log.txt and the model_<step>.pt checkpoints go")
-    model: str = arg("gpt2", "model shape preset: " + ", ".join(PRESETS))
-    n_layer: int = arg(None, "number of layers (overrides the preset)")
-    n_head: int = arg(None, "number of attention heads (overrides the preset)")
-    n_embd: int = arg(None, "embedding width (overrides the preset)")
-    init_from: str = arg(None, "start from these weights: a Hugging Face GPT-2 name/directory or a checkpoint "
+    """Every flag of `python train_gpt2.py`, with what it accepts (its Flag, checked by check_config before any
+    device setup); the defaults are GPT-2 124M on 10B tokens of FineWeb-Edu."""
+    data: str = arg("input.txt", Flag(path="exists", hint="; give a text file or a directory of .npy shards"),
+                    "a text file (last 10%% is val) or a directory of uint16 .npy shards from fineweb.py")
+    log_dir: str = arg("log", Flag(path="out_dir"), "where log.txt and the model_<step>.pt checkpoints go")
+    model: str = arg("gpt2", Flag(choices=tuple(PRESETS)), "model shape preset: " + ", ".join(PRESETS))
+    n_layer: int = arg(None, Flag(int, lo=1), "number of layers (overrides the preset)")
+    n_head: int = arg(None, Flag(int, lo=1), "number of attention heads (overrides the preset)")
+    n_embd: int = arg(None, Flag(int, lo=1), "embedding width (overrides the preset)")
+    init_from: str = arg(None, Flag(path="exists", also=tuple(PRESETS), hint="; give a checkpoint, a Hugging Face "
+                                    "GPT-2 directory or one of " + ", ".join(PRESETS)),
+                         "start from these weights: a Hugging Face GPT-2 name/directory or a checkpoint "
                          "(ours, build-nanogpt's, nanoGPT's or llm.c's), with a new optimizer")
-    init_step: int = arg(0, "with --init_from: start at this step of the learning-rate schedule (e.g. the step the "
-                         "checkpoint was at, to finish its run with its --max_steps and --warmup_steps)")
-    resume: str = arg(None, "'auto': continue from the newest valid checkpoint in --log_dir; or a checkpoint path")
+    init_step: int = arg(0, Flag(int, lo=0), "with --init_from: start at this step of the learning-rate schedule "
+                         "(e.g. the step the checkpoint was at, to finish its run with its --max_steps and "
+                         "--warmup_steps)")
+    resume: str = arg(None, Flag(path="file", also=("auto",), hint="; give a checkpoint file, or auto"),
+                      "'auto': continue from the newest valid checkpoint in --log_dir; or a checkpoint path")
     # batch: the GPT-3 paper's 124M ("Small") recipe uses 0.5M tokens per optimizer step
-    total_batch_size: int = arg(524288, "tokens per optimizer step, over all ranks and accumulation steps (2**19)")
-    batch_size: str = arg("16", "sequences per micro-step on each rank, or 'auto': the largest that fits in memory "
-                          "(gradient accumulation makes up the rest)")
-    seq_len: int = arg(1024, "tokens per sequence, at most the model's block size")
+    total_batch_size: int = arg(524288, Flag(int, lo=1),
+                                "tokens per optimizer step, over all ranks and accumulation steps (2**19)")
+    batch_size: int | str = arg(16, Flag(int, lo=1, also=("auto",)), "sequences per micro-step on each rank, or "
+                                "'auto': the largest that fits in memory (gradient accumulation makes up the rest)")
+    seq_len: int = arg(1024, Flag(int, lo=1), "tokens per sequence, at most the model's block size")
     # optimizer and schedule: GPT-3 paper, appendix B; step counts from the 10B-token reproduction
-    max_lr: float = arg(6e-4, "peak learning rate, reached after warmup")
-    min_lr_ratio: float = arg(0.1, "the cosine decays to max_lr * min_lr_ratio at max_steps")
-    warmup_steps: int = arg(715, "linear warmup steps (375M tokens / 2**19)")
-    max_steps: int = arg(19073, "optimizer steps in all (10B tokens / 2**19: one epoch of sample-10BT)")
-    weight_decay: float = arg(0.1, "AdamW weight decay on 2-D tensors")
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = no clipping)")
-    grad_checkpoint: int = arg(0, "1: recompute each block's activations in backward (less memory, ~30%% slower)")
-    dropout: float = arg(0.0, "dropout on the embeddings, attention weights and residual branches (GPT-2's own "
-                         "config used 0.1; 0 for pretraining on plenty of data)")
+    max_lr: float = arg(6e-4, Flag(float, lo=0, lo_open=True), "peak learning rate, reached after warmup")
+    min_lr_ratio: float = arg(0.1, Flag(float, lo=0, hi=1), "the cosine decays to max_lr * min_lr_ratio at max_steps")
+    warmup_steps: int = arg(715, Flag(int, lo=0), "linear warmup steps (375M tokens / 2**19)")
+    max_steps: int = arg(19073, Flag(int, lo=1), "optimizer steps in all (10B tokens / 2**19: one epoch of "
+                         "sample-10BT)")
+    weight_decay: float = arg(0.1, Flag(float, lo=0), "AdamW weight decay on 2-D tensors")
+    grad_clip: float = arg(1.0, Flag(float, lo=0), "clip the global gradient norm to this (0 = no clipping)")
+    grad_checkpoint: int = arg(0, Flag(int, lo=0, hi=1), "1: recompute each block's activations in backward (less "
+                               "memory, ~30%% slower)")
+    dropout: float = arg(0.0, Flag(float, lo=0, hi=1, hi_open=True, hint="; GPT-2 used 0.1"), "dropout on the "
+                         "embeddings, attention weights and residual branches (GPT-2's own config used 0.1; 0 for "
+                         "pretraining on plenty of data)")
     # machine
-    device: str = arg("auto", "auto, cpu, cuda or mps")
-    dtype: str = arg("auto", "auto (bf16 where supported, fp16 on older GPUs, else fp32), bf16, fp16 or fp32")
-    compile: str = arg("auto", "torch.compile the model: on, off, or auto (on for CUDA and CPU, falling back to "
-                       "eager if compilation fails)")
-    seed: int = arg(1337, "random seed (model init, data order, dropout, sampling)")
-    dist_timeout: int = arg(60, "minutes a rank waits in a collective (e.g. while rank 0 writes a checkpoint) "
-                            "before NCCL/gloo abort the job")
+    device: str = arg("auto", Flag(choices=DEVICES), "auto, cpu, cuda or mps")
+    dtype: str = arg("auto", Flag(choices=DTYPES), "auto (bf16 where supported, fp16 on older GPUs, else fp32), "
+                     "bf16, fp16 or fp32")
+    compile: str = arg("auto", Flag(choices=("auto", "on", "off")), "torch.compile the model: on, off, or auto (on "
+                       "for CUDA and CPU, falling back to eager if compilation fails)")
+    seed: int = arg(1337, Flag(int, lo=0, hi=2**32 - 1), "random seed (model init, data order, dropout, sampling)")
+    dist_timeout: int = arg(60, Flag(int, lo=1, hi=525600), "minutes (at most a year) a rank waits in a collective "
+                            "(e.g. while rank 0 writes a checkpoint) before NCCL/gloo abort the job")
     # periodic work, in optimizer steps
-    eval_every: int = arg(250, "val loss every this many steps (0 = off)")
-    val_tokens: int = arg(20 * 65536, "val tokens per evaluation: always the same first ones of the val split")
-    sample_every: int = arg(250, "print samples every this many steps (0 = off)")
-    prompt: str = arg("Hello, I'm a language model,", "prompt for the samples printed during training")
-    hellaswag_every: int = arg(0, "HellaSwag accuracy every this many steps (0 = off)")
-    hellaswag_data: str = arg(None, "local hellaswag_val.jsonl; None: download the official file once")
-    hellaswag_limit: int = arg(0, "score only the first N HellaSwag examples (0 = all 10,042)")
-    checkpoint_every: int = arg(5000, "write model_<step>.pt every this many steps, and at the end (0 = off)")
-    keep_checkpoints: int = arg(0, "keep only the newest K model_*.pt (and the newest one known to give a finite "
-                                "loss); older ones are deleted once a newer one is written (0 = keep all)")
-    shuffle: int = arg(None, "1: a new seeded order of the shards, and of T-token blocks within them, every epoch; "
-                       "0: file order; None: 1 for a shard directory, 0 for a text file, and a resumed run keeps its "
-                       "checkpoint's")
-    wandb_project: str = arg(None, "also log to this Weights & Biases project, from rank 0 (needs pip install wandb; "
-                             "WANDB_MODE=offline logs without network); a resumed run continues its W&B run")
-    fsdp: int = arg(0, "1: shard weights, gradients and AdamW state over the torchrun ranks (FSDP2) instead of "
-                    "a full copy on each (DDP); checkpoints move freely between the two and one process")
+    eval_every: int = arg(250, Flag(int, lo=0), "val loss every this many steps (0 = off)")
+    val_tokens: int = arg(20 * 65536, Flag(int, lo=1), "val tokens per evaluation: always the same first ones of "
+                          "the val split")
+    sample_every: int = arg(250, Flag(int, lo=0), "print samples every this many steps (0 = off)")
+    prompt: str = arg("Hello, I'm a language model,", Flag(empty=True), "prompt for the samples printed during "
+                      "training")
+    hellaswag_every: int = arg(0, Flag(int, lo=0), "HellaSwag accuracy every this many steps (0 = off)")
+    hellaswag_data: str = arg(None, Flag(path="file", hint="; give a HellaSwag .jsonl, or drop the flag to download "
+                                         "the official file"),
+                              "local hellaswag_val.jsonl; None: download the official file once")
+    hellaswag_limit: int = arg(0, Flag(int, lo=0), "score only the first N HellaSwag examples (0 = all 10,042)")
+    checkpoint_every: int = arg(5000, Flag(int, lo=0), "write model_<step>.pt every this many steps, and at the "
+                                "end (0 = off)")
+    keep_checkpoints: int = arg(0, Flag(int, lo=0), "keep only the newest K model_*.pt (and the newest one known "
+                                "to give a finite loss); older ones are deleted once a newer one is written (0 = "
+                                "keep all)")
+    shuffle: int = arg(None, Flag(int, lo=0, hi=1), "1: a new seeded order of the shards, and of T-token blocks "
+                       "within them, every epoch; 0: file order; None: 1 for a shard directory, 0 for a text file, "
+                       "and a resumed run keeps its checkpoint's")
+    wandb_project: str = arg(None, Flag(), "also log to this Weights & Biases project, from rank 0 (needs pip "
+                             "install wandb; WANDB_MODE=offline logs without network); a resumed run continues its "
+                             "W&B run")
+    fsdp: int = arg(0, Flag(int, lo=0, hi=1), "1: shard weights, gradients and AdamW state over the torchrun ranks "
+                    "(FSDP2) instead of a full copy on each (DDP); checkpoints move freely between the two and one "
+                    "process")
 
 
+@keeps_signal_handlers  # a caller's Ctrl-C handler is back when train() returns or raises
 def train(cfg):
     """Pretraining, in outline: set up the machine; build (or restore) the model, optimizer and data; wrap the
     model for speed; then loop: every so often evaluate, sample and checkpoint, and every time one step."""
@@ -587,7 +619,7 @@ def train(cfg):
             log.print(f"stopped by signal at step {step}; wrote {ckpt_path}; continue with --resume auto")
             if rt.ddp:  # no rank leaves before the checkpoint is written: torchrun stops all once one exits
                 dist.barrier()
-            sys.exit(128 + stop_for)
+            raise Stopped(stop_for)
 
         # ---- periodic work, on the plain model (no recompilation, no DDP hooks); every rank takes part ----
         if cfg.eval_every and (step % cfg.eval_every == 0 or last):
@@ -634,13 +666,14 @@ def train(cfg):
         tok_s = cfg.total_batch_size / dt
         # MFU, model FLOPs utilization (PaLM paper, appendix B): the FLOPs the model needs per second, as a share
         # of what the hardware can do at best. 40-50% is good on GPUs; time lost elsewhere shows up here
-        mfu = 100 * tok_s * flops / (peak * rt.world_size) if peak else None  # percent
+        mfu, peak = mfu_percent(tok_s, flops, peak, rt)  # a CPU's peak is measured again if this beats it
         # the time left: the median of the last 20 steps (a compile or a slow step moves it little) x steps left
         step_times = step_times[-19:] + [dt]
         left = float(np.median(step_times)) * (cfg.max_steps - step - 1)
         log(f"{step} train {loss:.6f}",
             f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm.item():.4f} | {1000 * dt:.1f} ms | "
             f"{tok_s:,.0f} tok/s | MFU " + (f"{mfu:.1f}%" if mfu is not None else "n/a") +
+            (" (above 100%: the CPU's measured peak is too low; was it busy?)" if mfu and mfu > 100 else "") +
             f" | ETA {format_duration(left)}",
             {"train/lr": lr, "train/grad_norm": norm.item(), "train/tok_per_s": tok_s, "train/mfu": mfu})
         if len(step_times) == 5 and step + 1 < cfg.max_steps:
@@ -707,11 +740,12 @@ def build_state(cfg, rt):
     (--init_from), or a whole training state to continue (--resume: also the step, data position, random state)."""
     check_fsdp(cfg, rt)
     ckpt = checkpoint_to_resume(cfg, rt)  # None: a new run
+    if ckpt is not None:
+        check_resume(cfg, ckpt, rt.master)  # the flags against the checkpoint's: what may change on resume
     init_model = load_model(cfg.init_from, report=rt.master) if cfg.init_from else None
     config = model_config(cfg, ckpt, init_model)
     max_batch = cfg.total_batch_size // (cfg.seq_len * rt.world_size)  # sequences per rank and optimizer step
-    train_shards = load_split(cfg.data, "train")
-    val_shards = load_split(cfg.data, "val") if cfg.eval_every else None
+    train_shards, val_shards = (load_splits(cfg.data) if cfg.eval_every else load_splits(cfg.data, ("train",)) + [None])
 
     # one seed for all that is random: the initial weights, dropout, the data order
     torch.manual_seed(cfg.seed)
@@ -727,7 +761,7 @@ def build_state(cfg, rt):
         import train_extras  # the memory estimate: tries (GPU) or computes (CPU) what fits
         batch_size = train_extras.auto_batch_size(model, max_batch, cfg, rt)
     else:
-        batch_size = int(cfg.batch_size)
+        batch_size = cfg.batch_size
     grad_accum = grad_accum_steps(cfg.total_batch_size, batch_size, cfg.seq_len, rt.world_size)
     loader = DataLoader(train_shards, batch_size, cfg.seq_len, rt.rank, rt.world_size, data_shuffle(cfg), cfg.seed)
     optimizer = configure_optimizer(model, cfg.max_lr, cfg.weight_decay, rt.device_type)
@@ -903,7 +937,7 @@ def load_hellaswag(cfg, rt):
         if rt.ddp:
             dist.barrier()
         return hellaswag.load_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit)
-    except hellaswag.HellaSwagError as e:
+    except UserError as e:
         raise UserError(f"{e}; fix --hellaswag_data or leave --hellaswag_every at 0") from None
 
 
@@ -975,41 +1009,30 @@ def sample_texts(model, enc, prompt, num_samples, max_new_tokens, rt, temperatur
 
 # ---- checks of the flags ----
 
-POSITIVE = ("seq_len", "total_batch_size", "max_steps", "val_tokens", "max_lr", "dist_timeout")
-NON_NEGATIVE = ("warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "eval_every", "sample_every",
-                "hellaswag_every", "checkpoint_every", "hellaswag_limit", "keep_checkpoints")
-
 
 def check_config(cfg, world_size):
-    """Every flag that can be checked alone, before any device or process-group setup: a typo costs nothing,
-    and under torchrun no rank starts NCCL/gloo only to stop again. The first problem found is the error."""
+    """Every flag against what it accepts (its Flag in TrainConfig), then the flags against each other, before any
+    device or process-group setup: a typo costs nothing, and under torchrun no rank starts NCCL/gloo only to stop
+    again. The first problem found is the error."""
+    check_flags(cfg, {f.name: f.metadata["flag"] for f in dataclasses.fields(TrainConfig)})
     problems = [  # (is it wrong?, what to say)
-        (cfg.batch_size != "auto" and not (cfg.batch_size.isdigit() and int(cfg.batch_size) > 0),
-         f"--batch_size must be a positive number or auto, got {cfg.batch_size}"),
-        *((getattr(cfg, n) <= 0, f"--{n} must be positive, got {getattr(cfg, n)}") for n in POSITIVE),
-        (not 0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}; GPT-2 used 0.1"),
-        *((getattr(cfg, n) < 0, f"--{n} must not be negative, got {getattr(cfg, n)}") for n in NON_NEGATIVE),
-        (cfg.compile not in ("auto", "on", "off"), f"unknown --compile {cfg.compile}; use auto, on, off"),
         (cfg.resume and cfg.init_from, "--resume and --init_from exclude each other: resume continues a run, init_from starts one"),
         (cfg.init_step and not cfg.init_from, "--init_step needs --init_from: it is where the schedule starts for those weights"),
         (not 0 <= cfg.init_step < cfg.max_steps, f"--init_step must be in [0, --max_steps), got {cfg.init_step}"),
-        (not os.path.exists(cfg.data), f"--data {cfg.data} does not exist; give a text file or a directory of .npy shards"),
-        (cfg.hellaswag_every and cfg.hellaswag_data and not os.path.isfile(cfg.hellaswag_data),
-         f"HellaSwag file {cfg.hellaswag_data} does not exist; fix --hellaswag_data or leave --hellaswag_every at 0"),
-        (cfg.fsdp not in (0, 1), f"--fsdp must be 0 or 1, got {cfg.fsdp}"),
         (cfg.fsdp and cfg.batch_size == "auto", "--batch_size auto measures an unsharded model; give --batch_size N with --fsdp 1"),
-        (cfg.shuffle not in (None, 0, 1), f"--shuffle must be 0 or 1, got {cfg.shuffle}"),
-        (data_shuffle(cfg) and cfg.seed < 0, f"--seed must not be negative to shuffle the data, got {cfg.seed}; or use --shuffle 0"),
     ]
     for wrong, message in problems:
         if wrong:
             raise UserError(message)
+    if cfg.init_from and os.path.isdir(cfg.init_from) and not os.path.isfile(f"{cfg.init_from}/config.json"):
+        raise UserError(f"{cfg.init_from} has no config.json; give a Hugging Face GPT-2 directory")
     if not cfg.resume and not cfg.init_from:
         model_config(cfg)  # the shape flags (a resumed or fine-tuned model's shape is checked once it is read)
-    grad_accum_steps(cfg.total_batch_size, None if cfg.batch_size == "auto" else int(cfg.batch_size), cfg.seq_len,
+    grad_accum_steps(cfg.total_batch_size, None if cfg.batch_size == "auto" else cfg.batch_size, cfg.seq_len,
                      world_size)
     if cfg.sample_every and not get_encoding().encode(cfg.prompt, allowed_special="all"):
         raise UserError("--prompt is empty; give some text for the samples (or --sample_every 0)")
+    check_log_dir(cfg)  # an earlier run's log is never overwritten
     if cfg.wandb_project is not None:
         import_wandb()  # missing: say so before anything is written
 
@@ -1067,11 +1090,10 @@ def load_model(path_or_name, report=False):
 
 
 def train_main(argv):
-    parser = argparse.ArgumentParser(prog="train_gpt2.py", description="Train GPT-2. Subcommands: sample, "
-                                     "export, plot, evaluate (python train_gpt2.py sample --help).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = FlagParser(prog="train_gpt2.py", description="Train GPT-2. Subcommands: sample, export, plot, "
+                        "evaluate (python train_gpt2.py sample --help).")
     for f in dataclasses.fields(TrainConfig):
-        parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f.metadata["help"])
+        parser.flag(f.name, f.metadata["flag"], f.default, f.metadata["help"])
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
     try:
         train(cfg)
@@ -1082,24 +1104,24 @@ def train_main(argv):
 
 
 def sample_main(argv):
-    parser = argparse.ArgumentParser(prog="train_gpt2.py sample", description="Generate text from a model.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", default="gpt2", help="a checkpoint file (ours, build-nanogpt's, "
-                        "nanoGPT's or llm.c's), or Hugging Face GPT-2 weights: a name (gpt2, gpt2-medium, ...) or a "
-                        "directory")
-    parser.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
-    parser.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate")
-    parser.add_argument("--num_samples", type=int, default=4, help="continuations per prompt")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest tokens, 0 = all")
-    parser.add_argument("--seed", type=int, default=1337, help="random seed")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32")
+    parser = FlagParser(prog="train_gpt2.py sample", description="Generate text from a model.")
+    parser.flag("checkpoint", Flag(path="exists", also=tuple(PRESETS), hint="; give a model_*.pt, a Hugging Face "
+                "GPT-2 directory or one of " + ", ".join(PRESETS)), "gpt2", "a checkpoint file (ours, "
+                "build-nanogpt's, nanoGPT's or llm.c's), or Hugging Face GPT-2 weights: a name (gpt2, gpt2-medium, "
+                "...) or a directory")
+    parser.flag("prompt", Flag(), "Hello, I'm a language model,", "text to continue")
+    parser.flag("max_new_tokens", Flag(int, lo=1), 64, "tokens to generate")
+    parser.flag("num_samples", Flag(int, lo=1, hi=4096), 4, "continuations per prompt (one batch)")
+    parser.flag("temperature", Flag(float, lo=0), 1.0, "0 = greedy")
+    parser.flag("top_k", Flag(int, lo=0), 50, "sample among the k likeliest tokens, 0 = all")
+    parser.flag("seed", Flag(int, lo=0, hi=2**32 - 1), 1337, "random seed")
+    parser.flag("device", Flag(choices=DEVICES), "auto", "auto, cpu, cuda or mps")
+    parser.flag("dtype", Flag(choices=DTYPES), "auto", "auto, bf16, fp16 or fp32")
     parser.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, "
                         "until end of input")
-    args = parser.parse_args(argv)
-    if args.max_new_tokens <= 0 or args.num_samples <= 0 or args.temperature < 0 or args.top_k < 0:
-        raise UserError("--max_new_tokens and --num_samples must be positive, --temperature and --top_k >= 0")
+    args = parser.parse(argv)
+    if not args.interactive and not args.prompt.strip():
+        raise UserError("--prompt is empty; give some text to continue")
     rt = setup_runtime(args.device, args.dtype)
     model = load_model(args.checkpoint).to(rt.device)
     enc = get_encoding()
@@ -1130,6 +1152,8 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:  # a signal during training: the checkpoint is written
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:  # Ctrl-C before training started (or in sample): nothing to save
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -1,12 +1,14 @@
 """
 The plumbing of train_gpt2.py: what its training loop calls to run safely on real machines, kept out of the
 lecture. Nothing here is needed to follow how GPT-2 is pretrained; all of it is needed to pretrain it for
-days on machines that fail. train_gpt2.py, train_extras.py and hellaswag.py import this file; it imports nothing of the project.
+days on machines that fail. train_gpt2.py, train_extras.py, hellaswag.py, the benches and (inside its main, so
+that its tokenizer processes need no torch) fineweb.py import this file; it imports nothing of the project.
 
     the runtime        setup_runtime(): the one place that reads the environment (torchrun's ranks, the
                        device, the dtype) and sets up the process group; which GPUs this PyTorch build can run;
                        on CPU, freed memory kept for the next step (keep_freed_memory)
-    checks             flags against the runtime or a checkpoint (the flags alone: train_gpt2.check_config)
+    flags              Flag: what each flag of every command accepts; FlagParser: argparse, errors as one line
+    checks             flags against the runtime or a checkpoint (resume: what may change); a log never lost
     the run's log      log.txt, Weights & Biases (--wandb_project), the console (rank 0 only)
     checkpoints        atomic writes, save, load (weights_only; other programs' formats by content), --resume
                        auto, exact restore, retention
@@ -17,10 +19,13 @@ days on machines that fail. train_gpt2.py, train_extras.py and hellaswag.py impo
     other programs     build-nanogpt's, nanoGPT's and llm.c's checkpoints, and llm.c's token shards
 """
 
+import argparse
 import contextlib
 import ctypes
 import dataclasses
 import datetime
+import functools
+import glob
 import json
 import math
 import os
@@ -29,6 +34,7 @@ import re
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,8 +43,155 @@ import torch.distributed as dist
 
 
 class UserError(Exception):
-    """Bad input from the user: train_gpt2.main() (and hellaswag.main()) print the message as one line and exit
-    with code 2."""
+    """Bad input from the user: every command's main() (train_gpt2.py's, hellaswag.py's, fineweb.py's, the
+    benches') prints the message as one line, `error: ...`, and exits with code 2."""
+
+
+# ---- flags: what each one accepts ----
+
+INT64_MAX = 2**63 - 1  # every integer flag ends up in a tensor or a C long somewhere
+
+
+class Flag:
+    """What a flag accepts, declared next to it: its type, range, choices, or what kind of path it must be.
+    parse() is argparse's type (text -> value, so that text that is no number is one line too); problem()
+    says what is wrong with a value, for check_flags, which runs before any device or process-group setup.
+
+    kind int or float (always finite), with lo/hi bounds (lo_open/hi_open: excluded), `also` other words it
+    takes ("auto"); kind str with choices, or path: "file", "dir", "exists" (either), "out_dir" (a directory
+    to write into: one that is writable, or one that can be created), "out_file" (a file to write: its folder
+    exists and is writable), "name" (a part of file names: no folders). empty: whether "" is a value (never
+    for paths). hint: appended to the message."""
+
+    def __init__(self, kind=str, lo=None, hi=None, lo_open=False, hi_open=False, choices=None, path=None,
+                 also=(), empty=False, hint=""):
+        if kind is int and hi is None:
+            hi = INT64_MAX
+        self.kind, self.lo, self.hi, self.lo_open, self.hi_open = kind, lo, hi, lo_open, hi_open
+        self.choices, self.path, self.also, self.empty, self.hint = choices, path, also, empty, hint
+
+    def parse(self, text):
+        if self.kind is str or text in self.also:
+            return text
+        try:
+            return self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if self.kind is int else 'a number'}"
+                                             f"{' or ' + ' or '.join(self.also) if self.also else ''}, got "
+                                             f"{text!r}") from None
+
+    def problem(self, name, value):
+        """The message for flag --name with this value, or None where the value is in its domain."""
+        message = self._problem(value)
+        if message is None:
+            return None
+        if self.choices is not None and value not in self.choices and value != "":
+            message = f"unknown --{name} {value}; use {', '.join(self.choices)}{self.hint}"
+        else:
+            message = f"--{name} {message}{self.hint}"
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)  # one line, whatever was typed
+
+    def _problem(self, value):
+        if value in self.also:
+            return None
+        if self.kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float) if self.kind is float else int):
+                return f"must be {'an integer' if self.kind is int else 'a number'}, got {value!r}"
+            if self.kind is float and not math.isfinite(value):
+                return f"must be a finite number, got {value}"
+            low = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+            high = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+            if (self.lo, self.hi) == (0, 1) and self.kind is int and (low or high):
+                return f"must be 0 or 1, got {value}"
+            if low or high:
+                if self.kind is float and self.lo is not None and self.hi is not None:
+                    what = f"be in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+                elif high:
+                    what = f"be {'below' if self.hi_open else 'at most'} {self.hi}"
+                elif self.lo == 0:
+                    what = "be positive" if self.lo_open else "not be negative"
+                else:
+                    what = "be positive" if self.lo == 1 and self.kind is int else f"be at least {self.lo}"
+                return f"must {what}{' or ' + ' or '.join(self.also) if self.also else ''}, got {value}"
+            return None
+        if value == "" and not self.empty:
+            return "must not be empty"
+        if self.choices is not None and value not in self.choices:
+            return "unknown"
+        return path_problem(value, self.path) if self.path else None
+
+
+def path_problem(path, kind):
+    """What is wrong with path as a `kind` path (see Flag), or None. Nothing is created."""
+    if kind in ("file", "dir", "exists"):
+        if not os.path.exists(path):
+            return f"{path} does not exist"
+        if kind == "file" and os.path.isdir(path):
+            return f"{path} is a directory, not a file"
+        if kind == "dir" and not os.path.isdir(path):
+            return f"{path} is not a directory"
+        return None
+    if kind == "name":  # a part of a file name: no folders in it
+        return f"{path} must be a plain name, without / or .." if os.sep in path or path in (".", "..") else None
+    folder = path if kind == "out_dir" else os.path.dirname(os.path.abspath(path))
+    if kind == "out_file" and os.path.isdir(path):
+        return f"{path} is a directory; give a file name"
+    if kind == "out_file" and not os.path.isdir(folder):
+        return f"{path}: its folder does not exist; create it or choose another"
+    if kind == "out_dir":
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            return f"{path} is a file, not a directory"
+        while not os.path.exists(folder):  # the directory is created later, inside the nearest one that exists
+            folder = os.path.dirname(os.path.abspath(folder))
+        if not os.path.isdir(folder):
+            return f"{path} cannot be created: {folder} is a file"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{path} is not writable ({folder}); choose a writable place"
+    return None
+
+
+def check_flags(values, flags):
+    """Each value against its Flag ({name: Flag}); values is an object with the flags as attributes. None is
+    "not given" (the flags whose default is None). The first problem is the error."""
+    for name, flag in flags.items():
+        value = getattr(values, name)
+        if value is not None and (message := flag.problem(name, value)):
+            raise UserError(message)
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse with its errors (unknown flags, missing values, a value that is no number) as one UserError line
+    instead of the usage text and exit 2; flag(name, Flag, default, help) adds a flag and notes its Flag."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.flags = {}
+
+    def flag(self, name, flag, default=None, help="", **kwargs):
+        self.flags[name] = flag
+        self.add_argument(f"--{name}", type=flag.parse, default=default, help=help, **kwargs)
+
+    def error(self, message):
+        message = re.sub(r"^argument --(\w+)(/-\w+)?: ", r"--\1 ", message)
+        raise UserError(f"{message}; see {self.prog} --help")
+
+    def parse(self, argv):
+        """The flags, parsed and checked."""
+        args = self.parse_args(argv)
+        check_flags(args, self.flags)
+        return args
+
+
+def cli(main):
+    """A command's entry point: main(argv) with a UserError as one line on stderr and exit code 2."""
+    def run(argv=None):
+        try:
+            return main(sys.argv[1:] if argv is None else argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    return run
 
 
 
@@ -77,9 +230,8 @@ def setup_runtime(device="auto", dtype="auto", check=None, dist_timeout=60):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    for name, value, choices in (("device", device, DEVICES), ("dtype", dtype, DTYPES)):
-        if value not in choices:
-            raise UserError(f"unknown --{name} {value}; use {', '.join(choices)}")
+    check_flags(argparse.Namespace(device=device, dtype=dtype), {"device": Flag(choices=DEVICES),
+                                                                 "dtype": Flag(choices=DTYPES)})
     if check is not None:
         check(world_size)
     if device == "auto":
@@ -232,6 +384,55 @@ def data_shuffle(cfg):
     return bool(cfg.shuffle if cfg.shuffle is not None else os.path.isdir(cfg.data))
 
 
+# What a resumed run may change (the README's resume table). A flag that decides which tokens come next, or what
+# the model is, must stay: a new value would repeat or skip data, or continue another model than the one saved.
+# The optimizer's and the schedule's settings may change (a NaN stop says: resume with a lower --max_lr); each new
+# value takes effect from the resumed step, with one line saying so. Everything else (the machine, --batch_size,
+# the world size, periodic work, where the log goes) is free: exact resume on any number of ranks is a promise.
+RESUME_KEEP = {  # flag: why it must stay
+    "data": "the data position counts tokens of these files",
+    "seq_len": "the data position counts seq_len-token blocks, and a shuffled epoch permutes them",
+    "seed": "the data order and the samples come from it",
+    "model": "the model's shape comes from it",
+}
+RESUME_APPLIED = ("max_lr", "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "dropout",
+                  "total_batch_size")
+
+
+def data_files(data):
+    """What --data holds, as checkpoints record it: [name, bytes] of a text file, or of each .npy in a directory.
+    Names and sizes, not paths: the same files moved to another disk or node still resume."""
+    paths = sorted(glob.glob(os.path.join(data, "*.npy"))) if os.path.isdir(data) else [data]
+    return [[os.path.basename(p), os.path.getsize(p)] for p in paths if os.path.isfile(p)]
+
+
+def check_resume(cfg, ckpt, master):
+    """The flags against the checkpoint's own (train_config), before anything is loaded: a change that would
+    repeat or skip data or change the model is refused; a new optimizer or schedule setting is applied, said in
+    one line. A checkpoint from before some flag existed is not checked for it."""
+    path, saved, step = ckpt["path"], ckpt.get("train_config") or {}, ckpt["step"]
+    keep = "resume with --{0} {1}, or start a new run from its weights: --init_from {2} and another --log_dir"
+    for name, why in RESUME_KEEP.items():
+        if name == "data" and "data_files" in ckpt:  # by content: the same files elsewhere are the same data
+            if data_files(cfg.data) != ckpt["data_files"]:
+                raise UserError(f"{path} was trained on --data {saved.get('data')}, and --data {cfg.data} holds other "
+                                f"files ({why}); " + keep.format(name, saved.get("data"), path))
+            continue
+        if name not in saved or saved[name] == getattr(cfg, name):
+            continue
+        if name == "data":  # from before data_files: the path is all there is, and it may have moved
+            if master:
+                print(f"note: {path} does not record its data files; continuing on --data {cfg.data}")
+            continue
+        raise UserError(f"{path} was trained with --{name} {saved[name]}, not {getattr(cfg, name)} ({why}); " +
+                        keep.format(name, saved[name], path))
+    if cfg.max_steps < step:
+        raise UserError(f"{path} is at step {step}, past --max_steps {cfg.max_steps}; give --max_steps {step} or more")
+    for name in RESUME_APPLIED:
+        if name in saved and saved[name] != getattr(cfg, name) and master:
+            print(f"resume: --{name} {getattr(cfg, name)} (the checkpoint's was {saved[name]}) applies from step {step}")
+
+
 def check_data_order(cfg, ckpt, master):
     """A resumed run continues in its checkpoint's data order: changing it mid-epoch would repeat or skip data."""
     was = int(ckpt["loader"].get("shuffle", 0))
@@ -255,6 +456,9 @@ class RunLog:
             return
         try:
             os.makedirs(cfg.log_dir, exist_ok=True)
+            if not s.step and os.path.isfile(self.file) and os.path.getsize(self.file):
+                # --resume auto found nothing to resume: the earlier run's log is kept, not overwritten
+                print(f"kept the log of an earlier run that wrote no checkpoint as {set_aside(self.file)}")
             rewrite_log(self.file, s.step)
         except OSError as e:
             raise UserError(f"cannot write to --log_dir {cfg.log_dir} ({e.strerror}); choose a writable directory") \
@@ -329,6 +533,26 @@ def start_wandb(cfg, run_id, config):
     return run
 
 
+def check_log_dir(cfg):
+    """A new run never overwrites an earlier run's log.txt. Where the earlier run wrote checkpoints, a new run is
+    refused (checkpoint_to_resume); where it wrote none (stopped before its first), too, unless it is --resume
+    auto, which keeps the log under another name (RunLog, set_aside)."""
+    log_file = os.path.join(cfg.log_dir, "log.txt")
+    if not cfg.resume and os.path.isfile(log_file) and os.path.getsize(log_file) and not find_checkpoints(cfg.log_dir):
+        raise UserError(f"{log_file} holds the log of an earlier run that wrote no checkpoint; move it away or choose "
+                        "another --log_dir (--resume auto keeps it as log.1.txt and starts fresh)")
+
+
+def set_aside(path):
+    """Renames path (log.txt) to the first free log.1.txt, log.2.txt, ... beside it; returns the new name."""
+    stem, ext = os.path.splitext(path)
+    n = 1
+    while os.path.exists(f"{stem}.{n}{ext}"):
+        n += 1
+    os.rename(path, f"{stem}.{n}{ext}")
+    return f"{stem}.{n}{ext}"
+
+
 def rewrite_log(log_file, start_step):
     """On resume, keep only the log lines of the steps before start_step: the run repeats the rest."""
     lines = []
@@ -347,10 +571,12 @@ CHECKPOINT_RE = re.compile(r"^model_(\d{5,})\.pt$")
 def write_atomic(path, write, mode="wb"):
     """Every file this program writes goes through here: write(f) fills a temporary file, which is then
     renamed to `path`, so a crash at any moment leaves either the old file or the complete new one under
-    `path`, never half a file. A write that fails removes its temporary file."""
-    tmp = f"{path}.tmp"
+    `path`, never half a file. A write that fails removes its temporary file. The temporary name is unique
+    (two writers of one file, such as two runs in one --log_dir, never share one) and in the target's folder,
+    so that the rename stays on one file system; "x" mode creates it new, with the usual permissions."""
+    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        with open(tmp, mode) as f:
+        with open(tmp, mode.replace("w", "x")) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -382,6 +608,7 @@ def save_checkpoint(path, model, optimizer, scaler, step, loader, train_config, 
         "optimizer": optimizer_sd,
         "config": dataclasses.asdict(model.config),  # train_gpt2.GPTConfig(**ckpt["config"]) rebuilds the model
         "train_config": dataclasses.asdict(train_config),
+        "data_files": data_files(train_config.data),  # what --data held: a resume on other files is refused
         "step": step,  # optimizer steps done
         "loader": loader.state_dict(),
         "rng": rng_state(),
@@ -494,6 +721,9 @@ def restore_state(s, ckpt, cfg, rt):
     """Puts a checkpoint's training state into s: weights, AdamW's moments, the loss scale, the data position,
     every random generator and the step, so that training continues exactly as if it had never stopped."""
     load_training_state(s.model, s.optimizer, ckpt, cfg.fsdp, rt.device_type)
+    # load_state_dict restored the saved weight decay; --weight_decay may change on resume (check_resume). The
+    # first group is the decayed one (train_gpt2.configure_optimizer)
+    s.optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
     if s.scaler.is_enabled() and ckpt["scaler"]:  # a bf16/fp32 run's scaler holds nothing to restore
         s.scaler.load_state_dict(ckpt["scaler"])
     if ckpt["loader"]["shard"] >= len(s.loader.shards):
@@ -552,6 +782,28 @@ class StopSignal:
         # os.write, not print: a handler may interrupt a print in progress
         os.write(2, f"{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
                     "(signal again to exit at once)\n".encode())
+
+
+class Stopped(Exception):
+    """Training stopped for a signal, after writing a checkpoint: main() exits with 128 + the signal number."""
+
+    def __init__(self, signum):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum
+
+
+def keeps_signal_handlers(fn):
+    """fn (train), with the SIGTERM and SIGINT handlers put back as they were when it returns or raises: a notebook
+    or a sweep that calls train() keeps its Ctrl-C."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    return wrapper
 
 
 def agree_on_signal(signum, rt):
@@ -621,6 +873,17 @@ def peak_flops(rt):
             a @ b
             times.append(time.perf_counter() - t0)
     return 2 * 2048 ** 3 / min(times[1:])
+
+
+def mfu_percent(tok_s, flops, peak, rt):
+    """(MFU in percent, None where the peak is unknown; the peak to use from now on). A CPU's peak is a
+    measurement (peak_flops), which another process running at that moment undercuts: where a step seems to beat
+    it, it is measured again and the best kept, so that an MFU above 100% means the machine was busy both times."""
+    if not peak:
+        return None, peak
+    if rt.device_type == "cpu" and tok_s * flops > peak * rt.world_size:
+        peak = max(peak, peak_flops(rt))
+    return 100 * tok_s * flops / (peak * rt.world_size), peak
 
 
 # ---- sharded data parallel (FSDP2): each of N ranks keeps 1/N of the weights, gradients and AdamW state ----
@@ -731,13 +994,20 @@ def read_hf_gpt2(path_or_name, hub_names):
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{cfg_file} is not a GPT-2 config ({type(e).__name__}: {e}); give a GPT-2 directory") \
             from None
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        from safetensors.torch import load_file
-        sd_hf = load_file(os.path.join(path, "model.safetensors"))
-    elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
-        sd_hf = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-    else:
+    weights = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")]
+    weights = [w for w in weights if os.path.isfile(w)]
+    if not weights:
         raise UserError(f"{path} has neither model.safetensors nor pytorch_model.bin")
+    try:
+        if weights[0].endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd_hf = load_file(weights[0])
+        else:
+            sd_hf = torch.load(weights[0], map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or (.bin) objects other than tensors
+        reason = (str(e).splitlines() or [""])[0][:150]
+        raise UserError(f"{weights[0]} cannot be read ({type(e).__name__}: {reason}); download or export it again") \
+            from None
     return shape, sd_hf
 
 

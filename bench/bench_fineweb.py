@@ -10,7 +10,6 @@ worker processes (it also adds separators and builds uint16 arrays; timed from t
 (shards written to a temp dir, start-up included). Each figure is the best of --rounds runs.
 """
 
-import argparse
 import contextlib
 import io
 import json
@@ -44,13 +43,19 @@ def timed(fn):
     return n, time.perf_counter() - t0
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--data", default=str(ROOT / "tests" / "data" / "c4_sample.jsonl"), help="a .jsonl of documents")
-    p.add_argument("--repeat", type=int, default=50, help="times the documents are repeated")
-    p.add_argument("--rounds", type=int, default=5, help="each figure is the best of this many runs")
-    p.add_argument("--workers", type=int, default=os.cpu_count())
-    args = p.parse_args()
+def main(argv=None):
+    # imported here, not at the top: the tokenizer processes import this file and need no torch (fineweb.user_error)
+    from train_plumbing import Flag, FlagParser, UserError
+    p = FlagParser(prog="bench_fineweb.py")
+    p.flag("data", Flag(path="file"), str(ROOT / "tests" / "data" / "c4_sample.jsonl"), "a .jsonl of documents")
+    p.flag("repeat", Flag(int, lo=1, hi=10**6), 50, "times the documents are repeated")
+    p.flag("rounds", Flag(int, lo=1, hi=1000), 5, "each figure is the best of this many runs")
+    p.flag("workers", Flag(int, lo=1, hi=4096), os.cpu_count(), "tokenizer processes")
+    try:
+        args = p.parse(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
     docs = [json.loads(line)["text"] for line in open(args.data, encoding="utf-8")] * args.repeat
     enc = tiktoken.get_encoding("gpt2")

@@ -6,7 +6,6 @@ and a small model; prints the median tokens/s (steps after the first two) and th
 
 A benchmark prints figures; it asserts nothing. Machines are noisy: compare numbers from one run.
 """
-import argparse
 import os
 import re
 import statistics
@@ -15,6 +14,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_plumbing as tp  # noqa: E402
 
 TOK_RE = re.compile(r"\| ([\d,]+) tok/s \|")
 MODELS = {
@@ -41,10 +42,11 @@ def run(model_args, fsdp):
     return statistics.median(toks), usage.ru_maxrss / 1024
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=2, help="runs of each configuration (default: %(default)s)")
-    args = p.parse_args()
+@tp.cli
+def main(argv):
+    p = tp.FlagParser(description=__doc__.split("\n\n")[0])
+    p.flag("repeats", tp.Flag(int, lo=1, hi=1000), 2, "runs of each configuration (default: %(default)s)")
+    args = p.parse(argv)
     print("| model | mode | tok/s (each repeat) | peak RSS of a rank |")
     print("|---|---|---|---|")
     for name, model_args in MODELS.items():

@@ -24,6 +24,7 @@ import tiktoken  # noqa: E402
 
 import hellaswag  # noqa: E402
 import train_gpt2  # noqa: E402
+import train_plumbing as tp  # noqa: E402
 
 
 def timed(model, rendered, batch_size, rt):
@@ -49,14 +50,15 @@ def bench(name, config, rendered, batch_size, rt):
           f"{same:>5}/{n} {(one_total - bat_total).abs().max().item():>10.1e}", flush=True)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=200, help="examples for the small model; 0 skips it (default 200)")
-    p.add_argument("--big_n", type=int, default=32, help="examples for the 124M-shaped model; 0 skips it (default 32)")
-    p.add_argument("--batch_size", type=int, default=16, help="examples per forward, batched run (default 16)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
-    p.add_argument("--dtype", default="fp32", help="auto, bf16, fp16 or fp32 (default fp32)")
-    args = p.parse_args()
+@tp.cli
+def main(argv):
+    p = tp.FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.flag("n", tp.Flag(int, lo=0, hi=10042), 200, "examples for the small model; 0 skips it (default 200)")
+    p.flag("big_n", tp.Flag(int, lo=0, hi=10042), 32, "examples for the 124M-shaped model; 0 skips it (default 32)")
+    p.flag("batch_size", tp.Flag(int, lo=1), 16, "examples per forward, batched run (default 16)")
+    p.flag("device", tp.Flag(choices=tp.DEVICES), "auto", "auto, cpu, cuda or mps (default auto)")
+    p.flag("dtype", tp.Flag(choices=tp.DTYPES), "fp32", "auto, bf16, fp16 or fp32 (default fp32)")
+    args = p.parse(argv)
 
     rt = train_gpt2.setup_runtime(args.device, args.dtype)
     enc = tiktoken.get_encoding("gpt2")

@@ -239,18 +239,20 @@ def loss_blocks(device, steps):
         print(f"| {width} | {' | '.join(cells)} | {model.loss_block_rows(rows_all, rt.device_type)} rows |", flush=True)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="the training dtype of every run, both sides of the comparison included (auto: what "
-                   "train_gpt2.py picks; fp32 on a CPU with AVX512-BF16 stands in for an AVX2 laptop)")
-    p.add_argument("--steps", type=int, default=10, help="optimizer steps per configuration (default: %(default)s)")
-    p.add_argument("--only", choices=["table", "compare", "blocks"], help="run only one part (blocks: the loss's "
-                   "block size, run only when asked for)")
-    p.add_argument("--shape", default="", help="compare only the shapes whose names hold one of these "
-                   "(comma-separated), e.g. 4L-128,T1024")
-    args = p.parse_args()
+@tp.cli
+def main(argv):
+    p = tp.FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.flag("device", tp.Flag(choices=("cpu", "cuda")), "cpu", "cpu or cuda (default: %(default)s)")
+    p.flag("dtype", tp.Flag(choices=("auto", "bf16", "fp16", "fp32")), "auto",
+           "the training dtype of every run, both sides of the comparison included (auto: what train_gpt2.py picks; "
+           "fp32 on a CPU with AVX512-BF16 stands in for an AVX2 laptop)")
+    p.flag("steps", tp.Flag(int, lo=3, hint="; the first two steps are not timed"), 10,
+           "optimizer steps per configuration (default: %(default)s)")
+    p.flag("only", tp.Flag(choices=("table", "compare", "blocks")), None, "run only one part (blocks: the loss's "
+           "block size, run only when asked for)")
+    p.flag("shape", tp.Flag(empty=True), "", "compare only the shapes whose names hold one of these "
+           "(comma-separated), e.g. 4L-128,T1024")
+    args = p.parse(argv)
     dev = ["--device", args.device, "--dtype", args.dtype]
     gpt2 = ["--model", "gpt2"]
     small = ["--n_layer", "4", "--n_head", "4", "--n_embd", "256"]

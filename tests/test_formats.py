@@ -294,8 +294,8 @@ def test_notebook_helpers_against_transformers(files):
     assert len(tokens) == idx.size(1) and (att - out.attentions[1][0, 1]).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("flags, words", [(["--tokens", "-1"], "--tokens and --seq_len must be >= 0"),
-                                          (["--batch_size", "0"], "--batch_size positive"),
+@pytest.mark.parametrize("flags, words", [(["--tokens", "-1"], "--tokens must not be negative"),
+                                          (["--batch_size", "0"], "--batch_size must be positive"),
                                           (["--data", "nowhere.txt"], "--data nowhere.txt does not exist")])
 def test_evaluate_flags_are_checked_before_any_setup(flags, words, capsys, monkeypatch):
     monkeypatch.setattr(train_extras, "setup_runtime", None)  # reached only after the checks: calling it fails

@@ -126,15 +126,15 @@ def test_eval_mode_restored_and_left_truncation(ours, enc):
 
 
 def test_bad_local_files(tmp_path):
-    with pytest.raises(hellaswag.HellaSwagError, match="does not exist"):
+    with pytest.raises(hellaswag.UserError, match="does not exist"):
         hellaswag.load_examples(tmp_path / "nope.jsonl")
     partial = tmp_path / "partial.jsonl"
     partial.write_bytes(VAL.read_bytes()[:5000])  # cut mid-line
-    with pytest.raises(hellaswag.HellaSwagError, match="is not valid JSON"):
+    with pytest.raises(hellaswag.UserError, match="is not valid JSON"):
         hellaswag.load_examples(partial)
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text(json.dumps({"ctx": "x", "endings": ["a", "b"], "label": 0}) + "\n")
-    with pytest.raises(hellaswag.HellaSwagError, match="4 endings"):
+    with pytest.raises(hellaswag.UserError, match="4 endings"):
         hellaswag.load_examples(wrong)
 
 
@@ -183,7 +183,7 @@ def test_download_verifies_and_refetches(server, tmp_path, monkeypatch):
 
     for bad in (good[: len(good) // 2], good[:100] + b"X" + good[101:]):  # truncated; one byte changed
         server["body"] = bad
-        with pytest.raises(hellaswag.HellaSwagError, match="corrupted or incomplete"):
+        with pytest.raises(hellaswag.UserError, match="corrupted or incomplete"):
             download()
         assert not final.exists() and list(cache.iterdir()) == []  # nothing cached, no temp file left
 
@@ -197,7 +197,7 @@ def test_download_verifies_and_refetches(server, tmp_path, monkeypatch):
     assert download() == final and server["requests"] == n + 1
     assert final.read_bytes() == good
 
-    with pytest.raises(hellaswag.HellaSwagError, match="could not download"):  # HTTP 404
+    with pytest.raises(hellaswag.UserError, match="could not download"):  # HTTP 404
         hellaswag.download("train", cache_dir=cache, base_url=server["url"])
 
 
