@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -41,7 +42,10 @@ def server():
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            for i in range(0, len(body), len(body) // 10 + 1):  # at a network's pace: concurrent downloads overlap
+                self.wfile.write(body[i: i + len(body) // 10 + 1])
+                self.wfile.flush()
+                time.sleep(0.05)
 
         def log_message(self, *args):
             pass
