@@ -711,7 +711,7 @@ def build_state(cfg, rt):
     val_shards = load_split(cfg.data, "val") if cfg.eval_every else None
 
     # --seed sets the initial weights (the same on every rank: FSDP shards each rank's copy), the data order
-    # (DataLoader) and, through seed_rank below, each rank's own dropout stream
+    # (DataLoader) and, through rank_seed below, each rank's own dropout stream
     torch.manual_seed(cfg.seed)
     model = init_model or GPT(config)
     model.to(rt.device)

@@ -221,6 +221,9 @@ def check_fsdp(cfg, rt):
     if cfg.fsdp and rt.dtype == "fp16":
         raise UserError("--fsdp 1 trains in bf16 or fp32, not fp16 (no loss scaling for shards here); use --dtype "
                         "fp32, or DDP")
+    if cfg.fsdp and torch_version() < (2, 6):
+        raise UserError(f"--fsdp 1 needs PyTorch 2.6 or newer (FSDP2's fully_shard), this is {torch.__version__}; "
+                        "pip install -U torch (requirements.txt)")
     if cfg.fsdp_sync not in ("auto", "step", "micro"):
         raise UserError(f"unknown --fsdp_sync {cfg.fsdp_sync}; use auto, step or micro")
 
