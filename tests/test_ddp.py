@@ -230,7 +230,7 @@ def fsdp_compiled(small_text, tmp_path_factory):
     (d / "counting.py").write_text(COUNTING)
     out = torchrun(2, d / "counting.py", ROOT, "--data", small_text, "--log_dir", d / "run", *ARGS, "--max_steps", "2",
                    "--eval_every", "2", "--hellaswag_every", "2", "--sample_every", "2", "--checkpoint_every", "2",
-                   "--compile", "on", "--fsdp", "1")
+                   "--compile", "on", "--fsdp", "1", "--grad_checkpoint", "1")  # checkpoint, compile, shard
     assert out.returncode == 0, out.stderr
     return d / "run", out
 
