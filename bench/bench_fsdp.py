@@ -4,6 +4,7 @@ gradients reduced once per optimizer step (--fsdp_sync step) or in each of the 4
 and a small model; prints the median tokens/s (steps after the first two) and the peak RSS of one rank.
 
     python bench/bench_fsdp.py              # 2 repeats of each, alternating the modes
+    python bench/bench_fsdp.py --model small --repeats 1
 
 A benchmark prints figures; it asserts nothing. Machines are noisy: compare numbers from one run.
 """
@@ -46,10 +47,13 @@ def run(model_args, mode_args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=2, help="runs of each configuration (default: %(default)s)")
+    p.add_argument("--model", default="", help="only the models whose names start with this (tiny, small)")
     args = p.parse_args()
     print("| model | mode | tok/s (each repeat) | peak RSS of a rank |")
     print("|---|---|---|---|")
     for name, model_args in MODELS.items():
+        if not name.startswith(args.model):
+            continue
         results = {mode: [] for mode in MODES}
         for _ in range(args.repeats):
             for mode, mode_args in MODES.items():  # alternating, so that load from elsewhere hits all alike
