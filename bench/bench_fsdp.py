@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TOK_RE = re.compile(r"\| ([\d,]+) tok/s \|")
 MODELS = {
     "tiny (2L, 32 wide, T=64)": ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "4",
-                                 "--seq_len", "64", "--total_batch_size", "2048", "--max_steps", "30"],  # 4 micro-steps
+                                 "--seq_len", "64", "--total_batch_size", "2048", "--max_steps", "30"],  # 4 micro
     "small (4L, 256 wide, T=256)": ["--n_layer", "4", "--n_head", "4", "--n_embd", "256", "--batch_size", "8",
-                                    "--seq_len", "256", "--total_batch_size", "16384", "--max_steps", "8"],  # 4 micro-steps
+                                    "--seq_len", "256", "--total_batch_size", "16384", "--max_steps", "8"],  # 4 micro
 }
 MODES = {"DDP": [], "FSDP, sync once per step": ["--fsdp", "1", "--fsdp_sync", "step"],
          "FSDP, sync every micro-step": ["--fsdp", "1", "--fsdp_sync", "micro"]}

@@ -2,8 +2,8 @@
 one GPU). Each test runs the real CUDA path of a promise the CPU suite checks: compiled bf16 training with eval,
 samples and checkpoints; fp16 with a GradScaler and resume; --batch_size auto followed by real steps; the KV cache;
 batched HellaSwag; NCCL under torchrun with SIGTERM and resume; FSDP on one GPU in bf16, compiled, with
-evaluation that compiles nothing more, and resume; on 2 GPUs, NCCL DDP and FSDP against one GPU. On GPUs results are equal up to floating-point
-non-determinism (atomic adds in some backward kernels), not bit for bit."""
+evaluation that compiles nothing more, and resume; on 2 GPUs, NCCL DDP and FSDP against one GPU. On GPUs results
+are equal up to floating-point non-determinism (atomic adds in some backward kernels), not bit for bit."""
 import os
 import signal
 import subprocess

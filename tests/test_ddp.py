@@ -322,7 +322,8 @@ def test_a_checkpoint_of_n_ranks_resumes_each_ranks_stream_on_m_ranks(tmp_path):
     torch.save({"old": old, "new": new}, tmp_path / "rng.pt")
     loaded = torch.load(tmp_path / "rng.pt", weights_only=True)
     continued = lambda state: torch.rand(4, generator=torch.Generator().set_state(state))  # noqa: E731
-    started = lambda rank, step: torch.rand(4, generator=torch.Generator().manual_seed(tp.rank_seed(1337, rank, step)))  # noqa: E731,E501
+    started = lambda rank, step: torch.rand(  # noqa: E731
+        4, generator=torch.Generator().manual_seed(tp.rank_seed(1337, rank, step)))
     expected = {("new", 0): continued(states[0]), ("new", 1): continued(states[1]), ("new", 2): started(2, 3),
                 ("old", 0): continued(states[0]), ("old", 1): started(1, 3)}
     before = torch.get_rng_state()
@@ -343,8 +344,8 @@ def test_fsdp_bf16_trains_what_ddp_bf16_trains(small_text, tmp_path):
     update in fp32. A high learning rate so that 6 steps move the loss (10.8 -> 9.5)."""
     logs = {}
     for name, extra in (("ddp", []), ("fsdp", ["--fsdp", "1"])):
-        out = torchrun(2, "train_gpt2.py", "--data", small_text, "--log_dir", tmp_path / name, *ARGS, "--max_lr", "1e-2",
-                       "--hellaswag_every", "0", "--checkpoint_every", "0", "--dtype", "bf16", *extra)
+        out = torchrun(2, "train_gpt2.py", "--data", small_text, "--log_dir", tmp_path / name, *ARGS,
+                       "--max_lr", "1e-2", "--hellaswag_every", "0", "--checkpoint_every", "0", "--dtype", "bf16", *extra)
         assert out.returncode == 0, out.stderr
         logs[name] = read_log(tmp_path / name / "log.txt")
     diff = max_diff(logs["ddp"], logs["fsdp"])
