@@ -345,7 +345,8 @@ def test_fsdp_bf16_trains_what_ddp_bf16_trains(small_text, tmp_path):
     logs = {}
     for name, extra in (("ddp", []), ("fsdp", ["--fsdp", "1"])):
         out = torchrun(2, "train_gpt2.py", "--data", small_text, "--log_dir", tmp_path / name, *ARGS,
-                       "--max_lr", "1e-2", "--hellaswag_every", "0", "--checkpoint_every", "0", "--dtype", "bf16", *extra)
+                       "--max_lr", "1e-2", "--hellaswag_every", "0", "--checkpoint_every", "0", "--dtype", "bf16",
+                       *extra)
         assert out.returncode == 0, out.stderr
         logs[name] = read_log(tmp_path / name / "log.txt")
     diff = max_diff(logs["ddp"], logs["fsdp"])
