@@ -81,10 +81,12 @@ def verify(path, split):
         parse_file(path, need_label=(split != "test"))
 
 
-def download(split="val", cache_dir=DEFAULT_CACHE_DIR, base_url=BASE_URL):
-    """Path to a verified local copy of hellaswag_{split}.jsonl, downloaded into cache_dir if needed."""
+def download(split="val", cache_dir=DEFAULT_CACHE_DIR, base_url=None):
+    """Path to a verified local copy of hellaswag_{split}.jsonl, downloaded into cache_dir if needed from
+    base_url (None: BASE_URL, read at the call)."""
     import requests  # only needed here
 
+    base_url = base_url or BASE_URL
     path = Path(cache_dir) / f"hellaswag_{split}.jsonl"
     if path.exists():
         try:

@@ -29,7 +29,6 @@ import gc
 import glob
 import math
 import os
-import random
 import re
 import sys
 import time
@@ -46,10 +45,10 @@ import torch.utils.checkpoint
 # lists what is where)
 from train_plumbing import (DEVICES, DTYPES, Flag, FlagParser, RunLog, StopSignal, Stopped, UserError, agree_on_signal,
                             check_flags, check_fsdp, check_log_dir, check_resume, checkpoint_to_resume, data_shuffle,
-                            flops_per_token, format_duration, gathered_root, hf_to_ours, import_wandb,
+                            flops_per_token, format_duration, fsdp_sync_once, gathered_root, hf_to_ours, import_wandb,
                             keeps_signal_handlers, load_checkpoint, mfu_percent, out_of_memory_error, peak_flops,
-                            prune_checkpoints, read_hf_gpt2, read_llmc_tokens, restore_state, save_checkpoint,
-                            schedule_flags, setup_runtime, shard_model, torch_version, use_compile)
+                            prune_checkpoints, rank_seed, read_hf_gpt2, read_llmc_tokens, restore_state,
+                            save_checkpoint, schedule_flags, setup_runtime, shard_model, torch_version, use_compile)
 
 # =============================================================================
 # 1. The model: GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners")
@@ -586,6 +585,10 @@ class TrainConfig:
     fsdp: int = arg(0, Flag(int, lo=0, hi=1), "1: shard weights, gradients and AdamW state over the torchrun ranks "
                     "(FSDP2) instead of a full copy on each (DDP); checkpoints move freely between the two and one "
                     "process")
+    fsdp_sync: str = arg("auto", Flag(choices=("auto", "step", "micro")), "--fsdp 1 with gradient accumulation: "
+                         "'step' reduces the gradients once per optimizer step (each rank holds the whole gradient and "
+                         "weights meanwhile), 'micro' in every micro-step (only shards, more communication); auto: "
+                         "step where that fits (docs/scale.md)")
 
 
 @keeps_signal_handlers  # a caller's Ctrl-C handler is back when train() returns or raises
@@ -595,7 +598,9 @@ def train(cfg):
     rt = setup_runtime(cfg.device, cfg.dtype, check=lambda world_size: check_config(cfg, world_size),
                        dist_timeout=cfg.dist_timeout)
     s = build_state(cfg, rt)  # what training starts from: new, or a checkpoint's step, weights, data position
-    model = wrap_model(s.model, cfg, rt, s.compile)  # compiled, DDP: what steps run; s.model stays the plain one
+    # The model's two roles: train_model runs the training steps (compiled; DDP- or FSDP-wrapped); s.model, the
+    # same weights, evaluates, samples and is saved, always eagerly (see the periodic work below)
+    train_model = wrap_model(s.model, cfg, rt, s.compile)
     log = RunLog(cfg, rt, s)  # log.txt, W&B, the console (rank 0)
     hella = load_hellaswag(cfg, rt) if cfg.hellaswag_every else None
     enc = get_encoding() if cfg.sample_every or hella else None
@@ -621,19 +626,24 @@ def train(cfg):
                 dist.barrier()
             raise Stopped(stop_for)
 
-        # ---- periodic work, on the plain model (no recompilation, no DDP hooks); every rank takes part ----
-        if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-            # the loss on text never trained on: falling train loss alone could be memorization
-            val_loss = evaluate_loss(s.model, s.val_shards, cfg.val_tokens, s.batch_size, cfg.seq_len, rt, cfg.fsdp)
-            log(f"{step} val {val_loss:.6f}", f"step {step:5d} | val loss {val_loss:.6f}")
-        if hella is not None and (step % cfg.hellaswag_every == 0 or last):
-            acc = accuracies(hellaswag_totals(s.model, hella, enc, s.batch_size, rt, cfg.fsdp))
-            log(f"{step} hella {acc['acc_norm']:.6f}",
-                f"step {step:5d} | hellaswag acc_norm {acc['acc_norm']:.4f} ({acc['n']} examples)")
-        # under FSDP every rank samples (the same texts): each forward needs the shards of all of them
-        if cfg.sample_every and (rt.master or cfg.fsdp) and step > 0 and (step % cfg.sample_every == 0 or last):
-            for i, text in enumerate(sample_texts(s.model, enc, cfg.prompt, 4, 32, rt, seed=cfg.seed + step)):
-                log.print(f"sample {i}: {text!r}")
+        # ---- periodic work, on s.model (no DDP hooks); every rank takes part ----
+        # Eagerly: under FSDP the blocks of s.model are compiled in place (shard_model), and evaluation's other
+        # shapes (val batches, HellaSwag's row lengths, the KV cache's growing context) would compile them again
+        # and again; force_eager runs compiled code as plain Python, leaving the training graphs untouched.
+        with torch.compiler.set_stance("force_eager"):
+            if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+                # the loss on text never trained on: falling train loss alone could be memorization
+                val_loss = evaluate_loss(s.model, s.val_shards, cfg.val_tokens, s.batch_size, cfg.seq_len, rt,
+                                         cfg.fsdp)
+                log(f"{step} val {val_loss:.6f}", f"step {step:5d} | val loss {val_loss:.6f}")
+            if hella is not None and (step % cfg.hellaswag_every == 0 or last):
+                acc = accuracies(hellaswag_totals(s.model, hella, enc, s.batch_size, rt, cfg.fsdp))
+                log(f"{step} hella {acc['acc_norm']:.6f}",
+                    f"step {step:5d} | hellaswag acc_norm {acc['acc_norm']:.4f} ({acc['n']} examples)")
+            # under FSDP every rank samples (the same texts): each forward needs the shards of all of them
+            if cfg.sample_every and (rt.master or cfg.fsdp) and step > 0 and (step % cfg.sample_every == 0 or last):
+                for i, text in enumerate(sample_texts(s.model, enc, cfg.prompt, 4, 32, rt, seed=cfg.seed + step)):
+                    log.print(f"sample {i}: {text!r}")
         if cfg.checkpoint_every and step > s.step and (step % cfg.checkpoint_every == 0 or last):
             checkpoint(ckpt_path, step)
             new_ckpt = ckpt_path
@@ -649,8 +659,8 @@ def train(cfg):
         # continues the schedule exactly where it stopped (no scheduler state to save)
         lr = get_lr(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         try:
-            loss, norm = train_step(model, s.optimizer, s.scaler, s.loader, s.grad_accum, lr, cfg.grad_clip, rt,
-                                    cfg.fsdp)
+            loss, norm = train_step(train_model, s.optimizer, s.scaler, s.loader, s.grad_accum, lr, cfg.grad_clip, rt,
+                                    cfg.fsdp, s.sync_once)
         except torch.OutOfMemoryError:
             raise out_of_memory_error(step, s, cfg, rt) from None
         stop_for = agree_on_signal(stop.signum, rt)  # so that every rank stops after the same step
@@ -681,9 +691,10 @@ def train(cfg):
                       f"about {format_duration(left)} (evaluations, samples and checkpoints come on top)")
 
 
-def train_step(model, optimizer, scaler, loader, grad_accum, lr, grad_clip, rt, fsdp=False):
-    """One optimizer step: grad_accum micro-steps on every rank, gradients averaged once at the end.
-    Returns the mean loss (a tensor, for the log) and the gradient norm before clipping."""
+def train_step(model, optimizer, scaler, loader, grad_accum, lr, grad_clip, rt, fsdp=False, sync_once=True):
+    """One optimizer step: grad_accum micro-steps on every rank, gradients averaged at the end (under FSDP with
+    sync_once False, in every micro-step). Returns the mean loss (a tensor, for the log) and the gradient norm
+    before clipping."""
     model.train()
     loss_accum = torch.zeros((), device=rt.device)
     for micro in range(grad_accum):
@@ -693,9 +704,15 @@ def train_step(model, optimizer, scaler, loader, grad_accum, lr, grad_clip, rt, 
         else:
             x, y = x.to(rt.device), y.to(rt.device)
         # DDP all-reduces gradients in backward(); only the last micro-step needs to, so the others skip it
-        # (no_sync) and their gradients just add up locally. FSDP reduce-scatters them in every backward: that
-        # keeps each rank's gradients a shard, which is FSDP's point.
-        sync = contextlib.nullcontext() if not rt.ddp or fsdp or micro == grad_accum - 1 else model.no_sync()
+        # (no_sync) and their gradients just add up locally. FSDP likewise with sync_once (fsdp_sync_once says
+        # when): until the last backward each rank keeps the whole gradient, in fp32, and the gathered weights
+        # (no reduce-scatter, and no all-gather again in the next forward); without it every backward
+        # reduce-scatters and frees, so that each rank only ever holds shards.
+        last = micro == grad_accum - 1
+        if fsdp:
+            model.set_requires_gradient_sync(last or not sync_once)
+            model.set_reshard_after_backward(last or not sync_once)
+        sync = model.no_sync() if rt.ddp and not fsdp and not last else contextlib.nullcontext()
         with sync:
             with rt.autocast():  # matmuls in bf16/fp16 where set up; weights and the loss stay fp32
                 loss = model(x, y)[1]  # only the loss: holding the (B, T, vocab) logits through backward costs GBs
@@ -730,6 +747,7 @@ class TrainState:
     batch_size: int  # sequences per micro-step on each rank
     grad_accum: int  # micro-steps per optimizer step
     compile: bool  # whether to torch.compile the model
+    sync_once: bool = True  # FSDP: gradients reduced once per optimizer step, not every micro-step
     step: int = 0  # optimizer steps already taken: where the loop starts
     last_good: str = None  # the newest checkpoint known to give a finite loss (never pruned)
     wandb_id: str = None  # the W&B run a resumed run continues
@@ -747,10 +765,9 @@ def build_state(cfg, rt):
     max_batch = cfg.total_batch_size // (cfg.seq_len * rt.world_size)  # sequences per rank and optimizer step
     train_shards, val_shards = (load_splits(cfg.data) if cfg.eval_every else load_splits(cfg.data, ("train",)) + [None])
 
-    # one seed for all that is random: the initial weights, dropout, the data order
+    # --seed sets the initial weights (the same on every rank: FSDP shards each rank's copy), the data order
+    # (DataLoader) and, through rank_seed below, each rank's own dropout stream
     torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
     model = init_model or GPT(config)
     model.to(rt.device)
     model.grad_checkpoint, model.dropout = bool(cfg.grad_checkpoint), cfg.dropout
@@ -763,11 +780,14 @@ def build_state(cfg, rt):
     else:
         batch_size = cfg.batch_size
     grad_accum = grad_accum_steps(cfg.total_batch_size, batch_size, cfg.seq_len, rt.world_size)
+    # after --batch_size auto, whose trial steps on a GPU draw from its generator: the stream starts here
+    torch.manual_seed(rank_seed(cfg.seed, rt.rank))  # each rank its own stream, on the CPU and its GPU
     loader = DataLoader(train_shards, batch_size, cfg.seq_len, rt.rank, rt.world_size, data_shuffle(cfg), cfg.seed)
     optimizer = configure_optimizer(model, cfg.max_lr, cfg.weight_decay, rt.device_type)
     # fp16 gradients underflow without loss scaling; bf16 and fp32 have fp32's exponent range and need none
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "fp16")
-    s = TrainState(model, optimizer, scaler, loader, val_shards, batch_size, grad_accum, compile_model)
+    s = TrainState(model, optimizer, scaler, loader, val_shards, batch_size, grad_accum, compile_model,
+                   sync_once=fsdp_sync_once(cfg, model, rt, grad_accum) if cfg.fsdp else True)
     if ckpt is not None:
         restore_state(s, ckpt, cfg, rt)
     s.step = s.step or cfg.init_step  # --init_from: new AdamW moments, the schedule where --init_step says
@@ -775,8 +795,9 @@ def build_state(cfg, rt):
 
 
 def wrap_model(model, cfg, rt, compile_model):
-    """The model the training steps run: compiled, and under torchrun wrapped in DDP. It shares its weights
-    with `model`, which evaluation and sampling use as it is (no recompilation for their other shapes)."""
+    """The model the training steps run: compiled, and under torchrun wrapped in DDP (under FSDP `model` itself,
+    sharded and its blocks compiled by shard_model). It shares its weights with `model`, which evaluation and
+    sampling run eagerly (no recompilation for their other shapes)."""
     if compile_model:
         # Why compile: it fuses the elementwise work around the matmuls (casts, GELU, LayerNorm, the softmax of
         # the loss) into few kernels that read memory once, instead of one kernel and one pass per operation
@@ -929,10 +950,11 @@ def hellaswag_totals(model, examples, enc, batch_size, rt, fsdp):
 
 def load_hellaswag(cfg, rt):
     """The HellaSwag examples for --hellaswag_every: --hellaswag_data, or the official file (hellaswag.py
-    downloads it once, on rank 0, and verifies it)."""
+    downloads it once per machine, by its local rank 0, into the cache of its copy of this program, and
+    verifies it)."""
     import hellaswag  # the download; hellaswag.py imports this file for everything else
     try:
-        if rt.master:  # one download, then everyone reads the cached file
+        if rt.local_rank == 0:  # one download per node, then every rank reads its node's cached file
             hellaswag.load_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit)
         if rt.ddp:
             dist.barrier()

@@ -29,7 +29,6 @@ import glob
 import json
 import math
 import os
-import random
 import re
 import signal
 import sys
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 
 
 class UserError(Exception):
@@ -376,6 +376,9 @@ def check_fsdp(cfg, rt):
     if cfg.fsdp and rt.dtype == "fp16":
         raise UserError("--fsdp 1 trains in bf16 or fp32, not fp16 (no loss scaling for shards here); use --dtype "
                         "fp32, or DDP")
+    if cfg.fsdp and torch_version() < (2, 6):
+        raise UserError(f"--fsdp 1 needs PyTorch 2.6 or newer (FSDP2's fully_shard), this is {torch.__version__}; "
+                        "pip install -U torch (requirements.txt)")
 
 
 def data_shuffle(cfg):
@@ -600,6 +603,10 @@ def atomic_save(obj, path):
 def save_checkpoint(path, model, optimizer, scaler, step, loader, train_config, wandb_id=None, fsdp=False):
     """Called on every rank (under FSDP all of them gather the state); rank 0 writes the file."""
     model_sd, optimizer_sd = training_state(model, optimizer, fsdp)
+    rng = [rng_state(next(model.parameters()).device)]  # every rank's own generators, gathered to rank 0
+    if dist.is_initialized():
+        rng = [None] * dist.get_world_size()
+        dist.all_gather_object(rng, rng_state(next(model.parameters()).device))
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     atomic_save({
@@ -611,33 +618,43 @@ def save_checkpoint(path, model, optimizer, scaler, step, loader, train_config, 
         "data_files": data_files(train_config.data),  # what --data held: a resume on other files is refused
         "step": step,  # optimizer steps done
         "loader": loader.state_dict(),
-        "rng": rng_state(),
+        # "ranks": each rank's; "torch"/"cuda": rank 0's, where checkpoints from before per-rank streams kept theirs
+        "rng": {"torch": rng[0]["torch"], "cuda": [rng[0]["cuda"]] if rng[0]["cuda"] is not None else [], "ranks": rng},
         "scaler": scaler.state_dict(),
         "wandb_id": wandb_id,  # the W&B run that a resumed run continues (a str), or None
     }, path)
 
 
-def rng_state():
-    """Every random generator, as plain types and tensors so that torch.load(weights_only=True) reads it."""
-    np_state = np.random.get_state(legacy=False)
-    return {
-        "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": np_state["state"]["pos"],
-                  "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+def rank_seed(seed, rank, step=0):
+    """The seed of one rank's random stream (dropout's masks; the initial weights come from --seed itself, the same
+    on every rank): SeedSequence mixes (seed, rank, step) into unrelated seeds, so that ranks draw different masks
+    (nanoGPT adds the rank to the seed). step > 0: a new stream for a rank that a resumed checkpoint has none for."""
+    return int(np.random.SeedSequence([seed % 2**64, rank, step]).generate_state(1)[0])
 
 
-def set_rng_state(state):
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np_state = state["numpy"]
-    np.random.set_state({"bit_generator": "MT19937", "state": {"key": np_state["key"].numpy().astype(np.uint32),
-                         "pos": np_state["pos"]}, "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]})
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+def rng_state(device):
+    """This process's generators: the CPU's, and its GPU's (None off CUDA). Plain tensors, which
+    torch.load(weights_only=True) reads. Nothing of this program draws from Python's or NumPy's global ones."""
+    device = torch.device(device)
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, rank, device, seed, step):
+    """Rank `rank` continues the random streams that rank saved in the checkpoint's state["ranks"]. A checkpoint of
+    N ranks resumed on M: ranks below N continue theirs (rank 0 also from a checkpoint from before per-rank
+    streams, which held rank 0's alone, and whose Python and NumPy states are ignored); ranks from N up start new
+    streams, rank_seed(seed, rank, step); the streams of ranks from M up end with the checkpoint."""
+    saved = state.get("ranks") or [{"torch": state["torch"], "cuda": state["cuda"][0] if state["cuda"] else None}]
+    device = torch.device(device)
+    if rank >= len(saved):
+        torch.manual_seed(rank_seed(seed, rank, step))  # the CPU's generator and every GPU's
+        return
+    torch.set_rng_state(saved[rank]["torch"])
+    if device.type == "cuda":
+        if saved[rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(saved[rank]["cuda"], device)
+        else:  # a checkpoint written off CUDA
+            torch.cuda.manual_seed(rank_seed(seed, rank, step))
 
 
 def load_checkpoint(path, mmap=False):
@@ -731,7 +748,7 @@ def restore_state(s, ckpt, cfg, rt):
                         "the same --data")
     check_data_order(cfg, ckpt, rt.master)
     s.loader.load_state_dict(ckpt["loader"])
-    set_rng_state(ckpt["rng"])
+    set_rng_state(ckpt["rng"], rt.rank, rt.device, cfg.seed, ckpt["step"])
     s.step, s.last_good, s.wandb_id = ckpt["step"], ckpt["path"], ckpt.get("wandb_id")
 
 
@@ -894,16 +911,53 @@ def shard_model(model, rt, compile_blocks):
     all-gathered just before its forward (and again in backward) and freed after, so only about one block
     is ever whole. The root unit holds the rest, among them wte and lm_head: one tied matrix, which must
     live in one unit to stay one tensor. On bf16 hardware the gathered weights are bf16 for compute, while
-    the shards (the master weights AdamW updates) and the gradient reduction stay fp32."""
+    the shards (the master weights AdamW updates) and the gradient reduction stay fp32.
+
+    Each block in torchtitan's order: activation checkpointing (--grad_checkpoint) innermost, compiled around
+    it (one graph that every layer reuses), and FSDP's communication outside the compiled code. The blocks
+    compiled in place are what evaluation calls too: train() runs it under torch.compiler.set_stance
+    ("force_eager"), so that its other shapes never meet the compiled code."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if rt.dtype == "bf16" \
         else MixedPrecisionPolicy()
     for block in model.transformer.h:
-        if compile_blocks:  # per block: one graph reused by every layer; FSDP's communication stays outside
+        if model.grad_checkpoint:
+            checkpoint_block(block)
+        if compile_blocks:
             block.compile()
         fully_shard(block, mp_policy=mp)
+    model.grad_checkpoint = False  # the blocks checkpoint themselves now, inside their compiled code
     fully_shard(model, mp_policy=mp)
     assert model.transformer.wte.weight is model.lm_head.weight  # still tied
+
+
+def checkpoint_block(block):
+    """--grad_checkpoint inside the block: its forward keeps only its input and runs again in backward (with
+    the same dropout masks: the checkpoint restores the random state); as GPT.features does from outside."""
+    forward = block.forward
+
+    def checkpointed(x, cache=None, dropout=0.0):
+        if block.training and cache is None and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(forward, x, cache, dropout, use_reentrant=False)
+        return forward(x, cache, dropout)
+    block.forward = checkpointed
+
+
+def fsdp_sync_once(cfg, model, rt, grad_accum):
+    """--fsdp_sync: whether FSDP reduces the gradients once per optimizer step (True), as DDP does, or in every
+    micro-step. Once saves grad_accum - 1 reduce-scatters and as many all-gathers of the whole model per step;
+    it costs each rank, between the micro-steps, the whole gradient in fp32 and the gathered weights (4 + 2
+    bytes per parameter in bf16, 4 + 4 in fp32; AdamW's state and the master weights stay sharded). auto: once
+    where that is at most a quarter of the GPU's memory, the rest left for activations (GPT-2 124M in bf16:
+    0.7 GB; gpt2-xl: 9.4 GB, so every micro-step on 24 GB cards), and always on a CPU."""
+    n = sum(p.numel() for p in model.parameters())  # a DTensor's numel() is the whole tensor's
+    need = n * (4 + (2 if rt.dtype == "bf16" else 4))
+    once = cfg.fsdp_sync == "step" or (cfg.fsdp_sync == "auto" and (
+        rt.device_type != "cuda" or need <= torch.cuda.get_device_properties(rt.device).total_memory / 4))
+    if rt.master and grad_accum > 1:
+        print(f"fsdp: gradients reduced {'once per optimizer step' if once else 'in every micro-step'} "
+              f"(--fsdp_sync {cfg.fsdp_sync}; whole gradient and weights per rank: {need / 2**30:.2f} GiB)")
+    return once
 
 
 def dcp_options(**kw):

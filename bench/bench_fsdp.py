@@ -1,8 +1,10 @@
 """
-FSDP against DDP: 2 CPU ranks (gloo, fp32) under torchrun, the same run with and without --fsdp 1, for a tiny
+FSDP against DDP: 2 CPU ranks (gloo, fp32) under torchrun, the same run with DDP and with --fsdp 1, its
+gradients reduced once per optimizer step (--fsdp_sync step) or in each of the 4 micro-steps (micro), for a tiny
 and a small model; prints the median tokens/s (steps after the first two) and the peak RSS of one rank.
 
-    python bench/bench_fsdp.py              # 2 repeats of each, alternating DDP and FSDP
+    python bench/bench_fsdp.py              # 2 repeats of each, alternating the modes
+    python bench/bench_fsdp.py --model small --repeats 1
 
 A benchmark prints figures; it asserts nothing. Machines are noisy: compare numbers from one run.
 """
@@ -20,19 +22,20 @@ import train_plumbing as tp  # noqa: E402
 TOK_RE = re.compile(r"\| ([\d,]+) tok/s \|")
 MODELS = {
     "tiny (2L, 32 wide, T=64)": ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "4",
-                                 "--seq_len", "64", "--total_batch_size", "2048", "--max_steps", "30"],
+                                 "--seq_len", "64", "--total_batch_size", "2048", "--max_steps", "30"],  # 4 micro
     "small (4L, 256 wide, T=256)": ["--n_layer", "4", "--n_head", "4", "--n_embd", "256", "--batch_size", "8",
-                                    "--seq_len", "256", "--total_batch_size", "8192", "--max_steps", "12"],
+                                    "--seq_len", "256", "--total_batch_size", "16384", "--max_steps", "8"],  # 4 micro
 }
+MODES = {"DDP": [], "FSDP, sync once per step": ["--fsdp", "1", "--fsdp_sync", "step"],
+         "FSDP, sync every micro-step": ["--fsdp", "1", "--fsdp_sync", "micro"]}
 
 
-def run(model_args, fsdp):
+def run(model_args, mode_args):
     """(median tok/s, peak RSS of one rank in MiB) of one 2-rank run."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "train_gpt2.py"), "--data", str(ROOT / "input.txt"), "--device", "cpu", "--dtype", "fp32",
            "--compile", "off", "--warmup_steps", "2", "--eval_every", "0", "--sample_every", "0",
-           "--checkpoint_every", "0", "--log_dir", str(ROOT / "bench_out" / "fsdp"), *model_args,
-           *(["--fsdp", "1"] if fsdp else [])]
+           "--checkpoint_every", "0", "--log_dir", str(ROOT / "bench_out" / "fsdp"), *model_args, *mode_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)  # ru_maxrss: the largest of torchrun and its ranks
@@ -46,18 +49,22 @@ def run(model_args, fsdp):
 def main(argv):
     p = tp.FlagParser(description=__doc__.split("\n\n")[0])
     p.flag("repeats", tp.Flag(int, lo=1, hi=1000), 2, "runs of each configuration (default: %(default)s)")
+    p.flag("model", tp.Flag(choices=("", "tiny", "small"), empty=True), "", "only the models whose names start "
+           "with this (tiny, small; empty: both)")
     args = p.parse(argv)
     print("| model | mode | tok/s (each repeat) | peak RSS of a rank |")
     print("|---|---|---|---|")
     for name, model_args in MODELS.items():
-        results = {False: [], True: []}
+        if not name.startswith(args.model):
+            continue
+        results = {mode: [] for mode in MODES}
         for _ in range(args.repeats):
-            for fsdp in (False, True):  # alternating, so that load from elsewhere hits both alike
-                results[fsdp].append(run(model_args, fsdp))
-        for fsdp, rs in results.items():
+            for mode, mode_args in MODES.items():  # alternating, so that load from elsewhere hits all alike
+                results[mode].append(run(model_args, mode_args))
+        for mode, rs in results.items():
             toks = ", ".join(f"{t:,.0f}" if t else "failed" for t, _ in rs)
             rss = max((m for _, m in rs if m), default=0)
-            print(f"| {name} | {'FSDP' if fsdp else 'DDP'} | {toks} | {rss:,.0f} MiB |", flush=True)
+            print(f"| {name} | {mode} | {toks} | {rss:,.0f} MiB |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The GPU suite: `python -m pytest -m cuda tests` on a machine with CUDA (skipped elsewhere; under 5 minutes on
 one GPU). Each test runs the real CUDA path of a promise the CPU suite checks: compiled bf16 training with eval,
 samples and checkpoints; fp16 with a GradScaler and resume; --batch_size auto followed by real steps; the KV cache;
-batched HellaSwag; NCCL under torchrun with SIGTERM and resume. On GPUs results are equal up to floating-point
-non-determinism (atomic adds in some backward kernels), not bit for bit."""
+batched HellaSwag; NCCL under torchrun with SIGTERM and resume; FSDP on one GPU in bf16, compiled, with
+evaluation that compiles nothing more, and resume; on 2 GPUs, NCCL DDP and FSDP against one GPU. On GPUs results
+are equal up to floating-point non-determinism (atomic adds in some backward kernels), not bit for bit."""
 import os
 import signal
 import subprocess
@@ -100,3 +101,56 @@ def test_nccl_torchrun_sigterm_then_resume(small_text, tmp_path):
     resumed = subprocess.run(args + ["--resume", "auto"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed at step" in resumed.stdout and (tmp_path / "model_00030.pt").is_file()
+
+
+def counted_torchrun(n, tmp_path, *args):
+    """torchrun of train_gpt2.py through test_ddp's COUNTING wrapper (graphs compiled, and those the evaluation
+    paths add); returns (CompletedProcess, [per-rank counts])."""
+    import json
+    from test_ddp import COUNTING
+    script = tmp_path / "counting.py"
+    script.write_text(COUNTING)
+    out = run_cli("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", script, ROOT, *args)
+    counts = [json.loads(ln.split(" ", 1)[1]) for ln in out.stdout.splitlines() if ln.startswith("graphs ")]
+    return out, counts
+
+
+def test_fsdp_on_one_gpu_bf16_compiled_with_eval_hellaswag_samples_and_resume(small_text, tmp_path):
+    args = ["--data", small_text, *SMALL, "--dtype", "bf16", "--compile", "on", "--fsdp", "1", "--max_steps", "8",
+            "--eval_every", "4", "--sample_every", "4", "--checkpoint_every", "4", "--hellaswag_every", "4",
+            "--hellaswag_limit", "20", "--hellaswag_data", HELLASWAG, "--total_batch_size", "4096"]  # 4 micro-steps
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        pytest.skip("needs a GPU with bf16")
+    out, counts = counted_torchrun(1, tmp_path, *args, "--log_dir", tmp_path / "whole")
+    assert out.returncode == 0, out.stderr
+    assert "sample 0:" in out.stdout and "recompile" not in out.stderr
+    assert counts and counts[0]["total"] >= 1
+    assert counts[0]["added"] == {"evaluate_loss": 0, "hellaswag_totals": 0, "sample_texts": 0}, counts
+    (tmp_path / "resumed").mkdir()
+    (tmp_path / "resumed" / "model_00004.pt").write_bytes((tmp_path / "whole" / "model_00004.pt").read_bytes())
+    resumed, _ = counted_torchrun(1, tmp_path, *args, "--log_dir", tmp_path / "resumed", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed at step 4" in resumed.stdout
+    a, b = log_values(tmp_path / "whole" / "log.txt", "val"), log_values(tmp_path / "resumed" / "log.txt", "val")
+    assert sorted(a) == [0, 4, 8] and a[8] < a[0] - 1
+    assert abs(a[8] - b[8]) < 1e-2  # equal up to GPU non-determinism
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_ddp_and_fsdp_on_two_gpus_log_what_one_gpu_logs(small_text, tmp_path):
+    args = ["train_gpt2.py", "--data", small_text, *SMALL, "--max_steps", "6", "--eval_every", "3", "--sample_every",
+            "0", "--checkpoint_every", "0", "--total_batch_size", "4096"]
+    logs = {}
+    for name, launch in (("one", []), ("ddp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]),
+                         ("fsdp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        extra = ["--fsdp", "1", "--dtype", "bf16" if bf16 else "fp32"] if name == "fsdp" else []  # FSDP: no fp16
+        out = run_cli(*launch, *args, "--log_dir", tmp_path / name, *extra)
+        assert out.returncode == 0, out.stderr
+        logs[name] = {**log_values(tmp_path / name / "log.txt", "train"), **{-1 - k: v for k, v in
+                      log_values(tmp_path / name / "log.txt", "val").items()}}
+    for name in ("ddp", "fsdp"):
+        assert logs[name].keys() == logs["one"].keys()
+        diff = max(abs(logs[name][k] - logs["one"][k]) for k in logs["one"])
+        print(f"max |diff| {name} on 2 GPUs vs 1 GPU: {diff:.1e}")
+        assert diff < 2e-2  # bf16 (the FSDP policy rounds more: see test_ddp's bf16 test) and GPU non-determinism

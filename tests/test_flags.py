@@ -88,6 +88,7 @@ TRAIN = {
     "prompt": ("text", ["--sample_every", "1"]), "hellaswag_every": "nonneg_int", "hellaswag_data": "in_file",
     "hellaswag_limit": "nonneg_int", "checkpoint_every": "nonneg_int", "keep_checkpoints": "nonneg_int",
     "shuffle": "bit", "wandb_project": "text", "fsdp": "bit", "init_step": "nonneg_int",
+    "fsdp_sync": ("choice", ["auto", "step", "micro"]),
 }
 SPEC = {  # command: (module, how to call it, its flags' kinds, the functions that start its work)
     "train": ("train_gpt2", "main", TRAIN, ["train_gpt2.build_state"]),
@@ -111,7 +112,7 @@ SPEC = {  # command: (module, how to call it, its flags' kinds, the functions th
     "bench_train": ("bench_train", "argv", {
         "device": ("choice", ["cpu", "cuda"]), "steps": "steps3", "only": ("choice", ["table", "compare", "blocks"]),
         "shape": None, "dtype": ("choice", DTYPES)}, ["bench_train.run_train", "bench_train.loss_blocks", "bench_train.compare_reference"]),
-    "bench_fsdp": ("bench_fsdp", "argv", {"repeats": "pos_int"}, ["bench_fsdp.run"]),
+    "bench_fsdp": ("bench_fsdp", "argv", {"repeats": "pos_int", "model": None}, ["bench_fsdp.run"]),
     "bench_hellaswag": ("bench_hellaswag", "argv", {
         "n": "nonneg_int", "big_n": "nonneg_int", "batch_size": "pos_int", "device": ("choice", DEVICES),
         "dtype": ("choice", DTYPES)}, ["bench_hellaswag.bench", "train_gpt2.setup_runtime"]),
