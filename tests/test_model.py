@@ -128,8 +128,8 @@ def test_chunked_loss_in_the_model_gives_the_plain_gradients_compiled_too():
     layer's part to the embedding's, as the plain head + F.cross_entropy does; also under torch.compile."""
     torch.manual_seed(0)
     model = tg.GPT(tg.GPTConfig(block_size=32, vocab_size=300, n_layer=2, n_head=2, n_embd=32))
-    model.loss_rows = 24  # 64 rows: 24 + 24 + 16
-    idx, tgt = torch.randint(0, 300, (2, 32)), torch.randint(0, 300, (2, 32))
+    model.loss_block_bytes = 16 * 4 * 384  # 16 rows of the 384 padded columns: 60 rows in 16 + 16 + 16 + 12
+    idx, tgt = torch.randint(0, 300, (3, 20)), torch.randint(0, 300, (3, 20))
 
     def plain(idx, tgt):
         return torch.nn.functional.cross_entropy(model.head(model.features(idx)).float().flatten(0, 1), tgt.flatten())
