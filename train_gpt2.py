@@ -269,14 +269,14 @@ def exp_logits(xi, weight, yi, vocab_size):
     logits = xi @ weight.t()  # (n, V), 16-bit under autocast, as the plain head
     z = logits.float()  # (n, V) fp32: the softmax is always taken in fp32
     del logits  # a 16-bit block is freed here: its fp32 copy is all that is left
-    z[:, vocab_size:] = float("-inf")  # padding columns never count
+    z.masked_fill_(torch.arange(z.size(1), device=z.device) >= vocab_size, float("-inf"))  # padding never counts
     # softmax(z) = e / sum(e) with e = exp(z - max): subtracting the max keeps exp from overflowing. Each exp is
     # taken once and e reused (on a CPU exp is the costliest step after the matmuls).
-    z -= z.amax(dim=1, keepdim=True)  # (n, V), each row's max now 0
-    # loss of a row = -log softmax(z)[target] = log(s) - (z - max)[target]
+    m = z.amax(dim=1, keepdim=True)  # (n, 1)
+    # loss of a row = -log softmax(z)[target] = log(s) + max - z[target]
     target = z.gather(1, yi)  # (n, 1)
-    s = z.exp_().sum(dim=1, keepdim=True)  # z is now e; s (n, 1)
-    return z, (s.log() - target).squeeze(1), s
+    s = z.sub_(m).exp_().sum(dim=1, keepdim=True)  # z is now e; s (n, 1)
+    return z, (s.log() + m - target).squeeze(1), s
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -302,16 +302,20 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             loss = loss + row_losses.sum()
             # d(loss of a row)/d(its logits) = softmax - one_hot(target), in place in e. Not yet divided by N:
             # in fp16, p / N would underflow to 0 where the plain way multiplies by the loss scale first.
-            e /= s  # (n, V) p = softmax
-            e.scatter_add_(1, yi, torch.full(yi.shape, -1.0, device=e.device))  # (n, V) p - one_hot
-            g = e.to(torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
-                     else weight.dtype)  # (n, V) in the matmuls' dtype: e itself in fp32
+            e *= s.reciprocal()  # (n, V) p = softmax
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
+                else weight.dtype  # the matmuls' dtype
+            if torch.compiler.is_compiling():  # pointwise: fused with the cast, no fp32 (n, V) is written
+                g = torch.where(torch.arange(e.size(1), device=e.device) == yi, e - 1, e).to(dtype)  # (n, V)
+            else:  # eager: in place (a pointwise op would allocate a mask and, on a CPU, its fp32 copy)
+                g = e.scatter_add_(1, yi, torch.full(yi.shape, -1.0, device=e.device)).to(dtype)  # (n, V)
             del e  # a 16-bit g leaves 0.5 fp32 copies of the block during the matmuls
             grad_x[i: i + rows] = g @ weight  # (n, C)
             if g.dtype == grad_w.dtype and xi.dtype == grad_w.dtype:
                 grad_w.addmm_(g.t(), xi)  # (V, C), no temporary
             else:
                 grad_w += g.t() @ xi  # (V, C): a 16-bit product, summed in fp32
+            del g  # before the next block's logits
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss / x.size(0)
