@@ -213,7 +213,7 @@ class GPT(nn.Module):
         block's byte budget (loss_block_budget), and at most 32 blocks (compiled, the loop over the blocks is
         unrolled; eager, each block is a dozen launches), so that n is never more than 32 blocks."""
         budget = self.loss_block_bytes or loss_block_budget(torch.device(device))
-        rows = 1 << max(0, (budget // (4 * self.config.padded_vocab_size)).bit_length() - 1)  # 2**floor(log2)
+        rows = 1 << max(0, int(budget // (4 * self.config.padded_vocab_size)).bit_length() - 1)  # 2**floor(log2)
         return max(1, min(n, max(rows, -(-n // 32))))
 
     def num_params(self):
