@@ -257,13 +257,16 @@ def chunked_cross_entropy(x, weight, targets, vocab_size, rows):
 
 
 def token_losses(x, weight, targets, vocab_size, rows):
-    """The cross-entropy of each row (N,), fp32, `rows` rows at a time, without gradients."""
-    return torch.cat([exp_logits(x[i: i + rows], weight, targets[i: i + rows, None], vocab_size)[1]
+    """The cross-entropy of each row (N,), fp32, without gradients: the plain way (the logits of the real vocabulary
+    in fp32, F.cross_entropy), `rows` rows at a time. A block holds its logits, their fp32 copy and their
+    log-softmax: 2.5 fp32 copies in 16-bit, at the plain way's speed (fewer passes over memory than exp_logits)."""
+    return torch.cat([F.cross_entropy((x[i: i + rows] @ weight.t())[:, :vocab_size].float(), targets[i: i + rows],
+                                      reduction="none")  # (rows,)
                       for i in range(0, x.size(0), rows)] or [torch.zeros(0, device=x.device)])
 
 
 def exp_logits(xi, weight, yi, vocab_size):
-    """One block of the loss: e = exp(logits - their row max), fp32 (n, V), with the padding columns 0; each
+    """One block of the loss with gradients: e = exp(logits - their row max), fp32 (n, V), with the padding columns 0; each
     row's loss (n,); and the rows' sums of e, s (n, 1). In place: one fp32 (n, V) tensor holds the logits, then
     z - max, then e (the logits' own when they are fp32), so a block holds 1.5 fp32 copies at most."""
     logits = xi @ weight.t()  # (n, V), 16-bit under autocast, as the plain head

@@ -61,10 +61,10 @@ def test_an_eager_block_of_the_loss_holds_at_most_one_and_a_half_fp32_copies(dty
 def test_without_gradients_the_loss_allocates_no_gradient_buffer():
     """model(x, y) under no_grad and inference_mode (evaluation): the loss alone, in blocks. The gradient buffers
     the training path allocates, the weight's (V, C) fp32 and the hidden states' (N, C), are each larger here
-    than all that evaluation needs at once (a block of 32 rows, the forward's transient activations)."""
+    than all that evaluation needs at once (a block of 16 rows, the forward's transient activations)."""
     torch.manual_seed(0)
     model = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=8000, n_layer=2, n_head=2, n_embd=64)).eval()
-    model.loss_block_bytes = 32 * 4 * model.config.padded_vocab_size  # blocks of 32 rows: 1 MiB
+    model.loss_block_bytes = 16 * 4 * model.config.padded_vocab_size  # blocks of 16 rows: 0.5 MiB
     x, y = torch.randint(0, 8000, (4, 64)), torch.randint(0, 8000, (4, 64))
     gradient_buffers = model.config.padded_vocab_size * 64 * 4 + 256 * 64 * 4  # 2.06 MiB
     with torch.no_grad():
