@@ -249,8 +249,7 @@ def chunked_cross_entropy(x, weight, targets, vocab_size, rows):
     """Mean cross-entropy of the logits x @ weight.T against targets, over the first vocab_size columns, `rows`
     rows at a time: F.cross_entropy((x @ weight.T)[:, :vocab_size].float(), targets) without ever holding all the
     logits. With gradients it is ChunkedCrossEntropy; without (torch.no_grad(), torch.inference_mode(): evaluation)
-    only the loss is computed (token_losses), so no gradient buffer is allocated and it costs what the plain way
-    costs."""
+    only the loss is computed (token_losses), so no gradient buffer is allocated."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, rows)
     return token_losses(x, weight, targets, vocab_size, rows).sum() / x.size(0)
@@ -259,7 +258,7 @@ def chunked_cross_entropy(x, weight, targets, vocab_size, rows):
 def token_losses(x, weight, targets, vocab_size, rows):
     """The cross-entropy of each row (N,), fp32, without gradients: the plain way (the logits of the real vocabulary
     in fp32, F.cross_entropy), `rows` rows at a time. A block holds its logits, their fp32 copy and their
-    log-softmax: 2.5 fp32 copies in 16-bit, at the plain way's speed (fewer passes over memory than exp_logits)."""
+    log-softmax: 2.5 fp32 copies in 16-bit (fewer passes over memory than exp_logits, which it does not need)."""
     return torch.cat([F.cross_entropy((x[i: i + rows] @ weight.t())[:, :vocab_size].float(), targets[i: i + rows],
                                       reduction="none")  # (rows,)
                       for i in range(0, x.size(0), rows)] or [torch.zeros(0, device=x.device)])
