@@ -30,8 +30,13 @@ from train_plumbing import (CONV1D, DEVICES, DTYPES, Flag, FlagParser, UserError
 
 
 def auto_batch_size(model, max_batch, cfg, rt):
-    """The largest micro-batch that fits on every rank and divides the sequences one rank processes per step."""
-    batch_size = pick_batch_size(max_batch, lambda b: batch_fits(model, b, cfg.seq_len, rt, cfg.grad_checkpoint))
+    """The largest micro-batch that fits on every rank and divides the sequences one rank processes per step:
+    its training step, and evaluation and HellaSwag (--hellaswag_every) at the same batch, which run in between."""
+    hellaswag = bool(getattr(cfg, "hellaswag_every", 0))
+    # compiled or eager (use_compile's rule; a GPU's trial runs eagerly, which keeps the more)
+    compiled = cfg.compile == "on" or (cfg.compile == "auto" and rt.device_type == "cpu")
+    batch_size = pick_batch_size(max_batch, lambda b: batch_fits(model, b, cfg.seq_len, rt, cfg.grad_checkpoint,
+                                                                 compiled, hellaswag))
     if rt.ddp:  # every rank must use the same: the smallest that fits everywhere
         agreed = torch.tensor(batch_size, device=rt.device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
@@ -49,31 +54,94 @@ def pick_batch_size(max_batch, fits):
                     "smaller model")
 
 
+# HellaSwag's longest row, context and ending (hellaswag.py's validation set: 166 tokens), and its rows per example
+HELLASWAG_TOKENS, HELLASWAG_ROWS = 166, 4
+CPU_FREE_SHARE = 0.6  # of the RAM available that the CPU estimate lets training use: the rest for what it misses
+
+
 def activation_bytes_per_token(config, dtype, grad_checkpoint=False):
     """Rough training memory per token beyond weights and optimizer: 34*E bytes per layer in 16-bit with
     flash attention (Korthikanti et al. 2022, "Reducing Activation Recomputation", section 4), double in fp32;
     with checkpointing only each block's input (2*E) plus one block's activations; and the loss's fp32
-    gradient of the final hidden states (4*E). The logits are not kept per token: see batch_fits."""
+    gradient of the final hidden states (4*E). The logits are not kept per token: see loss_bytes."""
     scale = 1 if dtype in ("bf16", "fp16") else 2
     per_layer = 34 * config.n_embd * scale
     layers = config.n_layer * 2 * config.n_embd * scale + per_layer if grad_checkpoint else config.n_layer * per_layer
     return layers + 4 * config.n_embd
 
 
-def batch_fits(model, b, seq_len, rt, grad_checkpoint):
-    """Does a micro-batch of b sequences fit? On CUDA by trial (forward and backward, plus room for the AdamW
-    state that is not allocated yet); elsewhere from the memory formula and the RAM available."""
+def inference_bytes_per_token(config, dtype):
+    """Memory per token of a forward without gradients (evaluation, HellaSwag): nothing is kept for backward, so
+    one block's activations at a time (as training's, 34*E in 16-bit) and the residual stream (fp32, 4*E)."""
+    return 34 * config.n_embd * (1 if dtype in ("bf16", "fp16") else 2) + 4 * config.n_embd
+
+
+def loss_bytes(model, n, dtype, device, grad=True, compiled=False):
+    """What the loss of n rows holds at once beyond its inputs (GPT.loss_block_rows, ChunkedCrossEntropy), as
+    tests/test_memory.py measures it: one block of rows x V fp32 logits 1.5 times eager in 16-bit (once in fp32),
+    twice compiled (the compiler's own buffers), 2.5 times without gradients (token_losses); with gradients also the weight's fp32 gradient (V, C), its 16-bit
+    product per block and, on a CPU, that product's fp32 copy to be added."""
+    V, C = model.config.padded_vocab_size, model.config.n_embd
+    half = dtype in ("bf16", "fp16")
+    copies = (2.0 if compiled else 1.5 if half else 1.0) if grad else 2.5 if half else 2.0
+    need = copies * model.loss_block_rows(n, device) * V * 4
+    if grad:
+        need += V * C * (4 + (2 + (4 if torch.device(device).type == "cpu" else 0) if half else 0))
+    return need
+
+
+def memory_needs(model, b, seq_len, dtype, device, grad_checkpoint=False, compiled=False, hellaswag=False):
+    """Bytes a micro-batch of b sequences needs beyond the weights (4 bytes a parameter, already in memory), for
+    what may run: training (gradients 4 and AdamW 8 bytes a parameter, the activations, the loss), evaluation at
+    the same batch (AdamW's state stays, gradients are freed; under autocast its 16-bit copy of the weights) and
+    HellaSwag (4 rows of up to HELLASWAG_TOKENS per example, b examples per forward)."""
+    config, P = model.config, model.num_params()
+    n = b * seq_len
+    casts = 2 * P if dtype in ("bf16", "fp16") else 0  # autocast's 16-bit copies of the weights
+    needs = {"train": 12 * P + casts + n * activation_bytes_per_token(config, dtype, grad_checkpoint)
+             + loss_bytes(model, n, dtype, device, True, compiled)}
+    evaluations = {"eval": n}
+    if hellaswag:
+        evaluations["hellaswag"] = HELLASWAG_ROWS * b * min(config.block_size, HELLASWAG_TOKENS)
+    for kind, tokens in evaluations.items():  # evaluation runs eagerly (the uncompiled model)
+        needs[kind] = 8 * P + casts + tokens * inference_bytes_per_token(config, dtype) \
+            + loss_bytes(model, tokens, dtype, device, False)
+    return needs
+
+
+def available_memory(rt):
+    """RAM this process may use: MemAvailable (which counts the page cache that the kernel can reclaim, such as
+    the memory-mapped shards), shared by the processes on this machine."""
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration):  # not Linux: assume half of the RAM is free
+        free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    return free // rt.local_world_size
+
+
+def batch_fits(model, b, seq_len, rt, grad_checkpoint, compiled=False, hellaswag=False):
+    """Does a micro-batch of b sequences fit, for training and for the evaluations in between? On CUDA by trial
+    (forward and backward, then the evaluations' forwards without gradients, plus room for the AdamW state that
+    is not allocated yet); elsewhere from memory_needs and the RAM available."""
     n_params = model.num_params()
     if rt.device_type == "cuda":
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(rt.device)  # net of the CUDA context and of other processes
         base = torch.cuda.memory_reserved(rt.device)  # the weights, already on the card
         torch.cuda.reset_peak_memory_stats(rt.device)
+        shapes = [(b, seq_len)] + ([(HELLASWAG_ROWS * b, min(model.config.block_size, HELLASWAG_TOKENS))]
+                                   if hellaswag else [])
         try:  # the eager model: compiled training keeps fewer intermediates, so this errs on the safe side
             x = torch.randint(0, model.config.vocab_size, (b, seq_len), device=rt.device)
             with rt.autocast():
                 loss = model(x, x)[1]
             loss.backward()
+            model.zero_grad(set_to_none=True)  # evaluation runs with the gradients freed
+            with torch.no_grad(), rt.autocast():
+                for shape in shapes:
+                    x = torch.randint(0, model.config.vocab_size, shape, device=rt.device)
+                    model(x, x)
             peak = torch.cuda.max_memory_reserved(rt.device) - base  # reserved: the allocator's cache counts
         except torch.cuda.OutOfMemoryError:
             peak = float("inf")
@@ -81,16 +149,8 @@ def batch_fits(model, b, seq_len, rt, grad_checkpoint):
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
         return cuda_batch_fits(peak, n_params, free, rt.ddp)
-    try:  # MemAvailable counts the page cache that the kernel can reclaim (the memory-mapped shards)
-        with open("/proc/meminfo") as f:
-            free = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
-    except (OSError, StopIteration):  # not Linux: assume half of the RAM is free
-        free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-    free //= rt.local_world_size
-    need = 16 * n_params + b * seq_len * activation_bytes_per_token(model.config, rt.dtype, grad_checkpoint)
-    # one block of the loss at a time (ChunkedCrossEntropy): its logits, fp32 softmax and gradient, ~16 bytes each
-    need += min(b * seq_len, model.loss_block_rows(b * seq_len, rt.device_type)) * model.config.padded_vocab_size * 16
-    return need < 0.6 * free
+    needs = memory_needs(model, b, seq_len, rt.dtype, rt.device, grad_checkpoint, compiled, hellaswag)
+    return max(needs.values()) < CPU_FREE_SHARE * available_memory(rt)
 
 
 def cuda_batch_fits(trial_peak, n_params, free, ddp):
@@ -236,8 +296,8 @@ def plot_main(argv):
 
 
 @torch.no_grad()
-def token_losses(model, tokens, seq_len, batch_size=8, device="cpu", autocast=contextlib.nullcontext,
-                 per_token=False, progress=False):
+def window_losses(model, tokens, seq_len, batch_size=8, device="cpu", autocast=contextlib.nullcontext,
+                  per_token=False, progress=False):
     """The loss of every token but the first, each predicted from the tokens before it in its window: windows
     of seq_len + 1 tokens, overlapping by one (the last may be shorter). Returns (sum of the losses, their count,
     each token's loss as a float array if per_token else None)."""
@@ -268,7 +328,7 @@ def token_losses(model, tokens, seq_len, batch_size=8, device="cpu", autocast=co
 def text_losses(model, enc, text, device="cpu"):
     """[(token text, its loss in nats or None for the first)] of a text: what `evaluate --per_token` prints."""
     tokens = enc.encode_ordinary(text)
-    _, _, losses = token_losses(model, tokens, model.config.block_size, device=device, per_token=True)
+    _, _, losses = window_losses(model, tokens, model.config.block_size, device=device, per_token=True)
     return [(enc.decode([t]), None if i == 0 else float(losses[i - 1])) for i, t in enumerate(tokens)]
 
 
@@ -341,7 +401,7 @@ def evaluate_main(argv):
     if len(tokens) < 2:
         raise UserError(f"{args.data} has {len(tokens)} token; give at least two (the first has no loss)")
     t0 = time.time()
-    loss_sum, n, losses = token_losses(model, tokens, seq_len, args.batch_size, rt.device, rt.autocast,
+    loss_sum, n, losses = window_losses(model, tokens, seq_len, args.batch_size, rt.device, rt.autocast,
                                        args.per_token, progress=True)
     dt = time.time() - t0
     if args.per_token:

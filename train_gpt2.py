@@ -159,10 +159,7 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         self.grad_checkpoint = False  # set by training to trade compute for memory
         self.dropout = 0.0  # set by training; only in train() mode
-        # Rows per block of the loss on a CPU (ChunkedCrossEntropy): from 256 rows up a block's matmuls run
-        # at full speed (`python bench/bench_train.py --only blocks` times the loss at each block size), and
-        # smaller blocks hold less memory.
-        self.loss_rows = 256
+        self.loss_block_bytes = None  # bytes of fp32 logits per block of the loss; None: loss_block_budget's
 
     def _init_weights(self, module):
         # GPT-2 init: N(0, 0.02), biases zero; each residual projection scaled by 1/sqrt(2 * n_layer)
@@ -182,8 +179,8 @@ class GPT(nn.Module):
         x = self.features(idx, cache)  # (B, T, C)
         if targets is None:
             return self.head(x), None
-        loss = ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
-                                         self.config.vocab_size, self.loss_block_rows(idx.numel(), idx.device.type))
+        loss = chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.vocab_size,
+                                     self.loss_block_rows(idx.numel(), idx.device))
         return None, loss
 
     def features(self, idx, cache=None):
@@ -212,12 +209,13 @@ class GPT(nn.Module):
             logits[..., self.config.vocab_size:] = float("-inf")  # padding rows are never a token
         return logits
 
-    def loss_block_rows(self, n, device_type="cpu"):
-        """Rows per block of the loss for n rows in all: loss_rows on a CPU; on a GPU, where kernel launches
-        matter more, 4096 (fp32 logits of 0.8 GB a block at GPT-2's vocabulary: the memory saving stays, and
-        a small batch is one block). At most 32 blocks, because compiled the loop over the blocks is unrolled
-        (a GPU micro-batch of 64 x 1024 rows in blocks of 256 would be 256 copies)."""
-        return max(self.loss_rows if device_type == "cpu" else 4096, -(-n // 32))
+    def loss_block_rows(self, n, device="cpu"):
+        """Rows per block of the loss for n rows in all: the largest power of two whose fp32 logits fit in the
+        block's byte budget (loss_block_budget), and at most 32 blocks (compiled, the loop over the blocks is
+        unrolled; eager, each block is a dozen launches), so that n is never more than 32 blocks."""
+        budget = self.loss_block_bytes or loss_block_budget(torch.device(device))
+        rows = 1 << max(0, int(budget // (4 * self.config.padded_vocab_size)).bit_length() - 1)  # 2**floor(log2)
+        return max(1, min(n, max(rows, -(-n // 32))))
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied wte/lm_head counted once
@@ -237,48 +235,99 @@ class GPT(nn.Module):
         return model
 
 
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of the logits x @ weight.T against targets, over the first vocab_size columns:
-    F.cross_entropy((x @ weight.T)[:, :vocab_size].float(), targets), never holding all the logits.
+def loss_block_budget(device):
+    """Bytes of fp32 logits one block of the loss may hold (an eager block holds 1.5 times that at most). On a CPU
+    (and MPS) 64 MiB: 256 rows at GPT-2's vocabulary, from which the loss runs at full speed (`python
+    bench/bench_train.py --only blocks` times each block size). On a GPU, where launches matter more, 1/64 of its
+    memory, at most 1 GiB: 4096 rows on an 80-141 GB card (1.04x the plain loss's speed on an H200 where 256 rows
+    were 0.90x), 1024 on a 24 GB one, 256 on a 4 GB GTX 960."""
+    if device.type != "cuda":
+        return 64 << 20
+    return min(1 << 30, torch.cuda.get_device_properties(device).total_memory // 64)
 
-    Why: the (N, 50304) logits are the largest tensors of training: the plain way keeps them, in 16 and
-    32 bits, until backward, and then writes their gradient too. Here forward takes `rows` rows at a
-    time and computes the block's loss and, at once, its share of the gradients of x and weight; so no
-    logits outlive their block, and backward only scales the gradients by the incoming one
-    (1/grad_accum, the fp16 loss scale). The same matmuls and casts as the plain way, no recomputation.
-    """
+
+def chunked_cross_entropy(x, weight, targets, vocab_size, rows):
+    """Mean cross-entropy of the logits x @ weight.T against targets, over the first vocab_size columns, `rows`
+    rows at a time: F.cross_entropy((x @ weight.T)[:, :vocab_size].float(), targets) without ever holding all the
+    logits. With gradients it is ChunkedCrossEntropy; without (torch.no_grad(), torch.inference_mode(): evaluation)
+    only the loss is computed (token_losses), so no gradient buffer is allocated."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, rows)
+    return token_losses(x, weight, targets, vocab_size, rows).sum() / x.size(0)
+
+
+def token_losses(x, weight, targets, vocab_size, rows):
+    """The cross-entropy of each row (N,), fp32, without gradients: the plain way (the logits of the real vocabulary
+    in fp32, F.cross_entropy), `rows` rows at a time. A block holds its logits, their fp32 copy and their
+    log-softmax: 2.5 fp32 copies in 16-bit (fewer passes over memory than exp_logits, which it does not need)."""
+    return torch.cat([F.cross_entropy((x[i: i + rows] @ weight.t())[:, :vocab_size].float(), targets[i: i + rows],
+                                      reduction="none")  # (rows,)
+                      for i in range(0, x.size(0), rows)] or [torch.zeros(0, device=x.device)])
+
+
+def exp_logits(xi, weight, yi, vocab_size):
+    """One block of the loss with gradients: e = exp(logits - their row max), fp32 (n, V), with the padding columns 0; each
+    row's loss (n,); and the rows' sums of e, s (n, 1). In place: one fp32 (n, V) tensor holds the logits, then
+    z - max, then e (the logits' own when they are fp32), so a block holds 1.5 fp32 copies at most."""
+    logits = xi @ weight.t()  # (n, V), 16-bit under autocast, as the plain head
+    z = logits.float()  # (n, V) fp32: the softmax is always taken in fp32
+    del logits  # a 16-bit block is freed here: its fp32 copy is all that is left
+    z.masked_fill_(torch.arange(z.size(1), device=z.device) >= vocab_size, float("-inf"))  # padding never counts
+    # softmax(z) = e / sum(e) with e = exp(z - max): subtracting the max keeps exp from overflowing. Each exp is
+    # taken once and e reused (on a CPU exp is the costliest step after the matmuls).
+    m = z.amax(dim=1, keepdim=True)  # (n, 1)
+    # loss of a row = -log softmax(z)[target] = log(s) + max - z[target]
+    target = z.gather(1, yi)  # (n, 1)
+    s = z.sub_(m).exp_().sum(dim=1, keepdim=True)  # z is now e; s (n, 1)
+    return z, (s.log() + m - target).squeeze(1), s
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """chunked_cross_entropy with gradients. Why: the (N, 50304) logits are the largest tensors of training: the
+    plain way keeps them, in 16 and 32 bits, until backward, and then writes their gradient too. Here forward
+    takes `rows` rows at a time and computes the block's loss and, at once, its share of the gradients of x and
+    weight; so no logits outlive their block, and backward only scales the gradients by the incoming one
+    (1/grad_accum, the fp16 loss scale). The same matmuls and casts as the plain way, no recomputation. A block
+    is worked on in place (exp_logits), which autograd allows here: nothing inside a Function is recorded.
+    Eager, a block holds at most 1.5 fp32 (rows, V) copies (1 in fp32), plus under autocast one 16-bit (V, C)
+    product; compiled, the compiler plans the buffers (tests/test_model.py measures both)."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, vocab_size, rows):  # x (N, C), weight (V, C), targets (N,)
-        cols = torch.arange(weight.size(0), device=x.device)  # (V,)
         loss = torch.zeros((), device=x.device)
-        grad_x, grad_w = torch.empty_like(x), torch.zeros_like(weight)  # (N, C), (V, C)
+        grad_x = torch.empty_like(x)  # (N, C)
+        # The weight's gradient sums over all N rows: in fp32 whatever the weight's dtype (bf16 under FSDP's
+        # policy), as a 16-bit sum of many blocks would lose the small ones.
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V, C)
         for i in range(0, x.size(0), rows):
             xi, yi = x[i: i + rows], targets[i: i + rows, None]  # (n, C), (n, 1)
-            logits = xi @ weight.t()  # (n, V), bf16 under autocast, as the plain head
-            z = logits.float().masked_fill(cols >= vocab_size, float("-inf"))  # padding rows never count
-            # softmax(z) = e / sum(e) with e = exp(z - max): subtracting the max keeps exp from overflowing.
-            # Each exp is taken once and e reused (on a CPU exp is the costliest step after the matmuls);
-            # compiled, a row's e stays in cache from the max to the gradient.
-            m = z.amax(dim=1, keepdim=True)  # (n, 1)
-            e = (z - m).exp()  # (n, V)
-            s = e.sum(dim=1, keepdim=True)  # (n, 1)
-            # loss of a row = -log softmax(z)[target] = log(s) + m - z[target]
-            loss = loss + (s.log() + m - z.gather(1, yi)).sum()
-            # d(loss of a row)/d(its logits) = softmax - one_hot(target). Not yet divided by N: in fp16,
-            # p / N would underflow to 0 where the plain way multiplies by the loss scale first.
-            p = e * s.reciprocal()  # (n, V)
-            g = torch.where(cols == yi, p - 1, p).to(logits.dtype)  # (n, V)
+            e, row_losses, s = exp_logits(xi, weight, yi, vocab_size)
+            loss = loss + row_losses.sum()
+            # d(loss of a row)/d(its logits) = softmax - one_hot(target), in place in e. Not yet divided by N:
+            # in fp16, p / N would underflow to 0 where the plain way multiplies by the loss scale first.
+            e *= s.reciprocal()  # (n, V) p = softmax
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
+                else weight.dtype  # the matmuls' dtype
+            if torch.compiler.is_compiling():  # pointwise: fused with the cast, no fp32 (n, V) is written
+                g = torch.where(torch.arange(e.size(1), device=e.device) == yi, e - 1, e).to(dtype)  # (n, V)
+            else:  # eager: in place (a pointwise op would allocate a mask and, on a CPU, its fp32 copy)
+                g = e.scatter_add_(1, yi, torch.full(yi.shape, -1.0, device=e.device)).to(dtype)  # (n, V)
+            del e  # a 16-bit g leaves 0.5 fp32 copies of the block during the matmuls
             grad_x[i: i + rows] = g @ weight  # (n, C)
-            grad_w += g.t() @ xi  # (V, C)
+            if g.dtype == grad_w.dtype and xi.dtype == grad_w.dtype:
+                grad_w.addmm_(g.t(), xi)  # (V, C), no temporary
+            else:
+                grad_w += g.t() @ xi  # (V, C): a 16-bit product, summed in fp32
+            del g  # before the next block's logits
         ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
         return loss / x.size(0)
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         scale = grad_loss / grad_x.size(0)  # the mean's 1/N times 1/grad_accum (and the fp16 loss scale)
-        return grad_x * scale, grad_w * scale, None, None, None
+        return grad_x * scale, (grad_w * scale).to(ctx.weight_dtype), None, None, None
 
 
 # =============================================================================
@@ -830,10 +879,10 @@ def evaluate_loss(model, val_shards, n_tokens, batch_size, seq_len, rt, fsdp=Fal
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
         batches += [(torch.zeros(1, seq_len, dtype=torch.long), None)] * (int(most) - len(batches))
     for x, y in batches:
-        with rt.autocast():
-            logits, _ = model(x.to(rt.device))
+        with rt.autocast():  # with targets: the training loss without its gradients, in blocks (chunked_cross_entropy)
+            _, loss = model(x.to(rt.device), None if y is None else y.to(rt.device))
         if y is not None:  # None: an idle forward, counted nowhere
-            loss_sum += F.cross_entropy(logits.float().flatten(0, 1), y.to(rt.device).flatten(), reduction="sum").item()
+            loss_sum += loss.item() * y.numel()
             count += y.numel()
     model.train()
     totals = torch.tensor([loss_sum, count], dtype=torch.float64, device=rt.device if rt.ddp else "cpu")
@@ -893,8 +942,10 @@ def ending_losses(model, rendered, device="cpu", batch_size=16, autocast=context
         with autocast():
             # Only the ending positions need the output layer: the hidden states of the others are dropped
             # before it, which saves most of the largest matmul and all of its (rows, T, vocab) logits.
-            logits = model.head(model.features(x)[mask])  # (ending tokens, padded_vocab); padding is -inf
-        tok_loss = F.cross_entropy(logits.float(), y[mask], reduction="none")
+            h = model.features(x)[mask]  # (ending tokens, C)
+            # the training loss's blocks, so that no batch holds all its ending tokens' logits
+            tok_loss = token_losses(h, model.lm_head.weight, y[mask], model.config.vocab_size,
+                                    model.loss_block_rows(len(h), device))  # (ending tokens,)
         losses = torch.zeros(mask.shape, device=device)
         losses[mask] = tok_loss  # scatter back, then sum each row: a fixed order, so deterministic
         total[idx] = losses.cpu().double().sum(1).view(-1, 4)  # float64 on the CPU: MPS has no float64

@@ -10,7 +10,7 @@ faults of a step (memory the kernel had to hand out and zero again).
     python bench/bench_train.py --device cuda    # the same on a GPU, plus the 124M T=1024 recipe row
     python bench/bench_train.py --only compare   # only the reference comparison
     python bench/bench_train.py --only compare --dtype fp32   # both sides in fp32 (an AVX2 laptop's dtype)
-    python bench/bench_train.py --only blocks    # the loss path at several block sizes (GPT.loss_rows)
+    python bench/bench_train.py --only blocks    # the loss path at several block sizes (GPT.loss_block_rows)
     python bench/bench_train.py --device cuda --only compare --shape 4L-128,T1024   # some shapes only
 
 A benchmark prints figures; it asserts nothing. Machines are noisy: compare ratios from one run.
@@ -213,7 +213,7 @@ def compare_worker(kind, conn, device, dtype, shape, B, T):
 
 def loss_blocks(device, steps):
     """The loss path alone (forward and backward, compiled, autocast) of 2048 rows at several block sizes, for
-    three widths: what GPT.loss_rows (a CPU's block) is chosen from."""
+    three widths: what loss_block_budget (a CPU's block) is chosen from."""
     rt = tg.setup_runtime(device, "auto")
     rows_all = 2048
     print("| width | " + " | ".join(f"{r} rows" for r in (128, 256, 512, 1024, 2048)) + " | the model's choice |")

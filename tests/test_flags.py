@@ -100,7 +100,7 @@ SPEC = {  # command: (module, how to call it, its flags' kinds, the functions th
     "evaluate": ("train_gpt2", "main evaluate", {
         "checkpoint": "model_source", "data": "in_path", "tokens": "nonneg_int", "seq_len": "nonneg_int",
         "batch_size": "pos_int", "per_token": "switch", "device": ("choice", DEVICES), "dtype": ("choice", DTYPES)},
-        ["train_extras.token_losses"]),
+        ["train_extras.window_losses"]),
     "plot": ("train_gpt2", "main plot", {"log_dir": "in_dir", "out": "out_file"}, ["train_extras.write_atomic"]),
     "hellaswag": ("hellaswag", "main", {
         "model": "model_source", "data": "in_file", "split": ("choice", ["val", "train"]), "limit": "nonneg_int",

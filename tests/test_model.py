@@ -128,8 +128,8 @@ def test_chunked_loss_in_the_model_gives_the_plain_gradients_compiled_too():
     layer's part to the embedding's, as the plain head + F.cross_entropy does; also under torch.compile."""
     torch.manual_seed(0)
     model = tg.GPT(tg.GPTConfig(block_size=32, vocab_size=300, n_layer=2, n_head=2, n_embd=32))
-    model.loss_rows = 24  # 64 rows: 24 + 24 + 16
-    idx, tgt = torch.randint(0, 300, (2, 32)), torch.randint(0, 300, (2, 32))
+    model.loss_block_bytes = 16 * 4 * 384  # 16 rows of the 384 padded columns: 60 rows in 16 + 16 + 16 + 12
+    idx, tgt = torch.randint(0, 300, (3, 20)), torch.randint(0, 300, (3, 20))
 
     def plain(idx, tgt):
         return torch.nn.functional.cross_entropy(model.head(model.features(idx)).float().flatten(0, 1), tgt.flatten())
@@ -368,14 +368,41 @@ def test_dropout_is_off_by_default_and_active_only_in_training():
     assert model(idx, idx)[1] == a
 
 
-def test_loss_blocks_are_256_rows_on_a_cpu_and_stay_at_most_32():
-    """The loss's block size: 256 rows on a CPU at any width, and never more than 32 blocks (compiled, the loop
-    over the blocks is unrolled)."""
-    rows = {C: tg.GPT(tg.GPTConfig(block_size=64, vocab_size=300, n_layer=1, n_head=1, n_embd=C)).loss_block_rows
-            for C in (64, 768)}
-    assert rows[64](2048) == rows[768](2048) == rows[768](256) == 256
-    assert rows[768](64 * 1024) == 2048  # a micro-batch of 64 x 1024: 32 blocks
-    assert rows[64](10 ** 6) * 32 >= 10 ** 6
-    # a GPU: blocks of 4096 rows (launches decide), so a small batch is one block
-    assert rows[64](2048, "cuda") == 4096 and rows[768](64 * 1024, "cuda") == 4096
-    assert rows[768](10 ** 6, "cuda") * 32 >= 10 ** 6
+def test_loss_blocks_are_sized_by_bytes_and_stay_at_most_32(monkeypatch):
+    """The loss's block size: the largest power of two of rows whose fp32 logits fit in the byte budget, and never
+    more than 32 blocks (compiled, the loop over the blocks is unrolled). On a CPU 64 MiB: 256 rows at GPT-2's
+    vocabulary at any width; on a GPU 1/64 of its memory, at most 1 GiB."""
+    def rows(C, vocab=50257):
+        return tg.GPT(tg.GPTConfig(block_size=64, vocab_size=vocab, n_layer=1, n_head=1, n_embd=C)).loss_block_rows
+    assert rows(64)(2048) == rows(768)(2048) == rows(768)(256) == 256
+    assert rows(768)(100) == 100  # a small batch is one block
+    assert rows(768)(64 * 1024) == 2048  # a micro-batch of 64 x 1024: 32 blocks
+    assert rows(64)(10 ** 6) * 32 >= 10 ** 6
+    assert rows(64, vocab=1000)(10 ** 5) == 16384  # 64 MiB of 1024-column rows: 16,384
+    for x in (1, 255, 257, 10 ** 5):  # brute force: the largest power of two that fits, unless 32 blocks need more
+        fits = max(r for r in (2 ** k for k in range(20)) if r * 4 * 50304 <= 64 << 20)
+        assert rows(768)(x) == min(x, max(fits, -(-x // 32)))
+
+    class Props:
+        total_memory = None
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    for card_gb, expected in ((4, 256), (24, 1024), (80, 4096), (141, 4096)):
+        Props.total_memory = card_gb * 10 ** 9
+        assert rows(768)(64 * 1024, "cuda") == max(expected, 2048), card_gb
+        assert rows(768)(10 ** 6, "cuda") * 32 >= 10 ** 6
+
+
+def test_a_16_bit_weights_gradient_is_summed_in_fp32():
+    """Under FSDP's bf16 policy the tied weight itself is bf16: its gradient, a sum over 16 blocks, is summed in
+    fp32 and rounded once, against the fp64 gradient of the same bf16 inputs. Rounding the exact gradient to bf16
+    alone is 2.4e-3 here (the floor); fp32 sums of the blocks' bf16 products 4.6e-3; bf16 sums were 9.0e-3."""
+    torch.manual_seed(0)
+    N, C, vocab, V, rows = 4096, 64, 1000, 1024, 256
+    x = torch.randn(N, C).bfloat16().requires_grad_()  # (N, C)
+    w = (torch.randn(V, C) * 0.3).bfloat16().requires_grad_()  # (V, C)
+    y = torch.randint(0, vocab, (N,))
+    tg.ChunkedCrossEntropy.apply(x, w, y, vocab, rows).backward()
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    torch.nn.functional.cross_entropy((x64 @ w64.t())[:, :vocab], y).backward()
+    assert w.grad.dtype == torch.bfloat16
+    assert rel_err(w.grad.double(), w64.grad) < 6e-3
