@@ -20,7 +20,7 @@ Launch:
     python train_gpt2.py export --checkpoint log/model_19073.pt --out gpt2-mine       # to Hugging Face
     python train_gpt2.py plot --log_dir log                                          # loss curves
     python train_gpt2.py evaluate --checkpoint log/model_19073.pt --data my.txt       # loss on any text
-See README.md for every flag.
+See docs/flags.md for every flag, README.md and docs/ for the rest.
 """
 
 import contextlib

@@ -255,7 +255,7 @@ def setup_runtime(device="auto", dtype="auto", check=None, dist_timeout=60):
             # e.g. a GTX 960 (Maxwell, 5.2) with a CUDA 12.8+ build: it would die at the first kernel
             fix = ("a newer PyTorch built for a newer CUDA (pip install -U torch)" if capability >= (7, 5) else
                    "a build for CUDA 12.6, the last with Maxwell, Pascal and Volta: pip install 'torch<2.15' "
-                   "--index-url https://download.pytorch.org/whl/cu126 (see README)")
+                   "--index-url https://download.pytorch.org/whl/cu126 (see docs/speed-and-memory.md)")
             raise UserError(f"this PyTorch build has no kernels for the {name} (compute capability "
                             f"{capability[0]}.{capability[1]}; it has {' '.join(arch_list)}); install {fix}, or use "
                             "--device cpu")
@@ -387,7 +387,7 @@ def data_shuffle(cfg):
     return bool(cfg.shuffle if cfg.shuffle is not None else os.path.isdir(cfg.data))
 
 
-# What a resumed run may change (the README's resume table). A flag that decides which tokens come next, or what
+# What a resumed run may change (the resume table in docs/checkpoints.md). A flag that decides which tokens come next, or what
 # the model is, must stay: a new value would repeat or skip data, or continue another model than the one saved.
 # The optimizer's and the schedule's settings may change (a NaN stop says: resume with a lower --max_lr); each new
 # value takes effect from the resumed step, with one line saying so. Everything else (the machine, --batch_size,
@@ -1081,7 +1081,7 @@ def hf_to_ours(sd_hf, padded_vocab_size):
 
 
 # ---- other programs' checkpoints: build-nanogpt, nanoGPT, llm.c ----
-# (their formats' facts and sources: README.md, "Coming from build-nanogpt, nanoGPT or llm.c")
+# (their formats' facts and sources: docs/coming-from.md)
 
 
 class PickledGPTConfig:

@@ -6,7 +6,7 @@ train_gpt2.py did before the chunked loss), each in its own process, steps inter
 share of each step, the time of its three matmuls alone (the floor no loss code can go under), and the page
 faults of a step (memory the kernel had to hand out and zero again).
 
-    python bench/bench_train.py                  # the CPU configurations of the README table
+    python bench/bench_train.py                  # the CPU configurations of the table in docs/speed-and-memory.md
     python bench/bench_train.py --device cuda    # the same on a GPU, plus the 124M T=1024 recipe row
     python bench/bench_train.py --only compare   # only the reference comparison
     python bench/bench_train.py --only compare --dtype fp32   # both sides in fp32 (an AVX2 laptop's dtype)
@@ -38,7 +38,7 @@ import train_plumbing as tp  # noqa: E402
 STEP_RE = re.compile(r"\| ([\d.]+) ms \| ([\d,]+) tok/s \| MFU ([\d.]+%|n/a)")
 
 
-# train_gpt2.py with deterministic mode left off: what bit-reproducibility on CPU costs (see the README)
+# train_gpt2.py with deterministic mode left off: what bit-reproducibility on CPU costs (see docs/checkpoints.md)
 NONDETERMINISTIC = ("import runpy, sys, torch; torch.use_deterministic_algorithms = lambda *a, **k: None; "
                     "sys.argv[0] = sys.argv[1]; del sys.argv[1]; runpy.run_path(sys.argv[0], run_name='__main__')")
 

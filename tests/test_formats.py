@@ -1,5 +1,5 @@
 """Other programs' files: build-nanogpt's, nanoGPT's and llm.c's checkpoints and token shards, each written the
-way its program writes it (facts in README.md, "Coming from build-nanogpt, nanoGPT or llm.c"), read by every
+way its program writes it (facts in docs/coming-from.md), read by every
 command, and checked against transformers' GPT-2 holding the same weights; and `evaluate`."""
 import json
 import math
