@@ -63,6 +63,8 @@ def default_text(value):
         return "(none)" if value is None else "(required)"
     if value == os.cpu_count() and not isinstance(value, bool):
         return "number of cores"
+    if isinstance(value, str) and value.startswith(str(ROOT) + os.sep):  # a file of the clone, wherever it is
+        value = os.path.relpath(value, ROOT)
     return f"`{value}`" if value != "" else '`""`'
 
 
