@@ -6,7 +6,8 @@ What train_gpt2.py does besides the lecture, kept out of its way:
     python train_gpt2.py evaluate --checkpoint gpt2 --data my.txt --per_token   # a model's loss on a text
     python train_gpt2.py --batch_size auto ...        # the largest micro-batch that fits in memory (estimated here)
 
-train_gpt2.py imports this file only when one of these is asked for; this file imports train_gpt2 and train_plumbing.
+train_gpt2.py imports this file (and its command line parses export's and evaluate's flags); this file imports
+train_plumbing only: the imports run one way.
 """
 
 import contextlib
@@ -21,9 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from train_gpt2 import PRESETS, get_encoding, load_model, load_split, model_from_checkpoint, text_tokens
-from train_plumbing import (CONV1D, DEVICES, DTYPES, Flag, FlagParser, UserError, load_checkpoint, path_problem,
-                            setup_runtime, write_atomic)
+from train_plumbing import CONV1D, Flag, FlagParser, UserError, get_encoding, path_problem, write_atomic
 
 # -----------------------------------------------------------------------------
 # --batch_size auto: how many sequences per micro-step fit in memory
@@ -179,15 +178,9 @@ def ours_to_hf(sd, config):
     return out
 
 
-def export_main(argv):
-    parser = FlagParser(prog="train_gpt2.py export",
-                        description="Write a checkpoint as a Hugging Face GPT-2 directory.")
-    parser.flag("checkpoint", Flag(path="file"), None, "a checkpoint file (required): ours, or build-nanogpt's, "
-                "nanoGPT's or llm.c's", required=True)
-    parser.flag("out", Flag(path="out_dir"), None, "output directory (required)", required=True)
-    args = parser.parse(argv)
+def export(model, out):
+    """model as a Hugging Face GPT-2 directory at out: config.json, model.safetensors and the tokenizer."""
     from safetensors.torch import save
-    model = model_from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint)
     c = model.config
     hf_config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
@@ -196,17 +189,17 @@ def export_main(argv):
         "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": True,
     }
     try:
-        os.makedirs(args.out, exist_ok=True)
+        os.makedirs(out, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create --out {args.out} ({e.strerror}); choose another directory") from None
+        raise UserError(f"cannot create --out {out} ({e.strerror}); choose another directory") from None
     sd = ours_to_hf(model.state_dict(), c)
     try:
-        write_atomic(os.path.join(args.out, "model.safetensors"), lambda f: f.write(save(sd, {"format": "pt"})))
-        write_atomic(os.path.join(args.out, "config.json"), lambda f: json.dump(hf_config, f, indent=2), mode="w")
-        written = ["config.json", "model.safetensors"] + export_tokenizer(args.out, c.block_size)
+        write_atomic(os.path.join(out, "model.safetensors"), lambda f: f.write(save(sd, {"format": "pt"})))
+        write_atomic(os.path.join(out, "config.json"), lambda f: json.dump(hf_config, f, indent=2), mode="w")
+        written = ["config.json", "model.safetensors"] + export_tokenizer(out, c.block_size)
     except (OSError, RuntimeError) as e:
-        raise UserError(f"could not write {args.out} ({e}); free some disk space or choose another --out") from None
-    print(f"wrote {args.out} ({', '.join(written)})")
+        raise UserError(f"could not write {out} ({e}); free some disk space or choose another --out") from None
+    print(f"wrote {out} ({', '.join(written)})")
 
 
 def export_tokenizer(out, max_length):
@@ -370,53 +363,23 @@ def attention_of_head(model, enc, prompt, layer, head, device="cpu"):
     return [enc.decode([t]) for t in tokens], F.softmax(scores, dim=-1).cpu()
 
 
-def evaluate_main(argv):
-    parser = FlagParser(prog="train_gpt2.py evaluate", description="A model's mean loss, perplexity and bits per "
-                        "byte on a text file or a shard directory's val split.")
-    parser.flag("checkpoint", Flag(path="exists", also=tuple(PRESETS), hint="; give a checkpoint file, a Hugging "
-                "Face GPT-2 directory or one of " + ", ".join(PRESETS)), None, "required: a checkpoint file (ours, "
-                "build-nanogpt's, nanoGPT's or llm.c's) or Hugging Face GPT-2 weights: a name (gpt2, ...) or a "
-                "directory", required=True)
-    parser.flag("data", Flag(path="exists"), None, "required: a text file (all of it), or a directory of token "
-                "shards (its val split)", required=True)
-    parser.flag("tokens", Flag(int, lo=0), 0, "evaluate only the first N tokens (0 = all)")
-    parser.flag("seq_len", Flag(int, lo=0), 0, "tokens of context per window (0 = the model's block size)")
-    parser.flag("batch_size", Flag(int, lo=1), 8, "windows per forward")
-    parser.add_argument("--per_token", action="store_true", help="print every token with its loss")
-    parser.flag("device", Flag(choices=DEVICES), "auto", "auto, cpu, cuda or mps")
-    parser.flag("dtype", Flag(choices=DTYPES), "fp32", "fp32 (full precision), or autocast to bf16, fp16, auto")
-    args = parser.parse(argv)
-    rt = setup_runtime(args.device, args.dtype)
-    model = load_model(args.checkpoint).to(rt.device)
-    seq_len = args.seq_len or model.config.block_size
-    if seq_len > model.config.block_size:
-        raise UserError(f"--seq_len {seq_len} is larger than the model's block size {model.config.block_size}; "
-                        f"use --seq_len {model.config.block_size} or less")
-    enc = get_encoding()
-    if os.path.isdir(args.data):  # the val split's shards, only as far as --tokens reaches
-        shards, need = load_split(args.data, "val"), args.tokens + 1 if args.tokens else None
-        tokens = np.concatenate([np.asarray(s[:need]) for s in shards])[:need]
-    else:
-        tokens = text_tokens(args.data)[: args.tokens + 1 if args.tokens else None]
-    if len(tokens) < 2:
-        raise UserError(f"{args.data} has {len(tokens)} token; give at least two (the first has no loss)")
+def evaluate(model, enc, tokens, seq_len, batch_size, per_token, rt, names):
+    """Prints the mean loss, perplexity and bits per byte of tokens under model (each token with its loss, with
+    per_token), then one line of JSON that starts with `names` (what was evaluated on what)."""
     t0 = time.time()
-    loss_sum, n, losses = window_losses(model, tokens, seq_len, args.batch_size, rt.device, rt.autocast,
-                                       args.per_token, progress=True)
+    loss_sum, n, losses = window_losses(model, tokens, seq_len, batch_size, rt.device, rt.autocast, per_token,
+                                        progress=True)
     dt = time.time() - t0
-    if args.per_token:
+    if per_token:
         print(format_text_losses([(enc.decode([int(t)]), None if i == 0 else float(losses[i - 1]))
                                   for i, t in enumerate(tokens)]))
     # bits per byte: the loss in bits over the UTF-8 bytes of the predicted tokens, comparable across tokenizers
     token_bytes = np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)])
     n_bytes = int(token_bytes[np.asarray(tokens[1:], dtype=np.int64)].sum())
     loss = loss_sum / n
-    result = dict(model=args.checkpoint, data=args.data, tokens=n, loss=round(loss, 6),
+    result = dict(**names, tokens=n, loss=round(loss, 6),
                   perplexity=round(math.exp(loss), 4), bits_per_byte=round(loss_sum / math.log(2) / n_bytes, 6),
                   seq_len=seq_len, device=rt.device, dtype=rt.dtype, seconds=round(dt, 1))
     print(f"{n} tokens: loss {loss:.4f} | perplexity {math.exp(loss):.2f} | {result['bits_per_byte']:.4f} bits per "
           "byte")
     print(json.dumps(result))
-
-
-COMMANDS = {"export": export_main, "plot": plot_main, "evaluate": evaluate_main}

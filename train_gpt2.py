@@ -41,11 +41,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+import train_extras  # export, plot, evaluate's report, the notebook's helpers, the --batch_size auto estimate
 # The plumbing: what pretraining needs on real machines, kept out of the lecture (train_plumbing.py's docstring
 # lists what is where)
 from train_plumbing import (DEVICES, DTYPES, Flag, FlagParser, RunLog, StopSignal, Stopped, UserError, agree_on_signal,
                             check_flags, check_fsdp, check_log_dir, check_resume, checkpoint_to_resume, data_shuffle,
-                            flops_per_token, format_duration, fsdp_sync_once, gathered_root, hf_to_ours, import_wandb,
+                            flops_per_token, format_duration, get_encoding, hellaswag_examples, fsdp_sync_once, gathered_root, hf_to_ours, import_wandb,
                             keeps_signal_handlers, load_checkpoint, mfu_percent, out_of_memory_error, peak_flops,
                             prune_checkpoints, rank_seed, read_hf_gpt2, read_llmc_tokens, restore_state,
                             save_checkpoint, schedule_flags, setup_runtime, shard_model, torch_version, use_compile)
@@ -351,15 +352,6 @@ def configure_optimizer(model, lr, weight_decay, device_type):
 
 # =============================================================================
 # 3. The data: tokens on disk -> micro-batches of (inputs, targets)
-
-
-def get_encoding():
-    import tiktoken  # imported here so that importing this file stays free of side effects
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:
-        raise UserError(f"could not load the GPT-2 tokenizer ({type(e).__name__}); tiktoken downloads it once, so "
-                        "connect to the network or point TIKTOKEN_CACHE_DIR at a folder holding its files") from None
 
 
 def load_tokens(path):
@@ -824,7 +816,6 @@ def build_state(cfg, rt):
     if cfg.fsdp:  # before the optimizer and the checkpoint load, which both work on the shards
         shard_model(model, rt, compile_model)
     if cfg.batch_size == "auto":
-        import train_extras  # the memory estimate: tries (GPU) or computes (CPU) what fits
         batch_size = train_extras.auto_batch_size(model, max_batch, cfg, rt)
     else:
         batch_size = cfg.batch_size
@@ -894,7 +885,7 @@ def evaluate_loss(model, val_shards, n_tokens, batch_size, seq_len, rt, fsdp=Fal
 # HellaSwag (Zellers et al. 2019): a context and 4 endings, of which one is right. The model's answer is the
 # ending it finds least surprising: the lowest summed cross-entropy of the ending's tokens (acc), or the lowest
 # mean per token (acc_norm, which does not punish long endings). This is the GPT-2/GPT-3-era protocol; the
-# download and the command line live in hellaswag.py.
+# download is plumbing (train_plumbing.hellaswag_download), the command line is hellaswag.py.
 
 
 def render_example(example, enc):
@@ -1000,16 +991,15 @@ def hellaswag_totals(model, examples, enc, batch_size, rt, fsdp):
 
 
 def load_hellaswag(cfg, rt):
-    """The HellaSwag examples for --hellaswag_every: --hellaswag_data, or the official file (hellaswag.py
-    downloads it once per machine, by its local rank 0, into the cache of its copy of this program, and
+    """The HellaSwag examples for --hellaswag_every: --hellaswag_data, or the official file (downloaded
+    once per machine, by its local rank 0, into the cache of its copy of this program, and
     verifies it)."""
-    import hellaswag  # the download; hellaswag.py imports this file for everything else
     try:
         if rt.local_rank == 0:  # one download per node, then every rank reads its node's cached file
-            hellaswag.load_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit)
+            hellaswag_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit)
         if rt.ddp:
             dist.barrier()
-        return hellaswag.load_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit)
+        return hellaswag_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit)
     except UserError as e:
         raise UserError(f"{e}; fix --hellaswag_data or leave --hellaswag_every at 0") from None
 
@@ -1212,14 +1202,57 @@ def sample_main(argv):
         pass
 
 
+def export_main(argv):
+    parser = FlagParser(prog="train_gpt2.py export",
+                        description="Write a checkpoint as a Hugging Face GPT-2 directory.")
+    parser.flag("checkpoint", Flag(path="file"), None, "a checkpoint file (required): ours, or build-nanogpt's, "
+                "nanoGPT's or llm.c's", required=True)
+    parser.flag("out", Flag(path="out_dir"), None, "output directory (required)", required=True)
+    args = parser.parse(argv)
+    train_extras.export(model_from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint), args.out)
+
+
+def evaluate_main(argv):
+    parser = FlagParser(prog="train_gpt2.py evaluate", description="A model's mean loss, perplexity and bits per "
+                        "byte on a text file or a shard directory's val split.")
+    parser.flag("checkpoint", Flag(path="exists", also=tuple(PRESETS), hint="; give a checkpoint file, a Hugging "
+                "Face GPT-2 directory or one of " + ", ".join(PRESETS)), None, "required: a checkpoint file (ours, "
+                "build-nanogpt's, nanoGPT's or llm.c's) or Hugging Face GPT-2 weights: a name (gpt2, ...) or a "
+                "directory", required=True)
+    parser.flag("data", Flag(path="exists"), None, "required: a text file (all of it), or a directory of token "
+                "shards (its val split)", required=True)
+    parser.flag("tokens", Flag(int, lo=0), 0, "evaluate only the first N tokens (0 = all)")
+    parser.flag("seq_len", Flag(int, lo=0), 0, "tokens of context per window (0 = the model's block size)")
+    parser.flag("batch_size", Flag(int, lo=1), 8, "windows per forward")
+    parser.add_argument("--per_token", action="store_true", help="print every token with its loss")
+    parser.flag("device", Flag(choices=DEVICES), "auto", "auto, cpu, cuda or mps")
+    parser.flag("dtype", Flag(choices=DTYPES), "fp32", "fp32 (full precision), or autocast to bf16, fp16, auto")
+    args = parser.parse(argv)
+    rt = setup_runtime(args.device, args.dtype)
+    model = load_model(args.checkpoint).to(rt.device)
+    seq_len = args.seq_len or model.config.block_size
+    if seq_len > model.config.block_size:
+        raise UserError(f"--seq_len {seq_len} is larger than the model's block size {model.config.block_size}; "
+                        f"use --seq_len {model.config.block_size} or less")
+    enc = get_encoding()
+    if os.path.isdir(args.data):  # the val split's shards, only as far as --tokens reaches
+        shards, need = load_split(args.data, "val"), args.tokens + 1 if args.tokens else None
+        tokens = np.concatenate([np.asarray(s[:need]) for s in shards])[:need]
+    else:
+        tokens = text_tokens(args.data)[: args.tokens + 1 if args.tokens else None]
+    if len(tokens) < 2:
+        raise UserError(f"{args.data} has {len(tokens)} token; give at least two (the first has no loss)")
+    train_extras.evaluate(model, enc, tokens, seq_len, args.batch_size, args.per_token, rt,
+                          dict(model=args.checkpoint, data=args.data))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] == "sample":
-            sample_main(argv[1:])
-        elif argv and argv[0] in ("export", "plot", "evaluate"):
-            import train_extras  # Hugging Face directories, plots, a model's loss on a text: not the lecture
-            train_extras.COMMANDS[argv[0]](argv[1:])
+        commands = {"sample": sample_main, "export": export_main, "evaluate": evaluate_main,
+                    "plot": train_extras.plot_main}  # export, plot, evaluate: the work is train_extras.py's
+        if argv and argv[0] in commands:
+            commands[argv[0]](argv[1:])
         else:
             train_main(argv)
     except UserError as e:

@@ -26,6 +26,7 @@ import dataclasses
 import datetime
 import functools
 import glob
+import hashlib
 import json
 import math
 import os
@@ -35,6 +36,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -1014,6 +1016,112 @@ def gathered_root(model, rt, fsdp):
     finally:
         if fsdp:
             model.reshard()
+
+
+# ---- files from the network: the GPT-2 tokenizer, HellaSwag's data (its scorer is train_gpt2.py's; its CLI
+# hellaswag.py) ----
+
+
+def get_encoding():
+    import tiktoken  # imported here so that importing this file stays free of side effects
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        raise UserError(f"could not load the GPT-2 tokenizer ({type(e).__name__}); tiktoken downloads it once, so "
+                        "connect to the network or point TIKTOKEN_CACHE_DIR at a folder holding its files") from None
+
+
+# HellaSwag (Zellers et al. 2019): the official files, downloaded once into the cache beside this file
+HELLASWAG_CACHE_DIR = Path(__file__).resolve().parent / ".cache" / "hellaswag"
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
+# Only the validation file is pinned: the official file of 10,042 examples, 12,246,618 bytes.
+HELLASWAG_SHA256 = {"val": "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"}
+
+
+def hellaswag_parse(path, need_label=True):
+    """Every line of a HellaSwag .jsonl as a dict; a clear UserError on the first bad line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read HellaSwag file {path}: {e}") from None
+    examples = []
+    for i, line in enumerate(lines, 1):
+        try:
+            ex = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path} line {i} is not valid JSON (corrupted or partial file?)") from None
+        ok = (isinstance(ex, dict) and isinstance(ex.get("ctx"), str)
+              and isinstance(ex.get("endings"), list) and len(ex["endings"]) == 4
+              and all(isinstance(e, str) for e in ex["endings"])
+              and (not need_label or ex.get("label") in (0, 1, 2, 3)))
+        if not ok:
+            raise UserError(f"{path} line {i} is not a HellaSwag example "
+                                 f"(needs ctx, 4 endings{', label 0-3' if need_label else ''})")
+        examples.append(ex)
+    if not examples:
+        raise UserError(f"{path} is empty")
+    return examples
+
+
+def hellaswag_verify(path, split):
+    """Raise UserError unless `path` is a complete, intact copy of the official file."""
+    if split in HELLASWAG_SHA256:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != HELLASWAG_SHA256[split]:
+            raise UserError(f"{path}: sha256 {h.hexdigest()} is not the official {split} file's")
+    else:
+        # train/test have no pinned hash here: the best we can check is that the file is non-empty and
+        # every line parses as an example. (The test split has no labels: its answers are hidden.)
+        hellaswag_parse(path, need_label=(split != "test"))
+
+
+def hellaswag_download(split="val", cache_dir=HELLASWAG_CACHE_DIR, base_url=None):
+    """Path to a verified local copy of hellaswag_{split}.jsonl, downloaded into cache_dir if needed from
+    base_url (None: HELLASWAG_URL, read at the call)."""
+    import requests  # only needed here
+
+    base_url = base_url or HELLASWAG_URL
+    path = Path(cache_dir) / f"hellaswag_{split}.jsonl"
+    if path.exists():
+        try:
+            hellaswag_verify(path, split)
+            return path
+        except UserError:
+            path.unlink(missing_ok=True)  # a partial or corrupted copy is never used: fetch it again
+    url = f"{base_url}/hellaswag_{split}.jsonl"
+
+    def fetch(f):  # into write_atomic's temporary file, verified before it is renamed: the final name always
+        with requests.get(url, stream=True, timeout=60) as r:  # means "a good file", even to a concurrent reader
+            r.raise_for_status()
+            for chunk in r.iter_content(1 << 20):
+                f.write(chunk)
+        f.flush()
+        try:
+            hellaswag_verify(f.name, split)
+        except UserError as e:
+            raise UserError(f"download of {url} is corrupted or incomplete ({e}); not cached") from None
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(str(path), fetch)
+    except (requests.RequestException, OSError) as e:
+        raise UserError(f"could not download {url} to {path}: {type(e).__name__}: {e}") from None
+    return path
+
+
+def hellaswag_examples(path=None, split="val", limit=0):
+    """The examples of a local .jsonl file if `path` is given, else of the (downloaded) official split;
+    only the first `limit` if limit > 0."""
+    if path is None:
+        path = hellaswag_download(split)
+    elif not os.path.isfile(path):
+        raise UserError(f"HellaSwag file {path} does not exist")
+    examples = hellaswag_parse(path)
+    return examples[:limit] if limit > 0 else examples
 
 
 # ---- Hugging Face GPT-2 weights ----

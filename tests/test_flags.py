@@ -105,7 +105,7 @@ SPEC = {  # command: (module, how to call it, its flags' kinds, the functions th
     "hellaswag": ("hellaswag", "main", {
         "model": "model_source", "data": "in_file", "split": ("choice", ["val", "train"]), "limit": "nonneg_int",
         "device": ("choice", DEVICES), "dtype": ("choice", DTYPES), "batch_size": "pos_int"},
-        ["hellaswag.score", "hellaswag.download"]),
+        ["hellaswag.score", "train_plumbing.hellaswag_download"]),
     "fineweb": ("fineweb", "main", {
         "source": "source", "name": None, "text_field": "text", "out": "out_dir", "shard_size": "pos_int",
         "workers": "workers", "prefix": "name"}, ["fineweb.write_shards"]),

@@ -298,7 +298,7 @@ def test_notebook_helpers_against_transformers(files):
                                           (["--batch_size", "0"], "--batch_size must be positive"),
                                           (["--data", "nowhere.txt"], "--data nowhere.txt does not exist")])
 def test_evaluate_flags_are_checked_before_any_setup(flags, words, capsys, monkeypatch):
-    monkeypatch.setattr(train_extras, "setup_runtime", None)  # reached only after the checks: calling it fails
+    monkeypatch.setattr(tg, "setup_runtime", None)  # reached only after the checks: calling it fails
     with pytest.raises(SystemExit) as e:
         tg.main(["evaluate", "--checkpoint", "gpt2", "--data", str(ROOT / "input.txt"), *flags])
     err = capsys.readouterr().err

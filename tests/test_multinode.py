@@ -24,9 +24,9 @@ NODE_ARGS = ARGS[:ARGS.index("--hellaswag_data")] + ARGS[ARGS.index("--hellaswag
 
 LAUNCH = """
 import sys
-import hellaswag  # this node's copy
+import train_plumbing  # this node's copy, which downloads HellaSwag for train_gpt2.py
 # the local server and the 300-example sample stand in for the official file and its pinned hash
-hellaswag.BASE_URL, hellaswag.SHA256["val"] = sys.argv[1], sys.argv[2]
+train_plumbing.HELLASWAG_URL, train_plumbing.HELLASWAG_SHA256["val"] = sys.argv[1], sys.argv[2]
 import train_gpt2
 train_gpt2.main(sys.argv[3:])
 """
