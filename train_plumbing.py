@@ -15,6 +15,7 @@ that its tokenizer processes need no torch) fineweb.py import this file; it impo
     signals and errors SIGTERM/SIGINT -> a checkpoint and a clean exit on every rank; the out-of-memory line
     FLOPs              per token, and each device's peak, for MFU
     FSDP               --fsdp 1: sharding, and checkpoints that any mode can resume
+    from the network   the GPT-2 tokenizer (tiktoken); HellaSwag's official files, downloaded and verified
     Hugging Face       GPT-2 weights from the hub or a directory, into our names and layout
     other programs     build-nanogpt's, nanoGPT's and llm.c's checkpoints, and llm.c's token shards
 """
