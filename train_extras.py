@@ -322,7 +322,12 @@ def text_losses(model, enc, text, device="cpu"):
     """[(token text, its loss in nats or None for the first)] of a text: what `evaluate --per_token` prints."""
     tokens = enc.encode_ordinary(text)
     _, _, losses = window_losses(model, tokens, model.config.block_size, device=device, per_token=True)
-    return [(enc.decode([t]), None if i == 0 else float(losses[i - 1])) for i, t in enumerate(tokens)]
+    return token_loss_pairs(enc, tokens, losses)
+
+
+def token_loss_pairs(enc, tokens, losses):
+    """[(token text, its loss, or None for the first token, which nothing predicts)]."""
+    return [(enc.decode([int(t)]), None if i == 0 else float(losses[i - 1])) for i, t in enumerate(tokens)]
 
 
 def format_text_losses(pairs):
@@ -371,8 +376,7 @@ def evaluate(model, enc, tokens, seq_len, batch_size, per_token, rt, names):
                                         progress=True)
     dt = time.time() - t0
     if per_token:
-        print(format_text_losses([(enc.decode([int(t)]), None if i == 0 else float(losses[i - 1]))
-                                  for i, t in enumerate(tokens)]))
+        print(format_text_losses(token_loss_pairs(enc, tokens, losses)))
     # bits per byte: the loss in bits over the UTF-8 bytes of the predicted tokens, comparable across tokenizers
     token_bytes = np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)])
     n_bytes = int(token_bytes[np.asarray(tokens[1:], dtype=np.int64)].sum())

@@ -46,7 +46,8 @@ import train_extras  # export, plot, evaluate's report, the notebook's helpers, 
 # lists what is where)
 from train_plumbing import (DEVICES, DTYPES, Flag, FlagParser, RunLog, StopSignal, Stopped, UserError, agree_on_signal,
                             check_flags, check_fsdp, check_log_dir, check_resume, checkpoint_to_resume, data_shuffle,
-                            flops_per_token, format_duration, get_encoding, hellaswag_examples, fsdp_sync_once, gathered_root, hf_to_ours, import_wandb,
+                            flops_per_token, format_duration, fsdp_sync_once, gathered_root, get_encoding,
+                            hellaswag_examples, hf_to_ours, import_wandb,
                             keeps_signal_handlers, load_checkpoint, mfu_percent, out_of_memory_error, peak_flops,
                             prune_checkpoints, rank_seed, read_hf_gpt2, read_llmc_tokens, restore_state,
                             save_checkpoint, schedule_flags, setup_runtime, shard_model, torch_version, use_compile)
@@ -267,8 +268,8 @@ def token_losses(x, weight, targets, vocab_size, rows):
 
 
 def exp_logits(xi, weight, yi, vocab_size):
-    """One block of the loss with gradients: e = exp(logits - their row max), fp32 (n, V), with the padding columns 0; each
-    row's loss (n,); and the rows' sums of e, s (n, 1). In place: one fp32 (n, V) tensor holds the logits, then
+    """One block of the loss with gradients: e = exp(logits - their row max), fp32 (n, V), with the padding
+    columns 0; each row's loss (n,); and the rows' sums of e, s (n, 1). In place: one fp32 (n, V) tensor holds the logits, then
     z - max, then e (the logits' own when they are fp32), so a block holds 1.5 fp32 copies at most."""
     logits = xi @ weight.t()  # (n, V), 16-bit under autocast, as the plain head
     z = logits.float()  # (n, V) fp32: the softmax is always taken in fp32
@@ -496,10 +497,15 @@ class DataLoader:
         return x, y
 
 
+def first_tokens(shards, n=None):
+    """The first n tokens of a split (None: all of it), across its shards, reading no more of them than that."""
+    return np.concatenate([np.asarray(s[:n]) for s in shards])[:n]
+
+
 def val_batches(shards, n_tokens, B, T, rank=0, world_size=1):
     """The fixed val set: the first n_tokens // T sequences of the val split, the same at every
     evaluation and for any world size; sequence i is evaluated on rank i % world_size."""
-    tokens = np.concatenate([np.asarray(s[: n_tokens + 1]) for s in shards])[: n_tokens + 1]
+    tokens = first_tokens(shards, n_tokens + 1)
     n_seq = (len(tokens) - 1) // T
     if n_seq == 0:
         raise UserError(f"the val split has {len(tokens)} tokens, fewer than seq_len+1 = {T + 1}; "
@@ -1236,8 +1242,7 @@ def evaluate_main(argv):
                         f"use --seq_len {model.config.block_size} or less")
     enc = get_encoding()
     if os.path.isdir(args.data):  # the val split's shards, only as far as --tokens reaches
-        shards, need = load_split(args.data, "val"), args.tokens + 1 if args.tokens else None
-        tokens = np.concatenate([np.asarray(s[:need]) for s in shards])[:need]
+        tokens = first_tokens(load_split(args.data, "val"), args.tokens + 1 if args.tokens else None)
     else:
         tokens = text_tokens(args.data)[: args.tokens + 1 if args.tokens else None]
     if len(tokens) < 2:
