@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from train_plumbing import CONV1D, Flag, FlagParser, UserError, get_encoding, path_problem, write_atomic
+from train_plumbing import (CONV1D, DEVICES, DTYPES, Flag, FlagParser, UserError, check_seq_len, first_tokens,
+                            get_encoding, load_split, path_problem, text_tokens, write_atomic)
 
 # -----------------------------------------------------------------------------
 # --batch_size auto: how many sequences per micro-step fit in memory
@@ -368,9 +369,19 @@ def attention_of_head(model, enc, prompt, layer, head, device="cpu"):
     return [enc.decode([t]) for t in tokens], F.softmax(scores, dim=-1).cpu()
 
 
-def evaluate(model, enc, tokens, seq_len, batch_size, per_token, rt, names):
-    """Prints the mean loss, perplexity and bits per byte of tokens under model (each token with its loss, with
-    per_token), then one line of JSON that starts with `names` (what was evaluated on what)."""
+def evaluate(model, args, rt):
+    """`train_gpt2.py evaluate`: prints the mean loss, perplexity and bits per byte of model on args.data (each
+    token with its loss, with --per_token), then one line of JSON that starts with what was evaluated on what."""
+    seq_len = args.seq_len or model.config.block_size
+    check_seq_len(seq_len, model.config.block_size)
+    enc, end = get_encoding(), args.tokens + 1 if args.tokens else None
+    if os.path.isdir(args.data):  # the val split's shards, only as far as --tokens reaches
+        tokens = first_tokens(load_split(args.data, "val"), end)
+    else:
+        tokens = text_tokens(args.data)[:end]
+    if len(tokens) < 2:
+        raise UserError(f"{args.data} has {len(tokens)} token; give at least two (the first has no loss)")
+    batch_size, per_token, names = args.batch_size, args.per_token, dict(model=args.checkpoint, data=args.data)
     t0 = time.time()
     loss_sum, n, losses = window_losses(model, tokens, seq_len, batch_size, rt.device, rt.autocast, per_token,
                                         progress=True)
@@ -387,3 +398,76 @@ def evaluate(model, enc, tokens, seq_len, batch_size, per_token, rt, names):
     print(f"{n} tokens: loss {loss:.4f} | perplexity {math.exp(loss):.2f} | {result['bits_per_byte']:.4f} bits per "
           "byte")
     print(json.dumps(result))
+
+
+# -----------------------------------------------------------------------------
+# The flags of the subcommands sample, export and evaluate (train_gpt2.py runs them; plot's are plot_main's)
+
+
+def model_flag(parser, presets, default, required=False):
+    """--checkpoint: what sample and evaluate read a model from."""
+    parser.flag("checkpoint", Flag(path="exists", also=tuple(presets), hint="; give a checkpoint file, a Hugging "
+                "Face GPT-2 directory or one of " + ", ".join(presets)), default, ("required: " if required else "")
+                + "a checkpoint file (ours, build-nanogpt's, nanoGPT's or llm.c's), or Hugging Face GPT-2 weights: a "
+                "name (" + ", ".join(presets) + ") or a directory", required=required)
+
+
+def sample_args(argv, presets):
+    """The flags of `train_gpt2.py sample`, checked."""
+    parser = FlagParser(prog="train_gpt2.py sample", description="Generate text from a model.")
+    model_flag(parser, presets, "gpt2")
+    parser.flag("prompt", Flag(), "Hello, I'm a language model,", "text to continue")
+    parser.flag("max_new_tokens", Flag(int, lo=1), 64, "tokens to generate")
+    parser.flag("num_samples", Flag(int, lo=1, hi=4096), 4, "continuations per prompt (one batch)")
+    parser.flag("temperature", Flag(float, lo=0), 1.0, "0 = greedy")
+    parser.flag("top_k", Flag(int, lo=0), 50, "sample among the k likeliest tokens, 0 = all")
+    parser.flag("seed", Flag(int, lo=0, hi=2**32 - 1), 1337, "random seed")
+    parser.flag("device", Flag(choices=DEVICES), "auto", "auto, cpu, cuda or mps")
+    parser.flag("dtype", Flag(choices=DTYPES), "auto", "auto, bf16, fp16 or fp32")
+    parser.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, "
+                        "until end of input")
+    args = parser.parse(argv)
+    if not args.interactive and not args.prompt.strip():
+        raise UserError("--prompt is empty; give some text to continue")
+    return args
+
+
+def prompts(args):
+    """sample's prompts: --prompt, or with --interactive the non-empty lines of stdin until its end."""
+    if not args.interactive:
+        yield args.prompt
+        return
+    ask = "prompt> " if sys.stdin.isatty() else ""  # no prompt text in piped output
+    while True:
+        try:
+            prompt = input(ask)
+        except EOFError:
+            return
+        if prompt.strip():
+            yield prompt
+
+
+def export_args(argv):
+    """The flags of `train_gpt2.py export`, checked."""
+    parser = FlagParser(prog="train_gpt2.py export",
+                        description="Write a checkpoint as a Hugging Face GPT-2 directory.")
+    parser.flag("checkpoint", Flag(path="file"), None, "a checkpoint file (required): ours, or build-nanogpt's, "
+                "nanoGPT's or llm.c's", required=True)
+    parser.flag("out", Flag(path="out_dir"), None, "output directory (required)", required=True)
+    return parser.parse(argv)
+
+
+def evaluate_args(argv, presets):
+    """The flags of `train_gpt2.py evaluate`, checked."""
+    parser = FlagParser(prog="train_gpt2.py evaluate", description="A model's mean loss, perplexity and bits per "
+                        "byte on a text file or a shard directory's val split.")
+    model_flag(parser, presets, None, required=True)
+    parser.flag("data", Flag(path="exists"), None, "required: a text file (all of it), or a directory of token "
+                "shards (its val split)", required=True)
+    parser.flag("tokens", Flag(int, lo=0), 0, "evaluate only the first N tokens (0 = all)")
+    parser.flag("seq_len", Flag(int, lo=0), 0, "tokens of context per window (0 = the model's block size)")
+    parser.flag("batch_size", Flag(int, lo=1), 8, "windows per forward")
+    parser.add_argument("--per_token", action="store_true", help="print every token with its loss")
+    parser.flag("device", Flag(choices=DEVICES), "auto", "auto, cpu, cuda or mps")
+    parser.flag("dtype", Flag(choices=DTYPES), "fp32", "fp32 (full precision), or autocast to bf16, fp16, auto")
+    return parser.parse(argv)

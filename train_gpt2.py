@@ -7,29 +7,23 @@ Train GPT-2 from scratch, in a file that reads top to bottom as a lecture on pre
     4. the schedule         linear warmup, then cosine decay of the learning rate
     5. the training loop    train() and train_step(): the whole of pretraining in ~150 lines
     6. evaluation           val loss, HellaSwag, and sampling text with a KV cache
-    7. checks and loading   every flag against its domain, then against each other; a trained model from disk
+    7. checks and loading   the flags against each other and the model's shape; a trained model from disk
     8. the command line     train (the default), sample, export, plot, evaluate
-The plumbing (device setup, the log, checkpoint files, signals, FLOP counts, FSDP, Hugging Face weights, other
-programs' checkpoints) is in train_plumbing.py: what real machines need, which a reader can skip.
+What real machines need and a reader can skip is in train_plumbing.py (device setup, reading token files, the log,
+checkpoints, signals, FLOP counts, FSDP, downloads, Hugging Face weights, other programs' checkpoints); export,
+plot, evaluate's report, the subcommands' flags and the --batch_size auto estimate in train_extras.py.
 
-Launch:
     python train_gpt2.py --data input.txt --n_layer 4 --n_head 4 --n_embd 128 ...      # laptop CPU
     python train_gpt2.py --data edu_fineweb10B                                       # one GPU
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --data edu_fineweb10B     # 8 GPUs
-    python train_gpt2.py sample --checkpoint log/model_19073.pt --prompt "Hello"     # play with it
-    python train_gpt2.py export --checkpoint log/model_19073.pt --out gpt2-mine       # to Hugging Face
-    python train_gpt2.py plot --log_dir log                                          # loss curves
-    python train_gpt2.py evaluate --checkpoint log/model_19073.pt --data my.txt       # loss on any text
+    python train_gpt2.py sample --checkpoint log/model_19073.pt --prompt "Hello"     # also export, plot, evaluate
 See docs/flags.md for every flag, README.md and docs/ for the rest.
 """
 
 import contextlib
 import dataclasses
-import gc
-import glob
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -41,16 +35,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-import train_extras  # export, plot, evaluate's report, the notebook's helpers, the --batch_size auto estimate
-# The plumbing: what pretraining needs on real machines, kept out of the lecture (train_plumbing.py's docstring
-# lists what is where)
+import train_extras  # export, plot, evaluate's report, the subcommands' flags, the --batch_size auto estimate
+# the plumbing: what pretraining needs on real machines, kept out of the lecture (its docstring lists what is where)
 from train_plumbing import (DEVICES, DTYPES, Flag, FlagParser, RunLog, StopSignal, Stopped, UserError, agree_on_signal,
-                            check_flags, check_fsdp, check_log_dir, check_resume, checkpoint_to_resume, data_shuffle,
-                            flops_per_token, format_duration, fsdp_sync_once, gathered_root, get_encoding,
-                            hellaswag_examples, hf_to_ours, import_wandb,
-                            keeps_signal_handlers, load_checkpoint, mfu_percent, out_of_memory_error, peak_flops,
-                            prune_checkpoints, rank_seed, read_hf_gpt2, read_llmc_tokens, restore_state,
-                            save_checkpoint, schedule_flags, setup_runtime, shard_model, torch_version, use_compile)
+                            arg, check_fsdp, check_resume, check_seq_len, check_train_flags, checkpoint_to_resume, cli,
+                            data_shuffle, end_process_group, first_tokens, flops_per_token, fsdp_sync_once,
+                            get_encoding, hellaswag_totals, init_report, keeps_signal_handlers, load_checkpoint,
+                            load_hellaswag, load_hf_weights, load_splits, loss_block_budget, mfu_percent,
+                            out_of_memory_error, peak_flops, prune_checkpoints, rank_seed, read_hf_gpt2, restore_state,
+                            save_checkpoint, setup_runtime, shard_model, shards_that_fill, use_compile)
 
 # =============================================================================
 # 1. The model: GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners")
@@ -227,25 +220,8 @@ class GPT(nn.Module):
         """OpenAI's GPT-2 (or any Hugging Face GPT-2): a hub name such as "gpt2", or a local directory."""
         shape, sd_hf = read_hf_gpt2(path_or_name, hub_names=PRESETS)  # Hugging Face's files (plumbing)
         model = cls(GPTConfig(**shape))
-        try:  # their names and layout -> ours, the vocabulary padded to 50304
-            model.load_state_dict(hf_to_ours(sd_hf, model.config.padded_vocab_size))
-        except KeyError as e:
-            raise UserError(f"the weights in {path_or_name} are not GPT-2's (no {e})") from None
-        except RuntimeError as e:
-            raise UserError(f"the weights in {path_or_name} are not GPT-2's ({str(e).splitlines()[0][:200]})") \
-                from None
+        load_hf_weights(model, sd_hf, path_or_name)  # their names and layout -> ours, the vocabulary padded
         return model
-
-
-def loss_block_budget(device):
-    """Bytes of fp32 logits one block of the loss may hold (an eager block holds 1.5 times that at most). On a CPU
-    (and MPS) 64 MiB: 256 rows at GPT-2's vocabulary, from which the loss runs at full speed (`python
-    bench/bench_train.py --only blocks` times each block size). On a GPU, where launches matter more, 1/64 of its
-    memory, at most 1 GiB: 4096 rows on an 80-141 GB card (1.04x the plain loss's speed on an H200 where 256 rows
-    were 0.90x), 1024 on a 24 GB one, 256 on a 4 GB GTX 960."""
-    if device.type != "cuda":
-        return 64 << 20
-    return min(1 << 30, torch.cuda.get_device_properties(device).total_memory // 64)
 
 
 def chunked_cross_entropy(x, weight, targets, vocab_size, rows):
@@ -268,9 +244,9 @@ def token_losses(x, weight, targets, vocab_size, rows):
 
 
 def exp_logits(xi, weight, yi, vocab_size):
-    """One block of the loss with gradients: e = exp(logits - their row max), fp32 (n, V), with the padding
-    columns 0; each row's loss (n,); and the rows' sums of e, s (n, 1). In place: one fp32 (n, V) tensor holds the logits, then
-    z - max, then e (the logits' own when they are fp32), so a block holds 1.5 fp32 copies at most."""
+    """One block of the loss with gradients: e = exp(logits - their row max), fp32 (n, V), with the padding columns
+    0; each row's loss (n,); and the rows' sums of e, s (n, 1). In place: one fp32 (n, V) tensor holds the logits,
+    then z - max, then e (the logits' own when they are fp32), so a block holds 1.5 fp32 copies at most."""
     logits = xi @ weight.t()  # (n, V), 16-bit under autocast, as the plain head
     z = logits.float()  # (n, V) fp32: the softmax is always taken in fp32
     del logits  # a 16-bit block is freed here: its fp32 copy is all that is left
@@ -355,94 +331,18 @@ def configure_optimizer(model, lr, weight_decay, device_type):
 # 3. The data: tokens on disk -> micro-batches of (inputs, targets)
 
 
-def load_tokens(path):
-    """A uint16 token shard, memory-mapped: it is read from disk only as batches need it. A .npy (fineweb.py,
-    build-nanogpt) or llm.c's .bin, whose 256-int32 header read_llmc_tokens checks."""
-    if path.endswith(".bin"):
-        arr = read_llmc_tokens(path)
-    else:
-        try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except Exception as e:
-            raise UserError(f"{path} is not a readable .npy token shard ({e}); re-create it with fineweb.py") from None
-        if arr.dtype != np.uint16 or arr.ndim != 1:
-            raise UserError(f"{path} holds {arr.dtype} of shape {arr.shape}, expected a 1-D uint16 token array; "
-                            "re-create it with fineweb.py")
-    # one pass over the shard (~0.1 s per 100M tokens): another tokenizer's ids would be an infinite loss, or
-    # on a GPU a device-side assert, much later
-    if len(arr) and (top := int(arr.max())) >= GPTConfig.vocab_size:
-        raise UserError(f"{path} holds token id {top}, but GPT-2's ids end at {GPTConfig.vocab_size - 1}: it was made "
-                        "with another tokenizer; re-create it with fineweb.py")
-    return arr
-
-
-def shard_paths(data_dir, split):
-    """The shards of one split ("train"/"val") in a directory: the .npy (or llm.c .bin) files with that word in
-    their name (edufineweb_val_000000.npy, fineweb_val_000000.bin), ordered by the number in their name."""
-    paths = [p for p in glob.glob(os.path.join(data_dir, "*.npy")) + glob.glob(os.path.join(data_dir, "*.bin"))
-             if split in re.split(r"[^a-z]+", os.path.basename(p).lower())]
-    return sorted(paths, key=lambda p: [int(n) for n in re.findall(r"\d+", os.path.basename(p))] or [0])
-
-
-def load_splits(data, splits=("train", "val")):
-    """Token arrays of each split, as a list per split. data is a directory of .npy shards, or a text file (read
-    and tokenized once) of which the last 10% is the val split."""
-    if os.path.isdir(data):
-        paths = {split: shard_paths(data, split) for split in splits}
-        for split in splits:
-            if not paths[split]:
-                raise UserError(f"{data} has no {split} shards (*{split}*.npy or .bin); create them with fineweb.py")
-        return [[load_tokens(p) for p in paths[split]] for split in splits]
-    tokens = text_tokens(data)  # read and tokenized once, for both splits
-    n_val = len(tokens) // 10  # the val split is the end of the text: no sentence is in both
-    return [[tokens[: len(tokens) - n_val]] if split == "train" else [tokens[len(tokens) - n_val:]] for split in splits]
-
-
-def load_split(data, split):
-    """Token arrays of one split (load_splits)."""
-    return load_splits(data, (split,))[0]
-
-
-def text_tokens(path):
-    """The GPT-2 tokens of a UTF-8 text file, as uint16."""
-    if not os.path.isfile(path):
-        raise UserError(f"--data {path} does not exist; give a text file or a directory of .npy shards")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8 first") from None
-    if not text.strip():
-        raise UserError(f"{path} is empty; give a text file with some text in it")
-    # encode_ordinary: text that happens to contain "<|endoftext|>" is just text, not the special token
-    return np.array(get_encoding().encode_ordinary(text), dtype=np.uint16)
-
-
 class DataLoader:
-    """Micro-batches of B sequences of T tokens, read through the shards epoch after epoch.
-
-    Each shard is cut into blocks of T tokens (plus the next one, for the targets). An epoch goes through
-    the shards in some order, and through each shard's blocks in some order, B blocks per micro-batch; the
-    leftover blocks of a shard (fewer than B) are skipped. Unshuffled, both orders are the file order, and a
-    micro-batch is B*T+1 consecutive tokens. With shuffle, epoch e permutes the shards and the blocks of each
-    shard with a generator seeded by (seed, e) alone, so the order never depends on the world size, and
-    blocks keep the reads local (one shard at a time, as memory-mapped shards want) while mixing documents.
-    Micro-batch j of the resulting sequence goes to rank j % world_size, so N ranks with A accumulation
-    steps see exactly the micro-batches one process with N*A accumulation steps sees. The position
-    (epoch, shard, pos) is the same on every rank, so a checkpoint resumes on any number of ranks.
-    """
+    """Micro-batches of B sequences of T tokens, read through the shards epoch after epoch. Each shard is cut
+    into blocks of T tokens (plus the next one, for the targets); an epoch reads the shards, and each shard's
+    blocks, in some order, B blocks per micro-batch (a shard's last < B blocks are skipped). Unshuffled, both orders
+    are the file order and a micro-batch is B*T+1 consecutive tokens; with shuffle, epoch e permutes the shards and
+    their blocks with generators seeded by (seed, e) alone: documents mix, reads stay in one shard at a time (as
+    memory-mapped shards want), and the order never depends on the world size. Micro-batch j goes to rank
+    j % world_size, so N ranks with A accumulation steps see exactly what one process with N*A steps sees, and
+    the position (epoch, shard, pos), the same on every rank, resumes on any number of ranks."""
 
     def __init__(self, shards, B, T, rank=0, world_size=1, shuffle=False, seed=0):
-        # A shard shorter than one micro-batch (fineweb.py's last one may be) is skipped, with a warning.
-        short = [s for s in shards if len(s) < B * T + 1]
-        names = ", ".join(f"{getattr(s, 'filename', None) or 'the text'} ({len(s)} tokens)" for s in short)
-        if len(short) == len(shards):
-            raise UserError(f"no train data fills one micro-batch of batch_size*seq_len+1 = {B * T + 1} tokens: "
-                            f"{names}; lower --batch_size or --seq_len, or use more data")
-        if short and rank == 0:
-            print(f"warning: skipping train shards shorter than one micro-batch ({B * T + 1} tokens): {names}",
-                  file=sys.stderr)
-        self.shards = [s for s in shards if len(s) >= B * T + 1]
+        self.shards = shards_that_fill(shards, B * T + 1, rank)  # fineweb.py's last shard may be shorter: skipped
         self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
         self.shuffle, self.seed = shuffle, seed
         self.epoch, self.shard, self.pos = 0, 0, 0  # pos: tokens of the shard read, T per block
@@ -497,11 +397,6 @@ class DataLoader:
         return x, y
 
 
-def first_tokens(shards, n=None):
-    """The first n tokens of a split (None: all of it), across its shards, reading no more of them than that."""
-    return np.concatenate([np.asarray(s[:n]) for s in shards])[:n]
-
-
 def val_batches(shards, n_tokens, B, T, rank=0, world_size=1):
     """The fixed val set: the first n_tokens // T sequences of the val split, the same at every
     evaluation and for any world size; sequence i is evaluated on rank i % world_size."""
@@ -553,11 +448,6 @@ def grad_accum_steps(total_batch_size, batch_size, seq_len, world_size):
 # 5. Training: the flags, the loop, one optimizer step, and building what the loop starts from
 
 
-def arg(default, flag, help):
-    """A config field with the one-line help that --help shows and the Flag that says what it accepts."""
-    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
-
-
 @dataclass
 class TrainConfig:
     """Every flag of `python train_gpt2.py`, with what it accepts (its Flag, checked by check_config before any
@@ -574,8 +464,7 @@ class TrainConfig:
                          "start from these weights: a Hugging Face GPT-2 name/directory or a checkpoint "
                          "(ours, build-nanogpt's, nanoGPT's or llm.c's), with a new optimizer")
     init_step: int = arg(0, Flag(int, lo=0), "with --init_from: start at this step of the learning-rate schedule "
-                         "(e.g. the step the checkpoint was at, to finish its run with its --max_steps and "
-                         "--warmup_steps)")
+                         "(e.g. the checkpoint's, to finish its run with its --max_steps and --warmup_steps)")
     resume: str = arg(None, Flag(path="file", also=("auto",), hint="; give a checkpoint file, or auto"),
                       "'auto': continue from the newest valid checkpoint in --log_dir; or a checkpoint path")
     # batch: the GPT-3 paper's 124M ("Small") recipe uses 0.5M tokens per optimizer step
@@ -588,8 +477,7 @@ class TrainConfig:
     max_lr: float = arg(6e-4, Flag(float, lo=0, lo_open=True), "peak learning rate, reached after warmup")
     min_lr_ratio: float = arg(0.1, Flag(float, lo=0, hi=1), "the cosine decays to max_lr * min_lr_ratio at max_steps")
     warmup_steps: int = arg(715, Flag(int, lo=0), "linear warmup steps (375M tokens / 2**19)")
-    max_steps: int = arg(19073, Flag(int, lo=1), "optimizer steps in all (10B tokens / 2**19: one epoch of "
-                         "sample-10BT)")
+    max_steps: int = arg(19073, Flag(int, lo=1), "optimizer steps in all (10B tokens / 2**19: sample-10BT once)")
     weight_decay: float = arg(0.1, Flag(float, lo=0), "AdamW weight decay on 2-D tensors")
     grad_clip: float = arg(1.0, Flag(float, lo=0), "clip the global gradient norm to this (0 = no clipping)")
     grad_checkpoint: int = arg(0, Flag(int, lo=0, hi=1), "1: recompute each block's activations in backward (less "
@@ -599,8 +487,8 @@ class TrainConfig:
                          "pretraining on plenty of data)")
     # machine
     device: str = arg("auto", Flag(choices=DEVICES), "auto, cpu, cuda or mps")
-    dtype: str = arg("auto", Flag(choices=DTYPES), "auto (bf16 where supported, fp16 on older GPUs, else fp32), "
-                     "bf16, fp16 or fp32")
+    dtype: str = arg("auto", Flag(choices=DTYPES), "auto (bf16 where native, fp16 on older GPUs, else fp32), bf16, "
+                     "fp16 or fp32")
     compile: str = arg("auto", Flag(choices=("auto", "on", "off")), "torch.compile the model: on, off, or auto (on "
                        "for CUDA and CPU, falling back to eager if compilation fails)")
     seed: int = arg(1337, Flag(int, lo=0, hi=2**32 - 1), "random seed (model init, data order, dropout, sampling)")
@@ -608,18 +496,16 @@ class TrainConfig:
                             "(e.g. while rank 0 writes a checkpoint) before NCCL/gloo abort the job")
     # periodic work, in optimizer steps
     eval_every: int = arg(250, Flag(int, lo=0), "val loss every this many steps (0 = off)")
-    val_tokens: int = arg(20 * 65536, Flag(int, lo=1), "val tokens per evaluation: always the same first ones of "
-                          "the val split")
+    val_tokens: int = arg(20 * 65536, Flag(int, lo=1), "val tokens per evaluation: always the val split's first")
     sample_every: int = arg(250, Flag(int, lo=0), "print samples every this many steps (0 = off)")
-    prompt: str = arg("Hello, I'm a language model,", Flag(empty=True), "prompt for the samples printed during "
-                      "training")
+    prompt: str = arg("Hello, I'm a language model,", Flag(empty=True), "prompt of the samples during training")
     hellaswag_every: int = arg(0, Flag(int, lo=0), "HellaSwag accuracy every this many steps (0 = off)")
     hellaswag_data: str = arg(None, Flag(path="file", hint="; give a HellaSwag .jsonl, or drop the flag to download "
                                          "the official file"),
                               "local hellaswag_val.jsonl; None: download the official file once")
     hellaswag_limit: int = arg(0, Flag(int, lo=0), "score only the first N HellaSwag examples (0 = all 10,042)")
-    checkpoint_every: int = arg(5000, Flag(int, lo=0), "write model_<step>.pt every this many steps, and at the "
-                                "end (0 = off)")
+    checkpoint_every: int = arg(5000, Flag(int, lo=0), "write model_<step>.pt every this many steps and at the end "
+                                "(0 = off)")
     keep_checkpoints: int = arg(0, Flag(int, lo=0), "keep only the newest K model_*.pt (and the newest one known "
                                 "to give a finite loss); older ones are deleted once a newer one is written (0 = "
                                 "keep all)")
@@ -673,24 +559,7 @@ def train(cfg):
                 dist.barrier()
             raise Stopped(stop_for)
 
-        # ---- periodic work, on s.model (no DDP hooks); every rank takes part ----
-        # Eagerly: under FSDP the blocks of s.model are compiled in place (shard_model), and evaluation's other
-        # shapes (val batches, HellaSwag's row lengths, the KV cache's growing context) would compile them again
-        # and again; force_eager runs compiled code as plain Python, leaving the training graphs untouched.
-        with torch.compiler.set_stance("force_eager"):
-            if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-                # the loss on text never trained on: falling train loss alone could be memorization
-                val_loss = evaluate_loss(s.model, s.val_shards, cfg.val_tokens, s.batch_size, cfg.seq_len, rt,
-                                         cfg.fsdp)
-                log(f"{step} val {val_loss:.6f}", f"step {step:5d} | val loss {val_loss:.6f}")
-            if hella is not None and (step % cfg.hellaswag_every == 0 or last):
-                acc = accuracies(hellaswag_totals(s.model, hella, enc, s.batch_size, rt, cfg.fsdp))
-                log(f"{step} hella {acc['acc_norm']:.6f}",
-                    f"step {step:5d} | hellaswag acc_norm {acc['acc_norm']:.4f} ({acc['n']} examples)")
-            # under FSDP every rank samples (the same texts): each forward needs the shards of all of them
-            if cfg.sample_every and (rt.master or cfg.fsdp) and step > 0 and (step % cfg.sample_every == 0 or last):
-                for i, text in enumerate(sample_texts(s.model, enc, cfg.prompt, 4, 32, rt, seed=cfg.seed + step)):
-                    log.print(f"sample {i}: {text!r}")
+        periodic_work(s, cfg, rt, log, hella, enc, step, last)  # val loss, HellaSwag, samples: every rank
         if cfg.checkpoint_every and step > s.step and (step % cfg.checkpoint_every == 0 or last):
             checkpoint(ckpt_path, step)
             new_ckpt = ckpt_path
@@ -724,18 +593,29 @@ def train(cfg):
         # MFU, model FLOPs utilization (PaLM paper, appendix B): the FLOPs the model needs per second, as a share
         # of what the hardware can do at best. 40-50% is good on GPUs; time lost elsewhere shows up here
         mfu, peak = mfu_percent(tok_s, flops, peak, rt)  # a CPU's peak is measured again if this beats it
-        # the time left: the median of the last 20 steps (a compile or a slow step moves it little) x steps left
-        step_times = step_times[-19:] + [dt]
-        left = float(np.median(step_times)) * (cfg.max_steps - step - 1)
-        log(f"{step} train {loss:.6f}",
-            f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm.item():.4f} | {1000 * dt:.1f} ms | "
-            f"{tok_s:,.0f} tok/s | MFU " + (f"{mfu:.1f}%" if mfu is not None else "n/a") +
-            (" (above 100%: the CPU's measured peak is too low; was it busy?)" if mfu and mfu > 100 else "") +
-            f" | ETA {format_duration(left)}",
-            {"train/lr": lr, "train/grad_norm": norm.item(), "train/tok_per_s": tok_s, "train/mfu": mfu})
-        if len(step_times) == 5 and step + 1 < cfg.max_steps:
-            log.print(f"at {float(np.median(step_times)):.3g} s a step, the {cfg.max_steps - step - 1} steps left take "
-                      f"about {format_duration(left)} (evaluations, samples and checkpoints come on top)")
+        step_times = step_times[-19:] + [dt]  # the recent steps' times, for the time left
+        log.step(step, loss, lr, norm.item(), dt, tok_s, mfu, step_times, cfg.max_steps)
+
+
+def periodic_work(s, cfg, rt, log, hella, enc, step, last):
+    """Every so often, and after the last step: the val loss, HellaSwag, samples. On s.model (no DDP hooks);
+    every rank takes part."""
+    # Eagerly: under FSDP the blocks of s.model are compiled in place (shard_model), and evaluation's other
+    # shapes (val batches, HellaSwag's row lengths, the KV cache's growing context) would compile them again
+    # and again; force_eager runs compiled code as plain Python, leaving the training graphs untouched.
+    with torch.compiler.set_stance("force_eager"):
+        if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+            # the loss on text never trained on: falling train loss alone could be memorization
+            val_loss = evaluate_loss(s.model, s.val_shards, cfg.val_tokens, s.batch_size, cfg.seq_len, rt, cfg.fsdp)
+            log(f"{step} val {val_loss:.6f}", f"step {step:5d} | val loss {val_loss:.6f}")
+        if hella is not None and (step % cfg.hellaswag_every == 0 or last):
+            acc = accuracies(hellaswag_totals(score, s.model, hella, enc, s.batch_size, rt, cfg.fsdp))
+            log(f"{step} hella {acc['acc_norm']:.6f}",
+                f"step {step:5d} | hellaswag acc_norm {acc['acc_norm']:.4f} ({acc['n']} examples)")
+        # under FSDP every rank samples (the same texts): each forward needs the shards of all of them
+        if cfg.sample_every and (rt.master or cfg.fsdp) and step > 0 and (step % cfg.sample_every == 0 or last):
+            for i, text in enumerate(sample_texts(s.model, enc, cfg.prompt, 4, 32, rt, seed=cfg.seed + step)):
+                log.print(f"sample {i}: {text!r}")
 
 
 def train_step(model, optimizer, scaler, loader, grad_accum, lr, grad_clip, rt, fsdp=False, sync_once=True):
@@ -815,16 +695,12 @@ def build_state(cfg, rt):
     # --seed sets the initial weights (the same on every rank: FSDP shards each rank's copy), the data order
     # (DataLoader) and, through rank_seed below, each rank's own dropout stream
     torch.manual_seed(cfg.seed)
-    model = init_model or GPT(config)
-    model.to(rt.device)
+    model = (init_model or GPT(config)).to(rt.device)
     model.grad_checkpoint, model.dropout = bool(cfg.grad_checkpoint), cfg.dropout
     compile_model = use_compile(cfg.compile, rt)
     if cfg.fsdp:  # before the optimizer and the checkpoint load, which both work on the shards
         shard_model(model, rt, compile_model)
-    if cfg.batch_size == "auto":
-        batch_size = train_extras.auto_batch_size(model, max_batch, cfg, rt)
-    else:
-        batch_size = cfg.batch_size
+    batch_size = train_extras.auto_batch_size(model, max_batch, cfg, rt) if cfg.batch_size == "auto" else cfg.batch_size
     grad_accum = grad_accum_steps(cfg.total_batch_size, batch_size, cfg.seq_len, rt.world_size)
     # after --batch_size auto, whose trial steps on a GPU draw from its generator: the stream starts here
     torch.manual_seed(rank_seed(cfg.seed, rt.rank))  # each rank its own stream, on the CPU and its GPU
@@ -847,10 +723,7 @@ def wrap_model(model, cfg, rt, compile_model):
     if compile_model:
         # Why compile: it fuses the elementwise work around the matmuls (casts, GELU, LayerNorm, the softmax of
         # the loss) into few kernels that read memory once, instead of one kernel and one pass per operation
-        import torch._dynamo as dynamo
-        dynamo.config.suppress_errors = cfg.compile == "auto"  # auto: no C++ compiler? run eager
-        if rt.ddp and cfg.grad_checkpoint and torch_version() < (2, 6):
-            dynamo.config.optimize_ddp = False  # DDPOptimizer could not split checkpointed blocks before 2.6
+        torch._dynamo.config.suppress_errors = cfg.compile == "auto"  # auto: no C++ compiler? run eagerly
         model = model if cfg.fsdp else torch.compile(model)  # FSDP: each block is compiled (shard_model)
     if rt.ddp and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -904,13 +777,10 @@ def render_example(example, enc):
 
 @torch.no_grad()
 def ending_losses(model, rendered, device="cpu", batch_size=16, autocast=contextlib.nullcontext, progress=False):
-    """Summed cross-entropy of each ending and its token count: two (n, 4) tensors, in `rendered` order.
-    The model should be in eval mode (score() sees to it).
-
-    A row is context + ending. Rows longer than block_size lose tokens from the LEFT (the start of the
-    context), so the whole ending is always kept; in the extreme case that the ending alone fills the block,
-    its first token has no context and is not scored. Real HellaSwag (<= 166 tokens) is never truncated.
-    """
+    """Summed cross-entropy of each ending and its token count: two (n, 4) tensors, in `rendered` order, from a
+    model in eval mode (score() sees to it). A row is context + ending; rows longer than block_size lose tokens
+    from the LEFT, so the whole ending is kept (an ending that fills the block alone has its first token, which
+    has no context, unscored). Real HellaSwag (<= 166 tokens) is never truncated."""
     from tqdm import tqdm
 
     block_size = model.config.block_size
@@ -978,38 +848,6 @@ def accuracies(counts):
     return dict(n=n, acc=int(counts["correct"]) / max(n, 1), acc_norm=int(counts["correct_norm"]) / max(n, 1))
 
 
-def hellaswag_totals(model, examples, enc, batch_size, rt, fsdp):
-    """HellaSwag counts {n, correct, correct_norm}, summed over the ranks. Under FSDP each forward gathers
-    weights from every rank, so all ranks must run the same number: the examples that do not split evenly
-    are scored on every rank and counted once; and the root's weights, which the calls to features() and
-    head() (not forward()) would find sharded, are gathered for the duration."""
-    split = len(examples) - len(examples) % rt.world_size if fsdp else len(examples)
-    with gathered_root(model, rt, fsdp):
-        parts = [score(model, examples[:split], enc, rt.device, batch_size, rt.autocast, rt.rank, rt.world_size)]
-        if split < len(examples):
-            rest = score(model, examples[split:], enc, rt.device, batch_size, rt.autocast)
-            parts.append(rest if rt.master else dict.fromkeys(rest, 0))
-    keys = ("n", "correct", "correct_norm")
-    totals = torch.tensor([sum(p[k] for p in parts) for k in keys], device=rt.device)
-    if rt.ddp:
-        dist.all_reduce(totals)
-    return dict(zip(keys, totals.tolist()))
-
-
-def load_hellaswag(cfg, rt):
-    """The HellaSwag examples for --hellaswag_every: --hellaswag_data, or the official file (downloaded
-    once per machine, by its local rank 0, into the cache of its copy of this program, and
-    verifies it)."""
-    try:
-        if rt.local_rank == 0:  # one download per node, then every rank reads its node's cached file
-            hellaswag_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit)
-        if rt.ddp:
-            dist.barrier()
-        return hellaswag_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit)
-    except UserError as e:
-        raise UserError(f"{e}; fix --hellaswag_data or leave --hellaswag_every at 0") from None
-
-
 class KVCache:
     """Keys and values of every token seen so far, per layer, so sampling feeds one new token per step."""
 
@@ -1031,12 +869,9 @@ class KVCache:
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
-    """Continues idx (B, T) by max_new_tokens tokens. temperature 0 is greedy decoding.
-
-    With the KV cache each new token costs one position's forward instead of the whole context's.
-    When the context fills the block size, the cache is rebuilt from the last block_size tokens: exactly
-    what recomputing the cropped context does, so both paths give the same tokens.
-    """
+    """Continues idx (B, T) by max_new_tokens tokens; temperature 0 is greedy decoding. With the KV cache each new
+    token costs one position's forward instead of the whole context's; when the context fills the block size, the
+    cache is rebuilt from the last block_size tokens, as recomputing the cropped context does (same tokens)."""
     model.eval()
     block_size = model.config.block_size
     cache = None
@@ -1062,6 +897,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=
 
 
 def sample_texts(model, enc, prompt, num_samples, max_new_tokens, rt, temperature=1.0, top_k=50, seed=0):
+    """num_samples continuations of prompt, as text, from a seeded generator of their own."""
     tokens = enc.encode(prompt, allowed_special="all")
     if not tokens:
         raise UserError("the prompt is empty; give some text to continue")
@@ -1076,34 +912,15 @@ def sample_texts(model, enc, prompt, num_samples, max_new_tokens, rt, temperatur
 # 7. Checking the flags, and a trained model back from disk (the plumbing is in train_plumbing.py)
 
 
-# ---- checks of the flags ----
-
-
 def check_config(cfg, world_size):
     """Every flag against what it accepts (its Flag in TrainConfig), then the flags against each other, before any
     device or process-group setup: a typo costs nothing, and under torchrun no rank starts NCCL/gloo only to stop
     again. The first problem found is the error."""
-    check_flags(cfg, {f.name: f.metadata["flag"] for f in dataclasses.fields(TrainConfig)})
-    problems = [  # (is it wrong?, what to say)
-        (cfg.resume and cfg.init_from, "--resume and --init_from exclude each other: resume continues a run, init_from starts one"),
-        (cfg.init_step and not cfg.init_from, "--init_step needs --init_from: it is where the schedule starts for those weights"),
-        (not 0 <= cfg.init_step < cfg.max_steps, f"--init_step must be in [0, --max_steps), got {cfg.init_step}"),
-        (cfg.fsdp and cfg.batch_size == "auto", "--batch_size auto measures an unsharded model; give --batch_size N with --fsdp 1"),
-    ]
-    for wrong, message in problems:
-        if wrong:
-            raise UserError(message)
-    if cfg.init_from and os.path.isdir(cfg.init_from) and not os.path.isfile(f"{cfg.init_from}/config.json"):
-        raise UserError(f"{cfg.init_from} has no config.json; give a Hugging Face GPT-2 directory")
+    check_train_flags(cfg, {f.name: f.metadata["flag"] for f in dataclasses.fields(TrainConfig)})  # plumbing
     if not cfg.resume and not cfg.init_from:
         model_config(cfg)  # the shape flags (a resumed or fine-tuned model's shape is checked once it is read)
     grad_accum_steps(cfg.total_batch_size, None if cfg.batch_size == "auto" else cfg.batch_size, cfg.seq_len,
                      world_size)
-    if cfg.sample_every and not get_encoding().encode(cfg.prompt, allowed_special="all"):
-        raise UserError("--prompt is empty; give some text for the samples (or --sample_every 0)")
-    check_log_dir(cfg)  # an earlier run's log is never overwritten
-    if cfg.wandb_project is not None:
-        import_wandb()  # missing: say so before anything is written
 
 
 def model_config(cfg, ckpt=None, init_model=None):
@@ -1120,16 +937,12 @@ def model_config(cfg, ckpt=None, init_model=None):
         config = given
     if config.n_embd % config.n_head:
         raise UserError(f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}; change one of them")
-    if cfg.seq_len > config.block_size:
-        raise UserError(f"--seq_len {cfg.seq_len} is larger than the model's block size {config.block_size}; "
-                        f"use --seq_len {config.block_size} or less")
+    check_seq_len(cfg.seq_len, config.block_size)
     return config
 
 
-# ---- a model from disk ----
-
-
 def model_from_checkpoint(ckpt, path="checkpoint"):
+    """The GPT a checkpoint dict holds (load_checkpoint's, whatever program wrote the file)."""
     try:
         model = GPT(GPTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
@@ -1146,11 +959,7 @@ def load_model(path_or_name, report=False):
         return GPT.from_pretrained(path_or_name)
     ckpt = load_checkpoint(path_or_name)
     if report:
-        step = ckpt.get("step")
-        print(f"--init_from {path_or_name}: the weights of a {ckpt.get('source', 'train_gpt2.py')} checkpoint at "
-              f"step {'?' if step is None else step}, with a new AdamW optimizer and the data from its start; "
-              + (f"--init_step {step} with {schedule_flags(ckpt)} continues its learning-rate schedule"
-                 if step else "the learning-rate schedule starts at --init_step"))
+        print(init_report(path_or_name, ckpt))
     return model_from_checkpoint(ckpt, path_or_name)
 
 
@@ -1159,115 +968,43 @@ def load_model(path_or_name, report=False):
 
 
 def train_main(argv):
-    parser = FlagParser(prog="train_gpt2.py", description="Train GPT-2. Subcommands: sample, export, plot, "
-                        "evaluate (python train_gpt2.py sample --help).")
-    for f in dataclasses.fields(TrainConfig):
-        parser.flag(f.name, f.metadata["flag"], f.default, f.metadata["help"])
-    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    cfg = FlagParser.dataclass(TrainConfig, argv, prog="train_gpt2.py", description="Train GPT-2. Subcommands: "
+                               "sample, export, plot, evaluate (python train_gpt2.py sample --help).")
     try:
         train(cfg)
     finally:
-        if dist.is_initialized():
-            gc.collect()  # free the DDP wrapper (and its hold on the process group) before destroying the group
-            dist.destroy_process_group()
+        end_process_group()  # torchrun: the ranks leave the process group together
 
 
 def sample_main(argv):
-    parser = FlagParser(prog="train_gpt2.py sample", description="Generate text from a model.")
-    parser.flag("checkpoint", Flag(path="exists", also=tuple(PRESETS), hint="; give a model_*.pt, a Hugging Face "
-                "GPT-2 directory or one of " + ", ".join(PRESETS)), "gpt2", "a checkpoint file (ours, "
-                "build-nanogpt's, nanoGPT's or llm.c's), or Hugging Face GPT-2 weights: a name (gpt2, gpt2-medium, "
-                "...) or a directory")
-    parser.flag("prompt", Flag(), "Hello, I'm a language model,", "text to continue")
-    parser.flag("max_new_tokens", Flag(int, lo=1), 64, "tokens to generate")
-    parser.flag("num_samples", Flag(int, lo=1, hi=4096), 4, "continuations per prompt (one batch)")
-    parser.flag("temperature", Flag(float, lo=0), 1.0, "0 = greedy")
-    parser.flag("top_k", Flag(int, lo=0), 50, "sample among the k likeliest tokens, 0 = all")
-    parser.flag("seed", Flag(int, lo=0, hi=2**32 - 1), 1337, "random seed")
-    parser.flag("device", Flag(choices=DEVICES), "auto", "auto, cpu, cuda or mps")
-    parser.flag("dtype", Flag(choices=DTYPES), "auto", "auto, bf16, fp16 or fp32")
-    parser.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, "
-                        "until end of input")
-    args = parser.parse(argv)
-    if not args.interactive and not args.prompt.strip():
-        raise UserError("--prompt is empty; give some text to continue")
+    args = train_extras.sample_args(argv, PRESETS)  # the flags of each subcommand are train_extras.py's
     rt = setup_runtime(args.device, args.dtype)
-    model = load_model(args.checkpoint).to(rt.device)
-    enc = get_encoding()
-    ask = "prompt> " if sys.stdin.isatty() else ""  # no prompt text in piped output
-    prompts = iter(lambda: input(ask), None) if args.interactive else [args.prompt]
-    try:
-        for prompt in prompts:
-            if not prompt.strip():
-                continue
-            texts = sample_texts(model, enc, prompt, args.num_samples, args.max_new_tokens, rt,
-                                 args.temperature, args.top_k, args.seed)
-            for i, text in enumerate(texts):
-                print(f"--- sample {i}\n{text}", flush=True)
-    except EOFError:
-        pass
+    model, enc = load_model(args.checkpoint).to(rt.device), get_encoding()
+    for prompt in train_extras.prompts(args):  # --prompt, or with --interactive each line of stdin
+        texts = sample_texts(model, enc, prompt, args.num_samples, args.max_new_tokens, rt, args.temperature,
+                             args.top_k, args.seed)
+        print("".join(f"--- sample {i}\n{text}\n" for i, text in enumerate(texts)), end="", flush=True)
 
 
 def export_main(argv):
-    parser = FlagParser(prog="train_gpt2.py export",
-                        description="Write a checkpoint as a Hugging Face GPT-2 directory.")
-    parser.flag("checkpoint", Flag(path="file"), None, "a checkpoint file (required): ours, or build-nanogpt's, "
-                "nanoGPT's or llm.c's", required=True)
-    parser.flag("out", Flag(path="out_dir"), None, "output directory (required)", required=True)
-    args = parser.parse(argv)
+    args = train_extras.export_args(argv)
     train_extras.export(model_from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint), args.out)
 
 
 def evaluate_main(argv):
-    parser = FlagParser(prog="train_gpt2.py evaluate", description="A model's mean loss, perplexity and bits per "
-                        "byte on a text file or a shard directory's val split.")
-    parser.flag("checkpoint", Flag(path="exists", also=tuple(PRESETS), hint="; give a checkpoint file, a Hugging "
-                "Face GPT-2 directory or one of " + ", ".join(PRESETS)), None, "required: a checkpoint file (ours, "
-                "build-nanogpt's, nanoGPT's or llm.c's) or Hugging Face GPT-2 weights: a name (gpt2, ...) or a "
-                "directory", required=True)
-    parser.flag("data", Flag(path="exists"), None, "required: a text file (all of it), or a directory of token "
-                "shards (its val split)", required=True)
-    parser.flag("tokens", Flag(int, lo=0), 0, "evaluate only the first N tokens (0 = all)")
-    parser.flag("seq_len", Flag(int, lo=0), 0, "tokens of context per window (0 = the model's block size)")
-    parser.flag("batch_size", Flag(int, lo=1), 8, "windows per forward")
-    parser.add_argument("--per_token", action="store_true", help="print every token with its loss")
-    parser.flag("device", Flag(choices=DEVICES), "auto", "auto, cpu, cuda or mps")
-    parser.flag("dtype", Flag(choices=DTYPES), "fp32", "fp32 (full precision), or autocast to bf16, fp16, auto")
-    args = parser.parse(argv)
+    args = train_extras.evaluate_args(argv, PRESETS)
     rt = setup_runtime(args.device, args.dtype)
-    model = load_model(args.checkpoint).to(rt.device)
-    seq_len = args.seq_len or model.config.block_size
-    if seq_len > model.config.block_size:
-        raise UserError(f"--seq_len {seq_len} is larger than the model's block size {model.config.block_size}; "
-                        f"use --seq_len {model.config.block_size} or less")
-    enc = get_encoding()
-    if os.path.isdir(args.data):  # the val split's shards, only as far as --tokens reaches
-        tokens = first_tokens(load_split(args.data, "val"), args.tokens + 1 if args.tokens else None)
+    train_extras.evaluate(load_model(args.checkpoint).to(rt.device), args, rt)
+
+
+@cli  # a mistake as one line and exit code 2, a signal as its exit code, Ctrl-C before training as 130
+def main(argv):
+    commands = {"sample": sample_main, "export": export_main, "evaluate": evaluate_main,
+                "plot": train_extras.plot_main}  # export, plot, evaluate: the work is train_extras.py's
+    if argv and argv[0] in commands:
+        commands[argv[0]](argv[1:])
     else:
-        tokens = text_tokens(args.data)[: args.tokens + 1 if args.tokens else None]
-    if len(tokens) < 2:
-        raise UserError(f"{args.data} has {len(tokens)} token; give at least two (the first has no loss)")
-    train_extras.evaluate(model, enc, tokens, seq_len, args.batch_size, args.per_token, rt,
-                          dict(model=args.checkpoint, data=args.data))
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        commands = {"sample": sample_main, "export": export_main, "evaluate": evaluate_main,
-                    "plot": train_extras.plot_main}  # export, plot, evaluate: the work is train_extras.py's
-        if argv and argv[0] in commands:
-            commands[argv[0]](argv[1:])
-        else:
-            train_main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Stopped as e:  # a signal during training: the checkpoint is written
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:  # Ctrl-C before training started (or in sample): nothing to save
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        train_main(argv)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import ctypes
 import dataclasses
 import datetime
 import functools
+import gc
 import glob
 import hashlib
 import json
@@ -185,17 +186,36 @@ class FlagParser(argparse.ArgumentParser):
         check_flags(args, self.flags)
         return args
 
+    @classmethod
+    def dataclass(cls, config_class, argv, **kwargs):
+        """A config_class (whose fields are arg()s) from the command line argv, parsed, not yet checked: its own
+        check (train_gpt2.check_config) runs once the world size is known."""
+        parser = cls(**kwargs)
+        for f in dataclasses.fields(config_class):
+            parser.flag(f.name, f.metadata["flag"], f.default, f.metadata["help"])
+        return config_class(**vars(parser.parse_args(argv)))
+
+
+def arg(default, flag, help):
+    """A config field with the one-line help that --help shows and the Flag that says what it accepts."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
+
 
 def cli(main):
-    """A command's entry point: main(argv) with a UserError as one line on stderr and exit code 2."""
+    """A command's entry point: main(argv) with a UserError as one line on stderr and exit code 2; a signal that
+    stopped training (its checkpoint written) as the signal's exit code; Ctrl-C before that as 130, no traceback."""
     def run(argv=None):
         try:
             return main(sys.argv[1:] if argv is None else argv)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except Stopped as e:
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
     return run
-
 
 
 # ---- the runtime: device, dtype, distributed ----
@@ -299,6 +319,14 @@ def setup_runtime(device="auto", dtype="auto", check=None, dist_timeout=60):
     return Runtime(ddp, rank, local_rank, world_size, rank == 0, device, device_type, dtype, local_world_size)
 
 
+def end_process_group():
+    """Under torchrun, leaves the process group at the end of training (a no-op otherwise). The DDP wrapper is freed
+    first (gc), as it holds the group and destroying the group under it can hang or abort."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
+
+
 def keep_freed_memory():
     """On Linux with glibc, keep the memory that tensors free for the next allocation instead of handing it back
     to the operating system. Returns whether it could.
@@ -369,6 +397,39 @@ def use_compile(flag, rt):
 
 
 # ---- checks that need the runtime or a checkpoint ----
+
+
+def check_train_flags(cfg, flags):
+    """The training flags that need no model: each against its Flag, the pairs that exclude each other, the
+    prompt, the log directory (an earlier run's log is never overwritten), wandb's import (missing: said before
+    anything is written). train_gpt2.check_config adds the model's shape and the batch arithmetic."""
+    check_flags(cfg, flags)
+    problems = [  # (is it wrong?, what to say)
+        (cfg.resume and cfg.init_from, "--resume and --init_from exclude each other: resume continues a run, "
+         "init_from starts one"),
+        (cfg.init_step and not cfg.init_from, "--init_step needs --init_from: it is where the schedule starts for "
+         "those weights"),
+        (not 0 <= cfg.init_step < cfg.max_steps, f"--init_step must be in [0, --max_steps), got {cfg.init_step}"),
+        (cfg.fsdp and cfg.batch_size == "auto", "--batch_size auto measures an unsharded model; give --batch_size N "
+         "with --fsdp 1"),
+        (cfg.init_from and os.path.isdir(cfg.init_from) and not os.path.isfile(f"{cfg.init_from}/config.json"),
+         f"{cfg.init_from} has no config.json; give a Hugging Face GPT-2 directory"),
+        (cfg.sample_every and not get_encoding().encode(cfg.prompt, allowed_special="all"),
+         "--prompt is empty; give some text for the samples (or --sample_every 0)"),
+    ]
+    for wrong, message in problems:
+        if wrong:
+            raise UserError(message)
+    check_log_dir(cfg)
+    if cfg.wandb_project is not None:
+        import_wandb()
+
+
+def check_seq_len(seq_len, block_size):
+    """--seq_len against the model's block size (its position table has no row past it)."""
+    if seq_len > block_size:
+        raise UserError(f"--seq_len {seq_len} is larger than the model's block size {block_size}; use --seq_len "
+                        f"{block_size} or less")
 
 
 def check_fsdp(cfg, rt):
@@ -449,6 +510,90 @@ def check_data_order(cfg, ckpt, master):
         print(f"{ckpt['path']} is from before --shuffle: the data continues in file order")
 
 
+# ---- token files: shards and text ----
+
+
+def load_tokens(path):
+    """A uint16 token shard, memory-mapped: it is read from disk only as batches need it. A .npy (fineweb.py,
+    build-nanogpt) or llm.c's .bin, whose 256-int32 header read_llmc_tokens checks."""
+    if path.endswith(".bin"):
+        arr = read_llmc_tokens(path)
+    else:
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as e:
+            raise UserError(f"{path} is not a readable .npy token shard ({e}); re-create it with fineweb.py") from None
+        if arr.dtype != np.uint16 or arr.ndim != 1:
+            raise UserError(f"{path} holds {arr.dtype} of shape {arr.shape}, expected a 1-D uint16 token array; "
+                            "re-create it with fineweb.py")
+    # one pass over the shard (~0.1 s per 100M tokens): another tokenizer's ids would be an infinite loss, or
+    # on a GPU a device-side assert, much later
+    if len(arr) and (top := int(arr.max())) >= GPT2_VOCAB:
+        raise UserError(f"{path} holds token id {top}, but GPT-2's ids end at {GPT2_VOCAB - 1}: it was made "
+                        "with another tokenizer; re-create it with fineweb.py")
+    return arr
+
+
+def shard_paths(data_dir, split):
+    """The shards of one split ("train"/"val") in a directory: the .npy (or llm.c .bin) files with that word in
+    their name (edufineweb_val_000000.npy, fineweb_val_000000.bin), ordered by the number in their name."""
+    paths = [p for p in glob.glob(os.path.join(data_dir, "*.npy")) + glob.glob(os.path.join(data_dir, "*.bin"))
+             if split in re.split(r"[^a-z]+", os.path.basename(p).lower())]
+    return sorted(paths, key=lambda p: [int(n) for n in re.findall(r"\d+", os.path.basename(p))] or [0])
+
+
+def load_splits(data, splits=("train", "val")):
+    """Token arrays of each split, as a list per split. data is a directory of .npy shards, or a text file (read
+    and tokenized once) of which the last 10% is the val split."""
+    if os.path.isdir(data):
+        paths = {split: shard_paths(data, split) for split in splits}
+        for split in splits:
+            if not paths[split]:
+                raise UserError(f"{data} has no {split} shards (*{split}*.npy or .bin); create them with fineweb.py")
+        return [[load_tokens(p) for p in paths[split]] for split in splits]
+    tokens = text_tokens(data)  # read and tokenized once, for both splits
+    n_val = len(tokens) // 10  # the val split is the end of the text: no sentence is in both
+    return [[tokens[: len(tokens) - n_val]] if split == "train" else [tokens[len(tokens) - n_val:]] for split in splits]
+
+
+def load_split(data, split):
+    """Token arrays of one split (load_splits)."""
+    return load_splits(data, (split,))[0]
+
+
+def text_tokens(path):
+    """The GPT-2 tokens of a UTF-8 text file, as uint16."""
+    if not os.path.isfile(path):
+        raise UserError(f"--data {path} does not exist; give a text file or a directory of .npy shards")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8 first") from None
+    if not text.strip():
+        raise UserError(f"{path} is empty; give a text file with some text in it")
+    # encode_ordinary: text that happens to contain "<|endoftext|>" is just text, not the special token
+    return np.array(get_encoding().encode_ordinary(text), dtype=np.uint16)
+
+
+def shards_that_fill(shards, n, rank=0):
+    """The shards with at least n tokens (one micro-batch); a shorter one is skipped with a warning, and none
+    long enough is an error that says what to lower."""
+    short = [s for s in shards if len(s) < n]
+    names = ", ".join(f"{getattr(s, 'filename', None) or 'the text'} ({len(s)} tokens)" for s in short)
+    if len(short) == len(shards):
+        raise UserError(f"no train data fills one micro-batch of batch_size*seq_len+1 = {n} tokens: {names}; "
+                        "lower --batch_size or --seq_len, or use more data")
+    if short and rank == 0:
+        print(f"warning: skipping train shards shorter than one micro-batch ({n} tokens): {names}", file=sys.stderr)
+    return [s for s in shards if len(s) >= n]
+
+
+def first_tokens(shards, n=None):
+    """The first n tokens of a split (None: all of it), across its shards, reading no more of them than that."""
+    return np.concatenate([np.asarray(s[:n]) for s in shards])[:n]
+
+
 # ---- the run's log ----
 
 
@@ -497,6 +642,20 @@ class RunLog:
             self.tracker.log({"step": int(step), kind: float(value),
                               **{k: v for k, v in (extra or {}).items() if v is not None}})
         self.print(line)
+
+    def step(self, step, loss, lr, norm, dt, tok_s, mfu, step_times, max_steps):
+        """The line of one optimizer step, with the time left: the median of the recent steps' times (a compile
+        or one slow step moves it little) times the steps left."""
+        left = float(np.median(step_times)) * (max_steps - step - 1)
+        self(f"{step} train {loss:.6f}",
+             f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | {1000 * dt:.1f} ms | "
+             f"{tok_s:,.0f} tok/s | MFU " + (f"{mfu:.1f}%" if mfu is not None else "n/a") +
+             (" (above 100%: the CPU's measured peak is too low; was it busy?)" if mfu and mfu > 100 else "") +
+             f" | ETA {format_duration(left)}",
+             {"train/lr": lr, "train/grad_norm": norm, "train/tok_per_s": tok_s, "train/mfu": mfu})
+        if len(step_times) == 5 and step + 1 < max_steps:
+            self.print(f"at {float(np.median(step_times)):.3g} s a step, the {max_steps - step - 1} steps left take "
+                       f"about {format_duration(left)} (evaluations, samples and checkpoints come on top)")
 
     def print(self, line):
         if self.rt.master and line is not None:
@@ -845,6 +1004,20 @@ def out_of_memory_error(step, s, cfg, rt):
                      "keeps --total_batch_size)")
 
 
+# ---- memory: how many rows one block of the loss takes ----
+
+
+def loss_block_budget(device):
+    """Bytes of fp32 logits one block of the loss may hold (an eager block holds 1.5 times that at most). On a CPU
+    (and MPS) 64 MiB: 256 rows at GPT-2's vocabulary, from which the loss runs at full speed (`python
+    bench/bench_train.py --only blocks` times each block size). On a GPU, where launches matter more, 1/64 of its
+    memory, at most 1 GiB: 4096 rows on an 80-141 GB card (1.04x the plain loss's speed on an H200 where 256 rows
+    were 0.90x), 1024 on a 24 GB one, 256 on a 4 GB GTX 960."""
+    if device.type != "cuda":
+        return 64 << 20
+    return min(1 << 30, torch.cuda.get_device_properties(device).total_memory // 64)
+
+
 # ---- FLOPs, for MFU ----
 
 
@@ -1125,6 +1298,38 @@ def hellaswag_examples(path=None, split="val", limit=0):
     return examples[:limit] if limit > 0 else examples
 
 
+def load_hellaswag(cfg, rt):
+    """The HellaSwag examples for --hellaswag_every: --hellaswag_data, or the official file (downloaded
+    once per machine, by its local rank 0, into the cache of its copy of this program, and
+    verifies it)."""
+    try:
+        if rt.local_rank == 0:  # one download per node, then every rank reads its node's cached file
+            hellaswag_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit)
+        if rt.ddp:
+            dist.barrier()
+        return hellaswag_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit)
+    except UserError as e:
+        raise UserError(f"{e}; fix --hellaswag_data or leave --hellaswag_every at 0") from None
+
+
+def hellaswag_totals(score, model, examples, enc, batch_size, rt, fsdp):
+    """HellaSwag counts {n, correct, correct_norm} from score (train_gpt2.score), summed over the ranks. Under
+    FSDP each forward gathers weights from every rank, so all ranks must run the same number: the examples that
+    do not split evenly are scored on every rank and counted once; and the root's weights, which the calls to
+    features() and head() (not forward()) would find sharded, are gathered for the duration."""
+    split = len(examples) - len(examples) % rt.world_size if fsdp else len(examples)
+    with gathered_root(model, rt, fsdp):
+        parts = [score(model, examples[:split], enc, rt.device, batch_size, rt.autocast, rt.rank, rt.world_size)]
+        if split < len(examples):
+            rest = score(model, examples[split:], enc, rt.device, batch_size, rt.autocast)
+            parts.append(rest if rt.master else dict.fromkeys(rest, 0))
+    keys = ("n", "correct", "correct_norm")
+    totals = torch.tensor([sum(p[k] for p in parts) for k in keys], device=rt.device)
+    if rt.ddp:
+        dist.all_reduce(totals)
+    return dict(zip(keys, totals.tolist()))
+
+
 # ---- Hugging Face GPT-2 weights ----
 
 # Hugging Face stores these four as Conv1D, (in, out): the transpose of nn.Linear's (out, in).
@@ -1187,6 +1392,16 @@ def hf_to_ours(sd_hf, padded_vocab_size):
     sd["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(padded_vocab_size - wte.size(0), wte.size(1))])
     sd["lm_head.weight"] = sd["transformer.wte.weight"]
     return sd
+
+
+def load_hf_weights(model, sd_hf, path):
+    """Hugging Face GPT-2 weights into our model (hf_to_ours), or one line saying they are not GPT-2's."""
+    try:
+        model.load_state_dict(hf_to_ours(sd_hf, model.config.padded_vocab_size))
+    except KeyError as e:
+        raise UserError(f"the weights in {path} are not GPT-2's (no {e})") from None
+    except RuntimeError as e:
+        raise UserError(f"the weights in {path} are not GPT-2's ({str(e).splitlines()[0][:200]})") from None
 
 
 # ---- other programs' checkpoints: build-nanogpt, nanoGPT, llm.c ----
@@ -1253,6 +1468,15 @@ def schedule_flags(ckpt):
         return (f"--max_lr {c['learning_rate']} --warmup_steps {c['warmup_iters']} --max_steps {c['lr_decay_iters']} "
                 f"--min_lr_ratio {c['min_lr'] / c['learning_rate']:.4g} (from its config)")
     return "its --max_steps and --warmup_steps"
+
+
+def init_report(path, ckpt):
+    """What --init_from read: whose checkpoint, at which step, and the flags that continue its schedule."""
+    step = ckpt.get("step")
+    return (f"--init_from {path}: the weights of a {ckpt.get('source', 'train_gpt2.py')} checkpoint at step "
+            f"{'?' if step is None else step}, with a new AdamW optimizer and the data from its start; "
+            + (f"--init_step {step} with {schedule_flags(ckpt)} continues its learning-rate schedule"
+               if step else "the learning-rate schedule starts at --init_step"))
 
 
 def read_llmc_model(path):

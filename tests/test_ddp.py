@@ -250,7 +250,7 @@ def test_fsdp_compiled_evaluation_adds_no_graphs_and_equals_eager(fsdp_compiled,
     logged = read_log(run / "log.txt")
     model = tg.load_model(run / "model_00002.pt").eval()
     rt = tp.Runtime(False, 0, 0, 1, True, "cpu", "cpu", "fp32")
-    val = tg.evaluate_loss(model, tg.load_split(small_text, "val"), 1000, 2, 32, rt)
+    val = tg.evaluate_loss(model, tp.load_split(small_text, "val"), 1000, 2, 32, rt)
     assert abs(val - logged[(2, "val")]) < 2e-6  # the log's 6 decimals
     hella = tg.accuracies(tg.score(model, hellaswag.load_examples(HELLASWAG, limit=15), tg.get_encoding()))
     assert abs(hella["acc_norm"] - logged[(2, "hella")]) < 2e-6

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import train_extras
 import train_gpt2 as tg
+import train_plumbing as tp
 from conftest import HELLASWAG, ROOT, run_cli
 from train_plumbing import schedule_flags
 
@@ -217,7 +218,7 @@ def test_llmc_token_shards_load_as_data_and_bad_headers_are_refused(files, tmp_p
         header = np.zeros(256, dtype="<i4")
         header[:3] = [20240520, 1, len(part)]
         (d / f"tiny_{split}_000000.bin").write_bytes(header.tobytes() + part.tobytes())
-    assert np.array_equal(tg.load_split(str(d), "train")[0], tokens[300:])
+    assert np.array_equal(tp.load_split(str(d), "train")[0], tokens[300:])
     path, hf, _ = refs["llm.c fp32"]
     out = run_cli("train_gpt2.py", "evaluate", "--checkpoint", path, "--data", d, "--tokens", "200",
                   "--device", "cpu")
@@ -229,7 +230,7 @@ def test_llmc_token_shards_load_as_data_and_bad_headers_are_refused(files, tmp_p
     header[:3] = [20240801, 7, 10]  # llm.c's llama-3 shards: uint32 tokens
     (tmp_path / "l3_val_000000.bin").write_bytes(header.tobytes() + np.arange(10, dtype=np.uint32).tobytes())
     with pytest.raises(tg.UserError, match="not an llm.c GPT-2 token shard"):
-        tg.load_tokens(str(tmp_path / "l3_val_000000.bin"))
+        tp.load_tokens(str(tmp_path / "l3_val_000000.bin"))
 
 
 def test_build_nanogpt_checkpoint_in_every_command(files, tmp_path):

@@ -95,7 +95,7 @@ def test_evaluation_and_hellaswag_at_the_auto_batch_fit_the_budget_it_was_chosen
     # parameter), which is there while evaluation runs in training but not here
     budget = train_extras.CPU_FREE_SHARE * free - 8 * model.num_params()
     assert 1 <= b < 64  # the budget binds: a larger one would not fit
-    val = tg.load_split(tiny_shards, "val")
+    val = tp.load_split(tiny_shards, "val")
     peak, _ = peak_bytes(lambda: tg.evaluate_loss(model, val, b * T, b, T, rt))
     assert peak < budget, (b, peak, budget)
     x = torch.randint(0, 50257, (b, T))

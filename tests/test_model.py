@@ -14,6 +14,7 @@ from conftest import ROOT
 
 import train_extras
 import train_gpt2 as tg
+import train_plumbing as tp
 
 SHAPES = [  # (n_layer, n_head, n_embd, vocab_size, n_positions)
     (1, 1, 16, 50257, 64),
@@ -232,15 +233,15 @@ def test_shards_load_in_numeric_order(tmp_path):
     (tmp_path / "d" / "edufineweb_train_000001.npy").rename(tmp_path / "d" / "edufineweb_train_1.npy")
     np.save(tmp_path / "d" / "edufineweb_train_10.npy", arrays[3])  # "10" sorts after "3" by number
     (tmp_path / "d" / "edufineweb_train_000003.npy").unlink()
-    train = tg.load_split(str(tmp_path / "d"), "train")
+    train = tp.load_split(str(tmp_path / "d"), "train")
     assert [len(a) for a in train] == [50, 60, 70]
-    assert np.array_equal(train[0], arrays[1]) and np.array_equal(tg.load_split(str(tmp_path / "d"), "val")[0], arrays[0])
+    assert np.array_equal(train[0], arrays[1]) and np.array_equal(tp.load_split(str(tmp_path / "d"), "val")[0], arrays[0])
 
 
 def test_text_file_split_and_tokens(small_text):
     import tiktoken
     ref = tiktoken.get_encoding("gpt2").encode_ordinary(small_text.read_text())
-    train, val = tg.load_split(str(small_text), "train")[0], tg.load_split(str(small_text), "val")[0]
+    train, val = tp.load_split(str(small_text), "train")[0], tp.load_split(str(small_text), "val")[0]
     assert list(train) + list(val) == ref and len(val) == len(ref) // 10
 
 

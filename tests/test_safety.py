@@ -201,8 +201,8 @@ def test_a_text_file_is_tokenized_once(text, monkeypatch):
         def encode_ordinary(self, t):
             calls.append(len(t))
             return enc.encode_ordinary(t)
-    monkeypatch.setattr(tg, "get_encoding", Counting)
-    train, val = tg.load_splits(str(text))
+    monkeypatch.setattr(tp, "get_encoding", Counting)
+    train, val = tp.load_splits(str(text))
     assert len(calls) == 1
     tokens = enc.encode_ordinary(text.read_text())  # tiktoken directly: the splits are its tokens, 90/10
     assert np.array_equal(np.concatenate([train[0], val[0]]), tokens) and len(val[0]) == len(tokens) // 10
