@@ -79,12 +79,13 @@ def inference_bytes_per_token(config, dtype):
 def loss_bytes(model, n, dtype, device, grad=True, compiled=False):
     """What the loss of n rows holds at once beyond its inputs (GPT.loss_block_rows, ChunkedCrossEntropy), as
     tests/test_memory.py measures it: one block of rows x V fp32 logits 1.5 times eager in 16-bit (once in fp32),
-    twice compiled (the compiler's own buffers), 2.5 times without gradients (token_losses); with gradients also the weight's fp32 gradient (V, C), its 16-bit
-    product per block and, on a CPU, that product's fp32 copy to be added."""
+    twice compiled (the compiler's own buffers), 2.5 times without gradients (token_losses, whose blocks are
+    NO_GRAD_BLOCK times the rows); with gradients also the weight's fp32 gradient (V, C), its 16-bit product per
+    block and, on a CPU, that product's fp32 copy to be added."""
     V, C = model.config.padded_vocab_size, model.config.n_embd
     half = dtype in ("bf16", "fp16")
     copies = (2.0 if compiled else 1.5 if half else 1.0) if grad else 2.5 if half else 2.0
-    need = copies * model.loss_block_rows(n, device) * V * 4
+    need = copies * model.loss_block_rows(n, device, grad) * V * 4
     if grad:
         need += V * C * (4 + (2 + (4 if torch.device(device).type == "cpu" else 0) if half else 0))
     return need
@@ -268,6 +269,7 @@ def plot_figure(log_dir):
 
 
 def plot_main(argv):
+    """`train_gpt2.py plot`: log.txt's losses and HellaSwag accuracy as a PNG."""
     parser = FlagParser(prog="train_gpt2.py plot", description="Plot log.txt: losses and HellaSwag.")
     parser.flag("log_dir", Flag(path="dir"), "log", "directory holding log.txt")
     parser.flag("out", Flag(path="out_file"), None, "PNG to write (None: <log_dir>/plot.png)")

@@ -37,13 +37,14 @@ import torch.utils.checkpoint
 
 import train_extras  # export, plot, evaluate's report, the subcommands' flags, the --batch_size auto estimate
 # the plumbing: what pretraining needs on real machines, kept out of the lecture (its docstring lists what is where)
-from train_plumbing import (DEVICES, DTYPES, Flag, FlagParser, RunLog, StopSignal, Stopped, UserError, agree_on_signal,
-                            arg, check_fsdp, check_resume, check_seq_len, check_train_flags, checkpoint_to_resume, cli,
-                            data_shuffle, end_process_group, first_tokens, flops_per_token, fsdp_sync_once,
-                            get_encoding, hellaswag_totals, init_report, keeps_signal_handlers, load_checkpoint,
-                            load_hellaswag, load_hf_weights, load_splits, loss_block_budget, mfu_percent,
-                            out_of_memory_error, peak_flops, prune_checkpoints, rank_seed, read_hf_gpt2, restore_state,
-                            save_checkpoint, setup_runtime, shard_model, shards_that_fill, use_compile)
+from train_plumbing import (DEVICES, DTYPES, NO_GRAD_BLOCK, Flag, FlagParser, RunLog, StopSignal, Stopped, UserError,
+                            agree_on_signal, arg, check_fsdp, check_resume, check_seq_len, check_train_flags,
+                            checkpoint_to_resume, cli, data_shuffle, end_process_group, eval_mode, first_tokens,
+                            flops_per_token, fsdp_sync_once, get_encoding, hellaswag_totals, init_report,
+                            keeps_signal_handlers, load_checkpoint, load_hellaswag, load_hf_weights, load_splits,
+                            loss_block_budget, mfu_percent, most_on_any_rank, out_of_memory_error, peak_flops,
+                            prune_checkpoints, rank_seed, read_hf_gpt2, restore_state, save_checkpoint, setup_runtime,
+                            shard_model, shards_that_fill, use_compile)
 
 # =============================================================================
 # 1. The model: GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners")
@@ -175,7 +176,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.head(x), None
         loss = chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.vocab_size,
-                                     self.loss_block_rows(idx.numel(), idx.device))
+                                     self.loss_block_rows(idx.numel(), idx.device, torch.is_grad_enabled()))
         return None, loss
 
     def features(self, idx, cache=None):
@@ -197,18 +198,17 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def head(self, x):
-        """Hidden states (..., C) -> logits (..., padded_vocab). Scoring only some positions (HellaSwag's
-        ending tokens) can call it on just those, saving most of the largest matmul."""
+        """Hidden states (..., C) -> logits (..., padded_vocab), the padding's -inf: what sampling needs."""
         logits = self.lm_head(x)  # (..., padded_vocab)
         if self.config.padded_vocab_size > self.config.vocab_size:
             logits[..., self.config.vocab_size:] = float("-inf")  # padding rows are never a token
         return logits
 
-    def loss_block_rows(self, n, device="cpu"):
+    def loss_block_rows(self, n, device="cpu", grad=True):
         """Rows per block of the loss for n rows in all: the largest power of two whose fp32 logits fit in the
-        block's byte budget (loss_block_budget), and at most 32 blocks (compiled, the loop over the blocks is
-        unrolled; eager, each block is a dozen launches), so that n is never more than 32 blocks."""
-        budget = self.loss_block_bytes or loss_block_budget(torch.device(device))
+        block's byte budget (loss_block_budget, larger without gradients), and at most 32 blocks (compiled, the loop
+        over the blocks is unrolled; eager, each block is a dozen launches)."""
+        budget = (self.loss_block_bytes or loss_block_budget(torch.device(device))) * (1 if grad else NO_GRAD_BLOCK)
         rows = 1 << max(0, int(budget // (4 * self.config.padded_vocab_size)).bit_length() - 1)  # 2**floor(log2)
         return max(1, min(n, max(rows, -(-n // 32))))
 
@@ -238,6 +238,8 @@ def token_losses(x, weight, targets, vocab_size, rows):
     """The cross-entropy of each row (N,), fp32, without gradients: the plain way (the logits of the real vocabulary
     in fp32, F.cross_entropy), `rows` rows at a time. A block holds its logits, their fp32 copy and their
     log-softmax: 2.5 fp32 copies in 16-bit (fewer passes over memory than exp_logits, which it does not need)."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
+    weight = weight.to(dtype)  # (V, C), cast once: autocast would cast it again in every block
     return torch.cat([F.cross_entropy((x[i: i + rows] @ weight.t())[:, :vocab_size].float(), targets[i: i + rows],
                                       reduction="none")  # (rows,)
                       for i in range(0, x.size(0), rows)] or [torch.zeros(0, device=x.device)])
@@ -328,7 +330,7 @@ def configure_optimizer(model, lr, weight_decay, device_type):
 
 
 # =============================================================================
-# 3. The data: tokens on disk -> micro-batches of (inputs, targets)
+# 3. The data: tokens on disk (read and checked by train_plumbing.load_splits) -> micro-batches of (x, y)
 
 
 class DataLoader:
@@ -468,8 +470,7 @@ class TrainConfig:
     resume: str = arg(None, Flag(path="file", also=("auto",), hint="; give a checkpoint file, or auto"),
                       "'auto': continue from the newest valid checkpoint in --log_dir; or a checkpoint path")
     # batch: the GPT-3 paper's 124M ("Small") recipe uses 0.5M tokens per optimizer step
-    total_batch_size: int = arg(524288, Flag(int, lo=1),
-                                "tokens per optimizer step, over all ranks and accumulation steps (2**19)")
+    total_batch_size: int = arg(524288, Flag(int, lo=1), "tokens per optimizer step, all ranks and micro-steps (2**19)")
     batch_size: int | str = arg(16, Flag(int, lo=1, also=("auto",)), "sequences per micro-step on each rank, or "
                                 "'auto': the largest that fits in memory (gradient accumulation makes up the rest)")
     seq_len: int = arg(1024, Flag(int, lo=1), "tokens per sequence, at most the model's block size")
@@ -480,15 +481,13 @@ class TrainConfig:
     max_steps: int = arg(19073, Flag(int, lo=1), "optimizer steps in all (10B tokens / 2**19: sample-10BT once)")
     weight_decay: float = arg(0.1, Flag(float, lo=0), "AdamW weight decay on 2-D tensors")
     grad_clip: float = arg(1.0, Flag(float, lo=0), "clip the global gradient norm to this (0 = no clipping)")
-    grad_checkpoint: int = arg(0, Flag(int, lo=0, hi=1), "1: recompute each block's activations in backward (less "
-                               "memory, ~30%% slower)")
+    grad_checkpoint: int = arg(0, Flag(int, lo=0, hi=1), "1: recompute blocks in backward (less memory, ~30%% slower)")
     dropout: float = arg(0.0, Flag(float, lo=0, hi=1, hi_open=True, hint="; GPT-2 used 0.1"), "dropout on the "
                          "embeddings, attention weights and residual branches (GPT-2's own config used 0.1; 0 for "
                          "pretraining on plenty of data)")
     # machine
     device: str = arg("auto", Flag(choices=DEVICES), "auto, cpu, cuda or mps")
-    dtype: str = arg("auto", Flag(choices=DTYPES), "auto (bf16 where native, fp16 on older GPUs, else fp32), bf16, "
-                     "fp16 or fp32")
+    dtype: str = arg("auto", Flag(choices=DTYPES), "auto (bf16 where native, fp16 on older GPUs, else fp32) or one")
     compile: str = arg("auto", Flag(choices=("auto", "on", "off")), "torch.compile the model: on, off, or auto (on "
                        "for CUDA and CPU, falling back to eager if compilation fails)")
     seed: int = arg(1337, Flag(int, lo=0, hi=2**32 - 1), "random seed (model init, data order, dropout, sampling)")
@@ -504,17 +503,15 @@ class TrainConfig:
                                          "the official file"),
                               "local hellaswag_val.jsonl; None: download the official file once")
     hellaswag_limit: int = arg(0, Flag(int, lo=0), "score only the first N HellaSwag examples (0 = all 10,042)")
-    checkpoint_every: int = arg(5000, Flag(int, lo=0), "write model_<step>.pt every this many steps and at the end "
-                                "(0 = off)")
+    checkpoint_every: int = arg(5000, Flag(int, lo=0), "model_<step>.pt every this many steps and at the end (0 = off)")
     keep_checkpoints: int = arg(0, Flag(int, lo=0), "keep only the newest K model_*.pt (and the newest one known "
                                 "to give a finite loss); older ones are deleted once a newer one is written (0 = "
                                 "keep all)")
     shuffle: int = arg(None, Flag(int, lo=0, hi=1), "1: a new seeded order of the shards, and of T-token blocks "
                        "within them, every epoch; 0: file order; None: 1 for a shard directory, 0 for a text file, "
                        "and a resumed run keeps its checkpoint's")
-    wandb_project: str = arg(None, Flag(), "also log to this Weights & Biases project, from rank 0 (needs pip "
-                             "install wandb; WANDB_MODE=offline logs without network); a resumed run continues its "
-                             "W&B run")
+    wandb_project: str = arg(None, Flag(), "also log to this Weights & Biases project, from rank 0 (pip install "
+                             "wandb; WANDB_MODE=offline: no network); a resumed run continues its W&B run")
     fsdp: int = arg(0, Flag(int, lo=0, hi=1), "1: shard weights, gradients and AdamW state over the torchrun ranks "
                     "(FSDP2) instead of a full copy on each (DDP); checkpoints move freely between the two and one "
                     "process")
@@ -741,20 +738,18 @@ def wrap_model(model, cfg, rt, compile_model):
 @torch.no_grad()
 def evaluate_loss(model, val_shards, n_tokens, batch_size, seq_len, rt, fsdp=False):
     """Mean cross-entropy over the fixed val tokens, split over the ranks and summed back together."""
-    model.eval()
     loss_sum, count = 0.0, 0
     batches = list(val_batches(val_shards, n_tokens, batch_size, seq_len, rt.rank, rt.world_size))
     if fsdp:  # each forward gathers weights from every rank: a rank with fewer batches runs idle ones
-        most = torch.tensor(len(batches), device=rt.device)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        batches += [(torch.zeros(1, seq_len, dtype=torch.long), None)] * (int(most) - len(batches))
-    for x, y in batches:
-        with rt.autocast():  # with targets: the training loss without its gradients, in blocks (chunked_cross_entropy)
-            _, loss = model(x.to(rt.device), None if y is None else y.to(rt.device))
-        if y is not None:  # None: an idle forward, counted nowhere
-            loss_sum += loss.item() * y.numel()
-            count += y.numel()
-    model.train()
+        idle = most_on_any_rank(len(batches), rt) - len(batches)
+        batches += [(torch.zeros(1, seq_len, dtype=torch.long), None)] * idle
+    with eval_mode(model):  # no dropout
+        for x, y in batches:
+            with rt.autocast():  # with targets: the training loss without its gradients, in blocks
+                _, loss = model(x.to(rt.device), None if y is None else y.to(rt.device))
+            if y is not None:  # None: an idle forward, counted nowhere
+                loss_sum += loss.item() * y.numel()
+                count += y.numel()
     totals = torch.tensor([loss_sum, count], dtype=torch.float64, device=rt.device if rt.ddp else "cpu")
     if rt.ddp:
         dist.all_reduce(totals)
@@ -789,8 +784,7 @@ def ending_losses(model, rendered, device="cpu", batch_size=16, autocast=context
         rows.append([((ctx + end)[-block_size:], min(len(end), len((ctx + end)[-block_size:]) - 1)) for end in endings])
     # Longest first: similar lengths share a batch (little padding), and an out-of-memory shows up at once.
     order = sorted(range(len(rows)), key=lambda i: -max(len(t) for t, _ in rows[i]))
-    total = torch.zeros(len(rows), 4, dtype=torch.float64)
-    count = torch.zeros(len(rows), 4, dtype=torch.long)
+    total, count = torch.zeros(len(rows), 4, dtype=torch.float64), torch.zeros(len(rows), 4, dtype=torch.long)
     bar = tqdm(total=len(rows), desc="hellaswag", unit="ex", file=sys.stderr, disable=not progress)
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
@@ -798,8 +792,7 @@ def ending_losses(model, rendered, device="cpu", batch_size=16, autocast=context
         T = max(len(t) for t, _ in batch)
         # Right padding: with causal attention a position only sees positions before it, so the pad
         # tokens after a row's end cannot change its logits; they are also left out of the loss.
-        x = torch.zeros(len(batch), T, dtype=torch.long)
-        y = torch.zeros(len(batch), T, dtype=torch.long)
+        x, y = torch.zeros(2, len(batch), T, dtype=torch.long)
         mask = torch.zeros(len(batch), T, dtype=torch.bool)  # True where logits[t] predicts an ending token
         for r, (toks, n_end) in enumerate(batch):
             x[r, :len(toks)] = torch.tensor(toks)
@@ -812,7 +805,7 @@ def ending_losses(model, rendered, device="cpu", batch_size=16, autocast=context
             h = model.features(x)[mask]  # (ending tokens, C)
             # the training loss's blocks, so that no batch holds all its ending tokens' logits
             tok_loss = token_losses(h, model.lm_head.weight, y[mask], model.config.vocab_size,
-                                    model.loss_block_rows(len(h), device))  # (ending tokens,)
+                                    model.loss_block_rows(len(h), device, grad=False))  # (ending tokens,)
         losses = torch.zeros(mask.shape, device=device)
         losses[mask] = tok_loss  # scatter back, then sum each row: a fixed order, so deterministic
         total[idx] = losses.cpu().double().sum(1).view(-1, 4)  # float64 on the CPU: MPS has no float64
@@ -830,12 +823,8 @@ def score(model, examples, enc, device="cpu", batch_size=16, autocast=contextlib
     ranks, then call accuracies()."""
     mine = examples[rank::world_size]
     rendered = [render_example(e, enc) for e in mine]
-    was_training = model.training
-    model.eval()  # no dropout in scoring
-    try:
+    with eval_mode(model):  # no dropout in scoring
         total, count = ending_losses(model, rendered, device, batch_size, autocast, progress)
-    finally:
-        model.train(was_training)
     labels = torch.tensor([label for _, _, label in rendered], dtype=torch.long)
     return dict(n=len(mine),
                 correct=int((total.argmin(1) == labels).sum()),

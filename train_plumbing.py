@@ -4,18 +4,24 @@ lecture. Nothing here is needed to follow how GPT-2 is pretrained; all of it is 
 days on machines that fail. train_gpt2.py, train_extras.py, hellaswag.py, the benches and (inside its main, so
 that its tokenizer processes need no torch) fineweb.py import this file; it imports nothing of the project.
 
-    the runtime        setup_runtime(): the one place that reads the environment (torchrun's ranks, the
-                       device, the dtype) and sets up the process group; which GPUs this PyTorch build can run;
-                       on CPU, freed memory kept for the next step (keep_freed_memory)
+    the runtime        resolve_runtime(): the one place that reads the environment (torchrun's ranks, the
+                       device, the dtype; which GPUs this PyTorch build can run), changing nothing;
+                       configure_process(): the process-wide settings of a training program, each with its cost
+                       (the process group, TF32, deterministic mode, threads, freed memory kept);
+                       setup_runtime(): both, for the programs' entry points
     flags              Flag: what each flag of every command accepts; FlagParser: argparse, errors as one line
-    checks             flags against the runtime or a checkpoint (resume: what may change); a log never lost
+    checks             flags against each other, the runtime or a checkpoint (resume: what may change); a log
+                       never lost
+    token files        uint16 shards (.npy, llm.c's .bin) memory-mapped and checked; a text file tokenized once
     the run's log      log.txt, Weights & Biases (--wandb_project), the console (rank 0 only)
     checkpoints        atomic writes, save, load (weights_only; other programs' formats by content), --resume
                        auto, exact restore, retention
     signals and errors SIGTERM/SIGINT -> a checkpoint and a clean exit on every rank; the out-of-memory line
+    memory             the bytes one block of the loss may take
     FLOPs              per token, and each device's peak, for MFU
     FSDP               --fsdp 1: sharding, and checkpoints that any mode can resume
-    from the network   the GPT-2 tokenizer (tiktoken); HellaSwag's official files, downloaded and verified
+    from the network   the GPT-2 tokenizer (tiktoken); HellaSwag's official files, downloaded and verified,
+                       and its counts summed over the ranks
     Hugging Face       GPT-2 weights from the hub or a directory, into our names and layout
     other programs     build-nanogpt's, nanoGPT's and llm.c's checkpoints, and llm.c's token shards
 """
@@ -75,6 +81,7 @@ class Flag:
         self.choices, self.path, self.also, self.empty, self.hint = choices, path, also, empty, hint
 
     def parse(self, text):
+        """argparse's type: the text as the flag's kind (its extra words, such as auto, as they are)."""
         if self.kind is str or text in self.also:
             return text
         try:
@@ -96,6 +103,7 @@ class Flag:
         return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)  # one line, whatever was typed
 
     def _problem(self, value):
+        """What is wrong with value, without the flag's name (problem() adds it), or None."""
         if value in self.also:
             return None
         if self.kind in (int, float):
@@ -173,10 +181,12 @@ class FlagParser(argparse.ArgumentParser):
         self.flags = {}
 
     def flag(self, name, flag, default=None, help="", **kwargs):
+        """--name, parsed by its Flag and checked against it by parse()."""
         self.flags[name] = flag
         self.add_argument(f"--{name}", type=flag.parse, default=default, help=help, **kwargs)
 
     def error(self, message):
+        """argparse's errors as one UserError line that points at --help (instead of the usage and exit 2)."""
         message = re.sub(r"^argument --(\w+)(/-\w+)?: ", r"--\1 ", message)
         raise UserError(f"{message}; see {self.prog} --help")
 
@@ -234,6 +244,7 @@ class Runtime:
     local_world_size: int = 1  # processes on this machine
 
     def autocast(self):
+        """A context for the forward pass: bf16/fp16 autocast, or nothing in fp32."""
         if self.dtype == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=torch.bfloat16 if self.dtype == "bf16" else torch.float16)
@@ -244,10 +255,17 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
 def setup_runtime(device="auto", dtype="auto", check=None, dist_timeout=60):
+    """What the programs' entry points call (training, sample, evaluate, hellaswag.py, the benches): the runtime
+    (resolve_runtime), then the process configured for it (configure_process)."""
+    rt = resolve_runtime(device, dtype, check)
+    configure_process(rt, dist_timeout)
+    return rt
+
+
+def resolve_runtime(device="auto", dtype="auto", check=None):
     """The one place that reads the environment: rank and world size from torchrun, the device, the dtype.
-    check(world_size), if given, validates the flags before any device or process-group setup. It sets
-    process-wide state, as a training program should: deterministic algorithms, the thread count and the reuse
-    of freed memory on CPU; TF32 matmuls for fp32 on CUDA, the current GPU, the process group."""
+    check(world_size), if given, validates the flags first. It changes nothing in the process, so a notebook or a
+    library user can call it (and then configure_process, or not)."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # set by torchrun
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -282,8 +300,9 @@ def setup_runtime(device="auto", dtype="auto", check=None, dist_timeout=60):
             raise UserError(f"this PyTorch build has no kernels for the {name} (compute capability "
                             f"{capability[0]}.{capability[1]}; it has {' '.join(arch_list)}); install {fix}, or use "
                             "--device cpu")
-        torch.cuda.set_device(device)
-    bf16_ok = (torch.cuda.is_bf16_supported(including_emulation=False) if device_type == "cuda"
+    # native bf16: CUDA GPUs from Ampere (compute capability 8.0) on, as torch.cuda.is_bf16_supported says of the
+    # current GPU (asked of this rank's here: nothing is made current yet); CPUs with AVX512-BF16 or AMX
+    bf16_ok = (capability >= (8, 0) or torch.version.hip is not None if device_type == "cuda"
                else cpu_has_bf16() if device_type == "cpu" else False)
     if dtype == "auto":
         # bf16 where the hardware does it natively; fp16 (with a GradScaler) on older GPUs such as the
@@ -293,11 +312,26 @@ def setup_runtime(device="auto", dtype="auto", check=None, dist_timeout=60):
         raise UserError("--dtype bf16 but this GPU has no bf16 support; use --dtype fp16 (or auto)")
     if dtype == "fp16" and device_type == "cpu":
         raise UserError("--dtype fp16 is not supported for training on CPU; use --dtype bf16 or fp32 (or auto)")
-    if device_type == "cuda" and dtype == "fp32":
-        # fp32 matmuls on TF32 tensor cores (Ampere and newer; ignored before): 10 mantissa bits in the
-        # products, fp32 accumulation, ~8x the fp32 throughput. The GPT-2 reproduction recipes train this way.
-        torch.set_float32_matmul_precision("high")
-    if device_type == "cpu":
+    return Runtime(ddp, rank, local_rank, world_size, rank == 0, device, device_type, dtype, local_world_size)
+
+
+def configure_process(rt, dist_timeout=60):
+    """The process-wide settings a training program makes for its runtime (opt-in: setup_runtime calls this), and
+    what each costs:
+    - CUDA: this rank's GPU as the current one; with fp32, matmuls on TF32 tensor cores (Ampere and newer): ~8x
+      the fp32 speed, products rounded to 10 mantissa bits (results differ from strict fp32 at ~1e-3).
+    - CPU: deterministic algorithms, for bit-reproducible runs (no measurable cost: docs/checkpoints.md); the
+      cores shared between the local ranks (overrides torchrun's OMP_NUM_THREADS=1); freed memory kept for the
+      next step (keep_freed_memory: no page faults in a step, the largest gain on CPU, docs/speed-and-memory.md;
+      but the process keeps its peak memory until it exits).
+    - torchrun: the process group (NCCL or gloo), whose collectives wait dist_timeout minutes."""
+    if rt.device_type == "cuda":
+        torch.cuda.set_device(rt.device)
+        if rt.dtype == "fp32":
+            # fp32 matmuls on TF32 tensor cores (ignored before Ampere): 10 mantissa bits in the products, fp32
+            # accumulation. The GPT-2 reproduction recipes train this way.
+            torch.set_float32_matmul_precision("high")
+    if rt.device_type == "cpu":
         # Bitwise reproducibility on CPU. Compiled, the backward of an embedding lookup is a scatter-add
         # that Inductor runs as a parallel loop of atomic adds (index_put with accumulate=True lowers to
         # ir.Scatter(scatter_mode="atomic_add") in torch/_inductor/lowering.py). Where a token or position
@@ -309,14 +343,13 @@ def setup_runtime(device="auto", dtype="auto", check=None, dist_timeout=60):
         torch.utils.deterministic.fill_uninitialized_memory = False
         # torchrun sets OMP_NUM_THREADS=1 per process; share the cores between the local ranks instead.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, cores // local_world_size))
+        torch.set_num_threads(max(1, cores // rt.local_world_size))
         keep_freed_memory()
-    if ddp and not dist.is_initialized():
+    if rt.ddp and not dist.is_initialized():
         # The default timeout (10 minutes for NCCL) would abort the job while rank 0 alone writes a big
         # checkpoint (gpt2-xl: ~19 GB) and the others wait for it in the next collective.
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+        dist.init_process_group(backend="nccl" if rt.device_type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=dist_timeout))
-    return Runtime(ddp, rank, local_rank, world_size, rank == 0, device, device_type, dtype, local_world_size)
 
 
 def end_process_group():
@@ -350,7 +383,8 @@ def keep_freed_memory():
 
 
 def cpu_has_bf16():
-    # Only AVX512-BF16 or AMX do bf16 matmuls natively; elsewhere they are emulated and slower than fp32.
+    """Whether this CPU does bf16 matmuls natively (AVX512-BF16 or AMX): elsewhere they are emulated, slower than
+    fp32, so --dtype auto picks fp32 there."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(f.read().split())
@@ -379,6 +413,7 @@ TRITON_MIN_CAPABILITY = (7, 0)  # Triton, torch.compile's GPU code generator, su
 
 
 def torch_version():
+    """(major, minor) of the installed PyTorch, for the features that need a newer one (FSDP2)."""
     return tuple(int(n) for n in re.findall(r"\d+", torch.__version__)[:2])
 
 
@@ -658,10 +693,12 @@ class RunLog:
                        f"about {format_duration(left)} (evaluations, samples and checkpoints come on top)")
 
     def print(self, line):
+        """A console line, from rank 0 only."""
         if self.rt.master and line is not None:
             print(line)
 
     def finish(self):
+        """The end of the run: W&B closed; on a GPU, its peak memory printed."""
         if self.tracker is not None:
             self.tracker.finish()
         if self.rt.master and self.rt.device_type == "cuda":
@@ -676,6 +713,7 @@ def format_duration(seconds):
 
 
 def import_wandb():
+    """The wandb module, or one line saying how to install it: checked before a run writes anything."""
     try:
         import wandb  # optional: only runs with --wandb_project need it installed
     except ImportError:
@@ -875,6 +913,7 @@ def checkpoint_to_resume(cfg, rt):
 def resume_checkpoint(resume, log_dir):
     """The checkpoint dict to resume from, or None to start fresh (only where log_dir has none)."""
     def load_resumable(path):
+        """A checkpoint that can be resumed (it has the optimizer, data position, random state), else an error."""
         ckpt = load_checkpoint(path)
         missing = {"optimizer", "loader", "rng", "scaler"} - ckpt.keys()
         if missing:
@@ -953,6 +992,7 @@ class StopSignal:
             signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
+        """The signal handler: note the signal; the loop stops after its step."""
         if self.signum:
             return  # a repeated SIGTERM under torchrun: already stopping
         self.signum = signum
@@ -985,6 +1025,24 @@ def keeps_signal_handlers(fn):
     return wrapper
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """model.eval() for the duration (no dropout), then the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def most_on_any_rank(n, rt):
+    """The largest n over the ranks: how many forwards each rank runs when FSDP needs all to run the same."""
+    most = torch.tensor(n, device=rt.device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most)
+
+
 def agree_on_signal(signum, rt):
     """The signal that stops every rank (0: none): the largest any rank received, so that all ranks stop at the
     same step and exit with the same code, whichever of them got it."""
@@ -1005,6 +1063,13 @@ def out_of_memory_error(step, s, cfg, rt):
 
 
 # ---- memory: how many rows one block of the loss takes ----
+
+
+# Without gradients a block of the loss holds 2.5 fp32 copies of its logits at most, where one with gradients holds
+# 1.5; but the loss alone is one matmul and one pass over the logits, and on a CPU its matmul needs larger blocks to
+# run at full speed: evaluation's blocks are this many times the training budget's rows
+# (python bench/bench_train.py --only eval).
+NO_GRAD_BLOCK = 4
 
 
 def loss_block_budget(device):
@@ -1113,6 +1178,7 @@ def checkpoint_block(block):
     forward = block.forward
 
     def checkpointed(x, cache=None, dropout=0.0):
+        """The block, recomputed in backward when training (not when sampling with a cache or evaluating)."""
         if block.training and cache is None and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(forward, x, cache, dropout, use_reentrant=False)
         return forward(x, cache, dropout)
@@ -1137,6 +1203,7 @@ def fsdp_sync_once(cfg, model, rt, grad_accum):
 
 
 def dcp_options(**kw):
+    """Options for torch.distributed.checkpoint's state dicts: whole tensors, so that a file holds a plain model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
     return StateDictOptions(full_state_dict=True, **kw)
 
@@ -1197,6 +1264,7 @@ def gathered_root(model, rt, fsdp):
 
 
 def get_encoding():
+    """The GPT-2 tokenizer (tiktoken's "gpt2"), or one line saying how to get its files without a network."""
     import tiktoken  # imported here so that importing this file stays free of side effects
     try:
         return tiktoken.get_encoding("gpt2")
@@ -1316,7 +1384,7 @@ def hellaswag_totals(score, model, examples, enc, batch_size, rt, fsdp):
     """HellaSwag counts {n, correct, correct_norm} from score (train_gpt2.score), summed over the ranks. Under
     FSDP each forward gathers weights from every rank, so all ranks must run the same number: the examples that
     do not split evenly are scored on every rank and counted once; and the root's weights, which the calls to
-    features() and head() (not forward()) would find sharded, are gathered for the duration."""
+    features() and the loss (not forward()) would find sharded, are gathered for the duration."""
     split = len(examples) - len(examples) % rt.world_size if fsdp else len(examples)
     with gathered_root(model, rt, fsdp):
         parts = [score(model, examples[:split], enc, rt.device, batch_size, rt.autocast, rt.rank, rt.world_size)]

@@ -11,6 +11,7 @@ faults of a step (memory the kernel had to hand out and zero again).
     python bench/bench_train.py --only compare   # only the reference comparison
     python bench/bench_train.py --only compare --dtype fp32   # both sides in fp32 (an AVX2 laptop's dtype)
     python bench/bench_train.py --only blocks    # the loss path at several block sizes (GPT.loss_block_rows)
+    python bench/bench_train.py --only eval      # the loss without gradients (evaluation) against the plain one
     python bench/bench_train.py --device cuda --only compare --shape 4L-128,T1024   # some shapes only
 
 A benchmark prints figures; it asserts nothing. Machines are noisy: compare ratios from one run.
@@ -239,6 +240,35 @@ def loss_blocks(device, steps):
         print(f"| {width} | {' | '.join(cells)} | {model.loss_block_rows(rows_all, rt.device_type)} rows |", flush=True)
 
 
+def eval_loss(device, dtype, steps):
+    """The loss without gradients (evaluation: model(x, y) under no_grad, eagerly, as evaluate_loss runs it) against
+    the plain full logits + F.cross_entropy, interleaved in one process, at several block sizes and the model's
+    choice: evaluation's loss must cost no more than the plain one."""
+    rt = tg.setup_runtime(device, dtype)
+    sizes = (256, 1024, 4096)
+    print(f"| width | rows | plain | {' | '.join(f'{r} rows' for r in sizes)} | the model's choice | ours / plain |")
+    print("|---|---|---|" + "---|" * len(sizes) + "---|---|")
+    for width, n in ((128, 4096), (768, 4096)):
+        torch.manual_seed(0)
+        model = tg.GPT(tg.GPTConfig(n_layer=1, n_head=1, n_embd=width)).to(rt.device)
+        h = torch.randn(n, width, device=rt.device)
+        w, y, V = model.lm_head.weight.detach(), torch.randint(0, 50257, (n,), device=rt.device), 50257
+        choice = model.loss_block_rows(n, rt.device_type, grad=False)
+
+        def plain():
+            return F.cross_entropy((h @ w.t())[:, :V].float(), y)
+        runs = {"plain": plain, **{r: (lambda r=r: tg.chunked_cross_entropy(h, w, y, V, r)) for r in sizes},
+                "choice": lambda: tg.chunked_cross_entropy(h, w, y, V, choice)}
+        times = {k: [] for k in runs}
+        with torch.no_grad(), rt.autocast():
+            for _ in range(steps):
+                for k, fn in runs.items():
+                    times[k].append(timed(fn, rt))
+        ms = {k: 1000 * statistics.median(v[1:]) for k, v in times.items()}
+        print(f"| {width} | {n} | {ms['plain']:,.0f} ms | " + " | ".join(f"{ms[r]:,.0f} ms" for r in sizes) +
+              f" | {choice}: {ms['choice']:,.0f} ms | {ms['choice'] / ms['plain']:.2f} |", flush=True)
+
+
 @tp.cli
 def main(argv):
     p = tp.FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -248,8 +278,8 @@ def main(argv):
            "fp32 on a CPU with AVX512-BF16 stands in for an AVX2 laptop)")
     p.flag("steps", tp.Flag(int, lo=3, hint="; the first two steps are not timed"), 10,
            "optimizer steps per configuration (default: %(default)s)")
-    p.flag("only", tp.Flag(choices=("table", "compare", "blocks")), None, "run only one part (blocks: the loss's "
-           "block size, run only when asked for)")
+    p.flag("only", tp.Flag(choices=("table", "compare", "blocks", "eval")), None, "run only one part (blocks: the "
+           "loss's block size; eval: the loss without gradients against the plain one; both only when asked for)")
     p.flag("shape", tp.Flag(empty=True), "", "compare only the shapes whose names hold one of these "
            "(comma-separated), e.g. 4L-128,T1024")
     args = p.parse(argv)
@@ -273,6 +303,8 @@ def main(argv):
           f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "")
     if args.only == "blocks":
         return loss_blocks(args.device, args.steps)
+    if args.only == "eval":
+        return eval_loss(args.device, args.dtype, args.steps)
     if args.only != "compare":
         print("| config | flags | tok/s | ms/step | MFU | peak memory | first step | wall |")
         print("|---|---|---|---|---|---|---|---|")

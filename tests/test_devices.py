@@ -132,6 +132,23 @@ def test_torchrun_on_a_mac_is_one_clear_line(monkeypatch):
         tg.setup_runtime()
 
 
+@pytest.mark.parametrize("gpu", [None, "A100"])
+def test_resolving_the_runtime_changes_no_process_setting(monkeypatch, fake_cuda, gpu):
+    """resolve_runtime is what a notebook or a library calls: it must leave the process as it was (configure_process,
+    which the programs call through setup_runtime, makes the settings)."""
+    if gpu:
+        fake_cuda(gpu)
+    monkeypatch.setenv("RANK", "0")  # under torchrun: the process group is configure_process's too
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for module, name in [(torch, "use_deterministic_algorithms"), (torch, "set_num_threads"),
+                         (torch, "set_float32_matmul_precision"), (torch.cuda, "set_device"),
+                         (tp, "keep_freed_memory"), (tp.dist, "init_process_group")]:
+        monkeypatch.setattr(module, name, lambda *a, name=name, **k: pytest.fail(f"resolve_runtime called {name}"))
+    rt = tp.resolve_runtime("auto", "fp32")
+    monkeypatch.undo()  # before fake_cuda's teardown, which sets the matmul precision back
+    assert (rt.device, rt.dtype, rt.ddp) == ("cuda:0" if gpu else "cpu", "fp32", True)
+
+
 def test_process_group_timeout_fits_rank_0s_checkpoint_writes(monkeypatch):
     seen = {}
     monkeypatch.setenv("RANK", "0")

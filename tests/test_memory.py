@@ -64,7 +64,8 @@ def test_without_gradients_the_loss_allocates_no_gradient_buffer():
     than all that evaluation needs at once (a block of 16 rows, the forward's transient activations)."""
     torch.manual_seed(0)
     model = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=8000, n_layer=2, n_head=2, n_embd=64)).eval()
-    model.loss_block_bytes = 16 * 4 * model.config.padded_vocab_size  # blocks of 16 rows: 0.5 MiB
+    # blocks of 16 rows without gradients (0.5 MiB), NO_GRAD_BLOCK times the training blocks
+    model.loss_block_bytes = 16 * 4 * model.config.padded_vocab_size // tp.NO_GRAD_BLOCK
     x, y = torch.randint(0, 8000, (4, 64)), torch.randint(0, 8000, (4, 64))
     gradient_buffers = model.config.padded_vocab_size * 64 * 4 + 256 * 64 * 4  # 2.06 MiB
     with torch.no_grad():
