@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from train_plumbing import (CONV1D, DEVICES, DTYPES, Flag, FlagParser, UserError, check_seq_len, first_tokens,
-                            get_encoding, load_split, path_problem, text_tokens, write_atomic)
+                            fsdp_sync_once, get_encoding, load_split, path_problem, text_tokens, write_atomic)
 
 # -----------------------------------------------------------------------------
 # --batch_size auto: how many sequences per micro-step fit in memory
@@ -33,10 +33,14 @@ def auto_batch_size(model, max_batch, cfg, rt):
     """The largest micro-batch that fits on every rank and divides the sequences one rank processes per step:
     its training step, and evaluation and HellaSwag (--hellaswag_every) at the same batch, which run in between."""
     hellaswag = bool(getattr(cfg, "hellaswag_every", 0))
-    # compiled or eager (use_compile's rule; a GPU's trial runs eagerly, which keeps the more)
-    compiled = cfg.compile == "on" or (cfg.compile == "auto" and rt.device_type == "cpu")
+    # compiled or eager (use_compile's rule; a GPU's trial runs eagerly, which keeps the more; under FSDP the loss,
+    # in the root, runs eagerly)
+    sharded = bool(getattr(cfg, "fsdp", 0))
+    compiled = (cfg.compile == "on" or (cfg.compile == "auto" and rt.device_type == "cpu")) and not sharded
+    # FSDP: the whole gradient and weights between micro-steps, or not (fsdp_sync_once; asked without its report)
+    fsdp = (rt.world_size, fsdp_sync_once(cfg, model, rt, 1)) if sharded else None
     batch_size = pick_batch_size(max_batch, lambda b: batch_fits(model, b, cfg.seq_len, rt, cfg.grad_checkpoint,
-                                                                 compiled, hellaswag))
+                                                                 compiled, hellaswag, fsdp))
     if rt.ddp:  # every rank must use the same: the smallest that fits everywhere
         agreed = torch.tensor(batch_size, device=rt.device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
@@ -79,33 +83,54 @@ def inference_bytes_per_token(config, dtype):
 def loss_bytes(model, n, dtype, device, grad=True, compiled=False):
     """What the loss of n rows holds at once beyond its inputs (GPT.loss_block_rows, ChunkedCrossEntropy), as
     tests/test_memory.py measures it: one block of rows x V fp32 logits 1.5 times eager in 16-bit (once in fp32),
-    twice compiled (the compiler's own buffers), 2.5 times without gradients (token_losses, whose blocks are
-    NO_GRAD_BLOCK times the rows); with gradients also the weight's fp32 gradient (V, C), its 16-bit product per
-    block and, on a CPU, that product's fp32 copy to be added."""
+    twice compiled (the compiler's own buffers), twice without gradients (token_losses, whose blocks are
+    NO_GRAD_BLOCK times the rows on a CPU); with gradients also the weight's fp32 gradient (V, C), its 16-bit
+    product per block and, on a CPU, that product's fp32 copy to be added."""
     V, C = model.config.padded_vocab_size, model.config.n_embd
     half = dtype in ("bf16", "fp16")
-    copies = (2.0 if compiled else 1.5 if half else 1.0) if grad else 2.5 if half else 2.0
+    copies = (2.0 if compiled else 1.5 if half else 1.0) if grad else 2.0
     need = copies * model.loss_block_rows(n, device, grad) * V * 4
     if grad:
         need += V * C * (4 + (2 + (4 if torch.device(device).type == "cpu" else 0) if half else 0))
     return need
 
 
-def memory_needs(model, b, seq_len, dtype, device, grad_checkpoint=False, compiled=False, hellaswag=False):
-    """Bytes a micro-batch of b sequences needs beyond the weights (4 bytes a parameter, already in memory), for
-    what may run: training (gradients 4 and AdamW 8 bytes a parameter, the activations, the loss), evaluation at
-    the same batch (AdamW's state stays, gradients are freed; under autocast its 16-bit copy of the weights) and
-    HellaSwag (4 rows of up to HELLASWAG_TOKENS per example, b examples per forward)."""
-    config, P = model.config, model.num_params()
+def state_bytes(model, dtype, fsdp=None):
+    """(training, evaluation): the bytes a rank holds for the weights beyond its fp32 weights (in memory already).
+    Training: the gradients (4 bytes a parameter) and AdamW's moments (8), and under autocast the 16-bit copies
+    of the weights (2); evaluation in between: AdamW's moments and the copies (the gradients are freed). Under
+    FSDP (fsdp = (ranks, sync_once), shard_model) gradients and moments are 1/ranks of that, and the weights are
+    gathered (2 bytes a parameter in bf16, 4 in fp32): with sync_once the whole gradient (fp32) and the whole
+    gathered model stay between micro-steps; without, the root unit (wte, lm_head, ln_f, wpe) and two blocks (one
+    prefetched) are gathered at a time, and the root's and one block's fp32 gradients are whole until reduced."""
+    P = model.num_params()
+    if fsdp is None:
+        casts = 2 * P if dtype in ("bf16", "fp16") else 0
+        return 12 * P + casts, 8 * P + casts
+    ranks, sync_once = fsdp
+    blocks = [sum(p.numel() for p in b.parameters()) for b in model.transformer.h]  # a DTensor counts as whole
+    root, block, g = P - sum(blocks), max(blocks), 2 if dtype == "bf16" else 4
+    gathered = g * (root + 2 * block)
+    train = 12 * P / ranks + ((4 + g) * P if sync_once else gathered + 4 * (root + block))
+    return train, 8 * P / ranks + gathered
+
+
+def memory_needs(model, b, seq_len, dtype, device, grad_checkpoint=False, compiled=False, hellaswag=False,
+                 fsdp=None):
+    """Bytes a micro-batch of b sequences needs on a rank beyond its weights (4 bytes a parameter, in memory
+    already; under FSDP its shards), for what may run: training (state_bytes, the activations, the loss),
+    evaluation at the same batch (state_bytes) and HellaSwag (4 rows of up to HELLASWAG_TOKENS per example, b
+    examples per forward)."""
+    config = model.config
     n = b * seq_len
-    casts = 2 * P if dtype in ("bf16", "fp16") else 0  # autocast's 16-bit copies of the weights
-    needs = {"train": 12 * P + casts + n * activation_bytes_per_token(config, dtype, grad_checkpoint)
+    train_state, eval_state = state_bytes(model, dtype, fsdp)
+    needs = {"train": train_state + n * activation_bytes_per_token(config, dtype, grad_checkpoint)
              + loss_bytes(model, n, dtype, device, True, compiled)}
     evaluations = {"eval": n}
     if hellaswag:
         evaluations["hellaswag"] = HELLASWAG_ROWS * b * min(config.block_size, HELLASWAG_TOKENS)
     for kind, tokens in evaluations.items():  # evaluation runs eagerly (the uncompiled model)
-        needs[kind] = 8 * P + casts + tokens * inference_bytes_per_token(config, dtype) \
+        needs[kind] = eval_state + tokens * inference_bytes_per_token(config, dtype) \
             + loss_bytes(model, tokens, dtype, device, False)
     return needs
 
@@ -121,11 +146,16 @@ def available_memory(rt):
     return free // rt.local_world_size
 
 
-def batch_fits(model, b, seq_len, rt, grad_checkpoint, compiled=False, hellaswag=False):
+def batch_fits(model, b, seq_len, rt, grad_checkpoint, compiled=False, hellaswag=False, fsdp=None):
     """Does a micro-batch of b sequences fit, for training and for the evaluations in between? On CUDA by trial
     (forward and backward, then the evaluations' forwards without gradients, plus room for the AdamW state that
-    is not allocated yet); elsewhere from memory_needs and the RAM available."""
+    is not allocated yet); elsewhere, and under FSDP (fsdp = (ranks, sync_once): a trial that runs out of memory
+    on one rank would leave the others waiting in its collectives), from memory_needs and the memory free."""
     n_params = model.num_params()
+    if rt.device_type == "cuda" and fsdp is not None:
+        free, _ = torch.cuda.mem_get_info(rt.device)  # net of the shards, the CUDA context and other processes
+        needs = memory_needs(model, b, seq_len, rt.dtype, rt.device, grad_checkpoint, False, hellaswag, fsdp)
+        return max(needs.values()) < free - cuda_margin(free, True)
     if rt.device_type == "cuda":
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(rt.device)  # net of the CUDA context and of other processes
@@ -150,7 +180,7 @@ def batch_fits(model, b, seq_len, rt, grad_checkpoint, compiled=False, hellaswag
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
         return cuda_batch_fits(peak, n_params, free, rt.ddp)
-    needs = memory_needs(model, b, seq_len, rt.dtype, rt.device, grad_checkpoint, compiled, hellaswag)
+    needs = memory_needs(model, b, seq_len, rt.dtype, rt.device, grad_checkpoint, compiled, hellaswag, fsdp)
     return max(needs.values()) < CPU_FREE_SHARE * available_memory(rt)
 
 
@@ -159,8 +189,12 @@ def cuda_batch_fits(trial_peak, n_params, free, ddp):
     in `free` bytes of the card: plus AdamW's two fp32 moments (8 bytes per parameter, allocated at the first
     step), and a margin of 10% and 512 MiB for what a trial cannot see (NCCL's buffers under DDP, fragmentation,
     the optimizer's temporaries). DDP's buckets hold the gradients themselves (gradient_as_bucket_view)."""
-    margin = 0.1 * free + (512 << 20) * (2 if ddp else 1)
-    return trial_peak + 8 * n_params < free - margin
+    return trial_peak + 8 * n_params < free - cuda_margin(free, ddp)
+
+
+def cuda_margin(free, ddp):
+    """What a GPU's estimate leaves free: 10% and 512 MiB (twice under torchrun: NCCL's buffers)."""
+    return 0.1 * free + (512 << 20) * (2 if ddp else 1)
 
 
 # -----------------------------------------------------------------------------

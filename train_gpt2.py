@@ -37,14 +37,14 @@ import torch.utils.checkpoint
 
 import train_extras  # export, plot, evaluate's report, the subcommands' flags, the --batch_size auto estimate
 # the plumbing: what pretraining needs on real machines, kept out of the lecture (its docstring lists what is where)
-from train_plumbing import (DEVICES, DTYPES, NO_GRAD_BLOCK, Flag, FlagParser, RunLog, StopSignal, Stopped, UserError,
-                            agree_on_signal, arg, check_fsdp, check_resume, check_seq_len, check_train_flags,
-                            checkpoint_to_resume, cli, data_shuffle, end_process_group, eval_mode, first_tokens,
-                            flops_per_token, fsdp_sync_once, get_encoding, hellaswag_totals, init_report,
-                            keeps_signal_handlers, load_checkpoint, load_hellaswag, load_hf_weights, load_splits,
-                            loss_block_budget, mfu_percent, most_on_any_rank, out_of_memory_error, peak_flops,
-                            prune_checkpoints, rank_seed, read_hf_gpt2, restore_state, save_checkpoint, setup_runtime,
-                            shard_model, shards_that_fill, use_compile)
+from train_plumbing import (DEVICES, DTYPES, Flag, FlagParser, RunLog, StopSignal, Stopped, UserError, agree_on_signal,
+                            arg, check_fsdp, check_resume, check_seq_len, check_train_flags, checkpoint_to_resume, cli,
+                            data_shuffle, end_process_group, eval_mode, first_tokens, flops_per_token, fsdp_sync_once,
+                            get_encoding, hellaswag_totals, init_report, keeps_signal_handlers, load_checkpoint,
+                            load_hellaswag, load_hf_weights, load_splits, loss_block_budget, mfu_percent,
+                            most_on_any_rank, out_of_memory_error, peak_flops, prune_checkpoints, rank_seed,
+                            read_hf_gpt2, restore_state, save_checkpoint, setup_runtime, shard_model, shards_that_fill,
+                            use_compile)
 
 # =============================================================================
 # 1. The model: GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners")
@@ -208,7 +208,7 @@ class GPT(nn.Module):
         """Rows per block of the loss for n rows in all: the largest power of two whose fp32 logits fit in the
         block's byte budget (loss_block_budget, larger without gradients), and at most 32 blocks (compiled, the loop
         over the blocks is unrolled; eager, each block is a dozen launches)."""
-        budget = (self.loss_block_bytes or loss_block_budget(torch.device(device))) * (1 if grad else NO_GRAD_BLOCK)
+        budget = loss_block_budget(torch.device(device), grad, self.loss_block_bytes)
         rows = 1 << max(0, int(budget // (4 * self.config.padded_vocab_size)).bit_length() - 1)  # 2**floor(log2)
         return max(1, min(n, max(rows, -(-n // 32))))
 
@@ -235,23 +235,25 @@ def chunked_cross_entropy(x, weight, targets, vocab_size, rows):
 
 
 def token_losses(x, weight, targets, vocab_size, rows):
-    """The cross-entropy of each row (N,), fp32, without gradients: the plain way (the logits of the real vocabulary
-    in fp32, F.cross_entropy), `rows` rows at a time. A block holds its logits, their fp32 copy and their
-    log-softmax: 2.5 fp32 copies in 16-bit (fewer passes over memory than exp_logits, which it does not need)."""
+    """The cross-entropy of each row (N,), fp32, without gradients: the plain way (the logits in fp32, the padding
+    columns -inf, F.cross_entropy), `rows` rows at a time. A block holds its logits in fp32 and their log-softmax:
+    2 fp32 copies (a slice of the real vocabulary instead of the mask would be copied again: 3)."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
     weight = weight.to(dtype)  # (V, C), cast once: autocast would cast it again in every block
-    return torch.cat([F.cross_entropy((x[i: i + rows] @ weight.t())[:, :vocab_size].float(), targets[i: i + rows],
-                                      reduction="none")  # (rows,)
-                      for i in range(0, x.size(0), rows)] or [torch.zeros(0, device=x.device)])
+    losses = []
+    for i in range(0, x.size(0), rows):
+        z = (x[i: i + rows] @ weight.t()).float()  # (n, V) fp32: in fp32 the product itself, in 16-bit its copy
+        z[:, vocab_size:] = float("-inf")  # padding never counts
+        losses.append(F.cross_entropy(z, targets[i: i + rows], reduction="none"))  # (n,)
+    return torch.cat(losses) if losses else torch.zeros(0, device=x.device)
 
 
 def exp_logits(xi, weight, yi, vocab_size):
     """One block of the loss with gradients: e = exp(logits - their row max), fp32 (n, V), with the padding columns
     0; each row's loss (n,); and the rows' sums of e, s (n, 1). In place: one fp32 (n, V) tensor holds the logits,
     then z - max, then e (the logits' own when they are fp32), so a block holds 1.5 fp32 copies at most."""
-    logits = xi @ weight.t()  # (n, V), 16-bit under autocast, as the plain head
-    z = logits.float()  # (n, V) fp32: the softmax is always taken in fp32
-    del logits  # a 16-bit block is freed here: its fp32 copy is all that is left
+    # (n, V) fp32: the softmax is always taken in fp32 (under autocast a copy of the 16-bit product, freed at once)
+    z = (xi @ weight.t()).float()
     z.masked_fill_(torch.arange(z.size(1), device=z.device) >= vocab_size, float("-inf"))  # padding never counts
     # softmax(z) = e / sum(e) with e = exp(z - max): subtracting the max keeps exp from overflowing. Each exp is
     # taken once and e reused (on a CPU exp is the costliest step after the matmuls).
@@ -756,10 +758,9 @@ def evaluate_loss(model, val_shards, n_tokens, batch_size, seq_len, rt, fsdp=Fal
     return (totals[0] / totals[1]).item()
 
 
-# HellaSwag (Zellers et al. 2019): a context and 4 endings, of which one is right. The model's answer is the
-# ending it finds least surprising: the lowest summed cross-entropy of the ending's tokens (acc), or the lowest
-# mean per token (acc_norm, which does not punish long endings). This is the GPT-2/GPT-3-era protocol; the
-# download is plumbing (train_plumbing.hellaswag_download), the command line is hellaswag.py.
+# HellaSwag (Zellers et al. 2019): a context and 4 endings, of which one is right. The model's answer is the ending
+# it finds least surprising: the lowest summed cross-entropy of the ending's tokens (acc), or the lowest mean per
+# token (acc_norm, which does not punish long endings): the GPT-2/GPT-3-era protocol. The download is plumbing.
 
 
 def render_example(example, enc):
@@ -848,9 +849,8 @@ class KVCache:
         return 0 if self.kv[0] is None else self.kv[0][0].size(2)
 
     def update(self, k, v):
-        if self.kv[self.layer] is not None:
-            k = torch.cat([self.kv[self.layer][0], k], dim=2)
-            v = torch.cat([self.kv[self.layer][1], v], dim=2)
+        if self.kv[self.layer] is not None:  # the past's keys and values, then this token's: (B, nh, T_past + T, hs)
+            k, v = (torch.cat([past, new], dim=2) for past, new in zip(self.kv[self.layer], (k, v)))
         self.kv[self.layer] = (k, v)
         self.layer = (self.layer + 1) % len(self.kv)
         return k, v

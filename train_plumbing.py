@@ -445,8 +445,6 @@ def check_train_flags(cfg, flags):
         (cfg.init_step and not cfg.init_from, "--init_step needs --init_from: it is where the schedule starts for "
          "those weights"),
         (not 0 <= cfg.init_step < cfg.max_steps, f"--init_step must be in [0, --max_steps), got {cfg.init_step}"),
-        (cfg.fsdp and cfg.batch_size == "auto", "--batch_size auto measures an unsharded model; give --batch_size N "
-         "with --fsdp 1"),
         (cfg.init_from and os.path.isdir(cfg.init_from) and not os.path.isfile(f"{cfg.init_from}/config.json"),
          f"{cfg.init_from} has no config.json; give a Hugging Face GPT-2 directory"),
         (cfg.sample_every and not get_encoding().encode(cfg.prompt, allowed_special="all"),
@@ -1066,21 +1064,23 @@ def out_of_memory_error(step, s, cfg, rt):
 
 
 # Without gradients a block of the loss holds 2.5 fp32 copies of its logits at most, where one with gradients holds
-# 1.5; but the loss alone is one matmul and one pass over the logits, and on a CPU its matmul needs larger blocks to
-# run at full speed: evaluation's blocks are this many times the training budget's rows
-# (python bench/bench_train.py --only eval).
+# 1.5; but the loss alone is one matmul and one pass over the logits, and on a CPU its matmul runs at full speed
+# only in larger blocks: there evaluation's blocks take this many times the training budget
+# (python bench/bench_train.py --only eval). A GPU's blocks are large enough for both.
 NO_GRAD_BLOCK = 4
 
 
-def loss_block_budget(device):
+def loss_block_budget(device, grad=True, base=None):
     """Bytes of fp32 logits one block of the loss may hold (an eager block holds 1.5 times that at most). On a CPU
     (and MPS) 64 MiB: 256 rows at GPT-2's vocabulary, from which the loss runs at full speed (`python
-    bench/bench_train.py --only blocks` times each block size). On a GPU, where launches matter more, 1/64 of its
-    memory, at most 1 GiB: 4096 rows on an 80-141 GB card (1.04x the plain loss's speed on an H200 where 256 rows
-    were 0.90x), 1024 on a 24 GB one, 256 on a 4 GB GTX 960."""
-    if device.type != "cuda":
-        return 64 << 20
-    return min(1 << 30, torch.cuda.get_device_properties(device).total_memory // 64)
+    bench/bench_train.py --only blocks` times each block size), NO_GRAD_BLOCK times that on a CPU without
+    gradients. On a GPU, where launches matter more, 1/64 of its memory, at most 1 GiB: 4096 rows on an 80-141 GB
+    card (1.04x the plain loss's speed on an H200 where 256 rows were 0.90x), 1024 on a 24 GB one, 256 on a 4 GB
+    GTX 960. base: the training budget instead of the device's (GPT.loss_block_bytes)."""
+    if base is None:
+        base = min(1 << 30, torch.cuda.get_device_properties(device).total_memory // 64) if device.type == "cuda" \
+            else 64 << 20
+    return base * (NO_GRAD_BLOCK if not grad and device.type == "cpu" else 1)
 
 
 # ---- FLOPs, for MFU ----

@@ -1,5 +1,6 @@
 """Distributed training under torchrun on CPU (gloo): 2 ranks train what 1 process with twice the gradient
 accumulation trains, and a 2-rank checkpoint resumes in 1 process."""
+import json
 import os
 import shutil
 import signal
@@ -236,7 +237,6 @@ def fsdp_compiled(small_text, tmp_path_factory):
 
 
 def test_fsdp_compiled_evaluation_adds_no_graphs_and_equals_eager(fsdp_compiled, small_text):
-    import json
     import hellaswag
     import train_gpt2 as tg
     import train_plumbing as tp
@@ -356,3 +356,60 @@ def test_fsdp_bf16_trains_what_ddp_bf16_trains(small_text, tmp_path):
     # relative in every rounded tensor). The bound is 3x that: the recipes may differ by where they round, not by
     # how they accumulate, reduce or apply the gradients.
     assert diff < 1e-2
+
+
+MEASURED = """
+import json, os, sys
+from torch.profiler import ProfilerActivity, profile
+sys.path.insert(0, sys.argv[1])
+import train_extras, train_gpt2 as tg
+free = int(sys.argv[2])
+train_extras.available_memory = lambda rt: free  # the RAM this rank is told it may use
+peaks = {}
+def measured(name, fn):  # the peak bytes allocated above the start, the first time fn runs
+    def wrapper(*args, **kw):
+        if name in peaks:
+            return fn(*args, **kw)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn(*args, **kw)
+        live = peak = 0
+        for e in prof.profiler.kineto_results.events():
+            if e.name() == "[memory]":
+                live += e.nbytes()
+                peak = max(peak, live)
+        peaks[name] = peak
+        return out
+    return wrapper
+tg.train_step = measured("train", tg.train_step)  # the first step: AdamW's state is allocated in it
+tg.evaluate_loss = measured("eval", tg.evaluate_loss)
+tg.main(sys.argv[3:])
+print("peaks", json.dumps(peaks))
+"""
+
+
+def test_fsdp_batch_size_auto_picks_what_fits_each_rank(small_text, tmp_path):
+    """--batch_size auto with --fsdp 1 (estimated: a trial that ran out of memory on one rank would leave the other
+    waiting): with the RAM it is told is free, the batch it picks must fit each rank's first training step (the
+    whole gradient and weights between micro-steps, 1/2 of AdamW's state) and its evaluation, measured; the next
+    larger batch would not have fit by the estimate."""
+    import train_extras
+    import train_gpt2 as tg
+    shape = dict(n_layer=2, n_head=2, n_embd=128)  # short sequences: the weights' share (FSDP's part) is large
+    T, ranks, sync_once = 32, 2, True
+    model = tg.GPT(tg.GPTConfig(**shape))
+    need = {b: train_extras.memory_needs(model, b, T, "fp32", "cpu", fsdp=(ranks, sync_once)) for b in (4, 8)}
+    free = int((max(need[4].values()) + max(need[8].values())) / 2 / train_extras.CPU_FREE_SHARE)  # 4 fits, 8 not
+    script = tmp_path / "measured.py"
+    script.write_text(MEASURED)
+    args = [str(script), ROOT, str(free), "--data", small_text, "--log_dir", tmp_path / "run",
+            *[a for k, v in shape.items() for a in (f"--{k}", str(v))], "--seq_len", str(T), "--batch_size", "auto",
+            "--total_batch_size", str(ranks * T * 16), "--fsdp", "1", "--fsdp_sync", "step", "--max_steps", "1",
+            "--eval_every", "1", "--val_tokens", str(ranks * 4 * T), "--sample_every", "0", "--checkpoint_every", "0",
+            "--device", "cpu", "--dtype", "fp32", "--compile", "off"]
+    out = torchrun(ranks, *args)
+    assert out.returncode == 0, out.stderr
+    assert f"= 4 x {T} x {ranks} ranks x 4 accumulation steps" in out.stdout, out.stdout
+    peaks = [json.loads(ln.split(" ", 1)[1]) for ln in out.stdout.splitlines() if ln.startswith("peaks ")]
+    assert len(peaks) == ranks
+    for p in peaks:  # the estimate holds: what each rank allocated is at most what it was estimated to
+        assert p["train"] <= need[4]["train"] and p["eval"] <= need[4]["eval"], (p, need[4])
