@@ -592,7 +592,7 @@ def train(cfg):
         # MFU, model FLOPs utilization (PaLM paper, appendix B): the FLOPs the model needs per second, as a share
         # of what the hardware can do at best. 40-50% is good on GPUs; time lost elsewhere shows up here
         mfu, peak = mfu_percent(tok_s, flops, peak, rt)  # a CPU's peak is measured again if this beats it
-        step_times = step_times[-19:] + [dt]  # the recent steps' times, for the time left
+        step_times = step_times[-19:] + [dt] if step > s.step else []  # the first one compiles: not counted
         log.step(step, loss, lr, norm.item(), dt, tok_s, mfu, step_times, cfg.max_steps)
 
 

@@ -677,16 +677,16 @@ class RunLog:
         self.print(line)
 
     def step(self, step, loss, lr, norm, dt, tok_s, mfu, step_times, max_steps):
-        """The line of one optimizer step, with the time left: the median of the recent steps' times (a compile
-        or one slow step moves it little) times the steps left."""
-        left = float(np.median(step_times)) * (max_steps - step - 1)
+        """The line of one optimizer step, with the time left: the median of the recent steps' times (one slow
+        step moves it little) times the steps left; n/a at a run's first step, whose time is mostly compilation."""
+        left = float(np.median(step_times)) * (max_steps - step - 1) if step_times else None
         self(f"{step} train {loss:.6f}",
              f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | {1000 * dt:.1f} ms | "
              f"{tok_s:,.0f} tok/s | MFU " + (f"{mfu:.1f}%" if mfu is not None else "n/a") +
              (" (above 100%: the CPU's measured peak is too low; was it busy?)" if mfu and mfu > 100 else "") +
-             f" | ETA {format_duration(left)}",
+             f" | ETA {'n/a' if left is None else format_duration(left)}",
              {"train/lr": lr, "train/grad_norm": norm, "train/tok_per_s": tok_s, "train/mfu": mfu})
-        if len(step_times) == 5 and step + 1 < max_steps:
+        if len(step_times) == 4 and step + 1 < max_steps:  # after the 5th step
             self.print(f"at {float(np.median(step_times)):.3g} s a step, the {max_steps - step - 1} steps left take "
                        f"about {format_duration(left)} (evaluations, samples and checkpoints come on top)")
 
