@@ -17,6 +17,9 @@ sys.path.insert(0, str(ROOT))
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (python -m pytest -m cuda tests); skipped without one")
+    # Inductor compiles in one process here and in every program the tests start: on 2 cores its pool of compile
+    # workers costs each compiled run more to start (~0.7 s) than it saves; the code it generates is the same
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 def run_cli(*args, cwd=None, env=None, timeout=600):
