@@ -38,13 +38,13 @@ import torch.utils.checkpoint
 import train_extras  # export, plot, evaluate's report, the subcommands' flags, the --batch_size auto estimate
 # the plumbing: what pretraining needs on real machines, kept out of the lecture (its docstring lists what is where)
 from train_plumbing import (DEVICES, DTYPES, Flag, FlagParser, RunLog, StopSignal, Stopped, UserError, agree_on_signal,
-                            arg, check_fsdp, check_resume, check_seq_len, check_train_flags, checkpoint_to_resume, cli,
-                            data_shuffle, end_process_group, eval_mode, first_tokens, flops_per_token, fsdp_sync_once,
-                            get_encoding, hellaswag_totals, init_report, keeps_signal_handlers, load_checkpoint,
-                            load_hellaswag, load_hf_weights, load_splits, loss_block_budget, mfu_percent,
-                            most_on_any_rank, out_of_memory_error, peak_flops, prune_checkpoints, rank_seed,
-                            read_hf_gpt2, restore_state, save_checkpoint, setup_runtime, shard_model, shards_that_fill,
-                            use_compile)
+                            arg, autocast_dtype, check_fsdp, check_resume, check_run_outputs, check_seq_len,
+                            check_train_flags, checkpoint_to_resume, cli, data_shuffle, end_process_group, eval_mode,
+                            first_tokens, flops_per_token, fsdp_sync_once, get_encoding, hellaswag_totals, init_report,
+                            keeps_signal_handlers, load_checkpoint, load_hellaswag, load_hf_weights, load_splits,
+                            loss_block_budget, mfu_percent, most_on_any_rank, out_of_memory_error, peak_flops,
+                            prune_checkpoints, rank_seed, read_hf_gpt2, restore_state, save_checkpoint, setup_runtime,
+                            shard_model, shards_that_fill, use_compile)
 
 # =============================================================================
 # 1. The model: GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners")
@@ -238,8 +238,7 @@ def token_losses(x, weight, targets, vocab_size, rows):
     """The cross-entropy of each row (N,), fp32, without gradients: the plain way (the logits in fp32, the padding
     columns -inf, F.cross_entropy), `rows` rows at a time. A block holds its logits in fp32 and their log-softmax:
     2 fp32 copies (a slice of the real vocabulary instead of the mask would be copied again: 3)."""
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
-    weight = weight.to(dtype)  # (V, C), cast once: autocast would cast it again in every block
+    weight = weight.to(autocast_dtype(x.device.type, weight.dtype))  # (V, C), cast once, not in every block
     losses = []
     for i in range(0, x.size(0), rows):
         z = (x[i: i + rows] @ weight.t()).float()  # (n, V) fp32: in fp32 the product itself, in 16-bit its copy
@@ -281,6 +280,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         # The weight's gradient sums over all N rows: in fp32 whatever the weight's dtype (bf16 under FSDP's
         # policy), as a 16-bit sum of many blocks would lose the small ones.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V, C)
+        dtype = autocast_dtype(x.device.type, weight.dtype)  # the matmuls' dtype
         for i in range(0, x.size(0), rows):
             xi, yi = x[i: i + rows], targets[i: i + rows, None]  # (n, C), (n, 1)
             e, row_losses, s = exp_logits(xi, weight, yi, vocab_size)
@@ -288,8 +288,6 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             # d(loss of a row)/d(its logits) = softmax - one_hot(target), in place in e. Not yet divided by N:
             # in fp16, p / N would underflow to 0 where the plain way multiplies by the loss scale first.
             e *= s.reciprocal()  # (n, V) p = softmax
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
-                else weight.dtype  # the matmuls' dtype
             if torch.compiler.is_compiling():  # pointwise: fused with the cast, no fp32 (n, V) is written
                 g = torch.where(torch.arange(e.size(1), device=e.device) == yi, e - 1, e).to(dtype)  # (n, V)
             else:  # eager: in place (a pointwise op would allocate a mask and, on a CPU, its fp32 copy)
@@ -910,6 +908,7 @@ def check_config(cfg, world_size):
         model_config(cfg)  # the shape flags (a resumed or fine-tuned model's shape is checked once it is read)
     grad_accum_steps(cfg.total_batch_size, None if cfg.batch_size == "auto" else cfg.batch_size, cfg.seq_len,
                      world_size)
+    check_run_outputs(cfg)  # the prompt, the log directory, wandb: last, as they load and read files
 
 
 def model_config(cfg, ckpt=None, init_model=None):

@@ -382,6 +382,11 @@ def keep_freed_memory():
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def autocast_dtype(device_type, default):
+    """The dtype autocast runs matmuls in on this device type where it is on, else default (no autocast)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
+
+
 def cpu_has_bf16():
     """Whether this CPU does bf16 matmuls natively (AVX512-BF16 or AMX): elsewhere they are emulated, slower than
     fp32, so --dtype auto picks fp32 there."""
@@ -435,9 +440,8 @@ def use_compile(flag, rt):
 
 
 def check_train_flags(cfg, flags):
-    """The training flags that need no model: each against its Flag, the pairs that exclude each other, the
-    prompt, the log directory (an earlier run's log is never overwritten), wandb's import (missing: said before
-    anything is written). train_gpt2.check_config adds the model's shape and the batch arithmetic."""
+    """The training flags that need no model: each against its Flag, then the pairs that exclude each other.
+    train_gpt2.check_config adds the model's shape and the batch arithmetic, then check_run_outputs."""
     check_flags(cfg, flags)
     problems = [  # (is it wrong?, what to say)
         (cfg.resume and cfg.init_from, "--resume and --init_from exclude each other: resume continues a run, "
@@ -447,12 +451,18 @@ def check_train_flags(cfg, flags):
         (not 0 <= cfg.init_step < cfg.max_steps, f"--init_step must be in [0, --max_steps), got {cfg.init_step}"),
         (cfg.init_from and os.path.isdir(cfg.init_from) and not os.path.isfile(f"{cfg.init_from}/config.json"),
          f"{cfg.init_from} has no config.json; give a Hugging Face GPT-2 directory"),
-        (cfg.sample_every and not get_encoding().encode(cfg.prompt, allowed_special="all"),
-         "--prompt is empty; give some text for the samples (or --sample_every 0)"),
     ]
     for wrong, message in problems:
         if wrong:
             raise UserError(message)
+
+
+def check_run_outputs(cfg):
+    """What the run will show and write, last of the checks (the tokenizer is loaded only once the flags are
+    sound): the samples' prompt, the log directory (an earlier run's log is never overwritten), wandb's import
+    (missing: said before anything is written)."""
+    if cfg.sample_every and not get_encoding().encode(cfg.prompt, allowed_special="all"):
+        raise UserError("--prompt is empty; give some text for the samples (or --sample_every 0)")
     check_log_dir(cfg)
     if cfg.wandb_project is not None:
         import_wandb()
