@@ -230,8 +230,18 @@ def chunked_cross_entropy(x, weight, targets, vocab_size, rows):
     logits. With gradients it is ChunkedCrossEntropy; without (torch.no_grad(), torch.inference_mode(): evaluation)
     only the loss is computed (token_losses), so no gradient buffer is allocated."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        if x.device.type == "cpu" and autocast_dtype("cpu", weight.dtype) == torch.float32:
+            return eager_chunked_cross_entropy(x, weight, targets, vocab_size, rows)  # fp32 on a CPU: see below
         return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, rows)
     return token_losses(x, weight, targets, vocab_size, rows).sum() / x.size(0)
+
+
+@torch.compiler.disable
+def eager_chunked_cross_entropy(x, weight, targets, vocab_size, rows):
+    """ChunkedCrossEntropy, eager inside a compiled model. Why: in fp32 on a CPU no cast is fused, and the compiled
+    block (one pass, but the (V, C) gradient copied at each accumulation) lost to the in-place eager one: step
+    834 -> 760 ms, quickstart shape, AVX2 emulated (docs/speed-and-memory.md). In bf16 compiled is 0.6x eager."""
+    return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, rows)
 
 
 def token_losses(x, weight, targets, vocab_size, rows):
@@ -253,7 +263,12 @@ def exp_logits(xi, weight, yi, vocab_size):
     then z - max, then e (the logits' own when they are fp32), so a block holds 1.5 fp32 copies at most."""
     # (n, V) fp32: the softmax is always taken in fp32 (under autocast a copy of the 16-bit product, freed at once)
     z = (xi @ weight.t()).float()
-    z.masked_fill_(torch.arange(z.size(1), device=z.device) >= vocab_size, float("-inf"))  # padding never counts
+    # padding never counts. Compiled: a mask fused into the block's one pass, on an int32 column index (an int64
+    # one costs twice the vector work: bf16 loss path 243 -> 201 ms). Eager: only the padding columns are written.
+    if torch.compiler.is_compiling():
+        z.masked_fill_(torch.arange(z.size(1), dtype=torch.int32, device=z.device) >= vocab_size, float("-inf"))
+    else:
+        z[:, vocab_size:] = float("-inf")
     # softmax(z) = e / sum(e) with e = exp(z - max): subtracting the max keeps exp from overflowing. Each exp is
     # taken once and e reused (on a CPU exp is the costliest step after the matmuls).
     m = z.amax(dim=1, keepdim=True)  # (n, 1)
@@ -289,7 +304,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             # in fp16, p / N would underflow to 0 where the plain way multiplies by the loss scale first.
             e *= s.reciprocal()  # (n, V) p = softmax
             if torch.compiler.is_compiling():  # pointwise: fused with the cast, no fp32 (n, V) is written
-                g = torch.where(torch.arange(e.size(1), device=e.device) == yi, e - 1, e).to(dtype)  # (n, V)
+                cols = torch.arange(e.size(1), dtype=torch.int32, device=e.device)  # int32: half the lanes of int64
+                g = torch.where(cols == yi.int(), e - 1, e).to(dtype)  # (n, V)
             else:  # eager: in place (a pointwise op would allocate a mask and, on a CPU, its fp32 copy)
                 g = e.scatter_add_(1, yi, torch.full(yi.shape, -1.0, device=e.device)).to(dtype)  # (n, V)
             del e  # a 16-bit g leaves 0.5 fp32 copies of the block during the matmuls

@@ -10,6 +10,7 @@ faults of a step (memory the kernel had to hand out and zero again).
     python bench/bench_train.py --device cuda    # the same on a GPU, plus the 124M T=1024 recipe row
     python bench/bench_train.py --only compare   # only the reference comparison
     python bench/bench_train.py --only compare --dtype fp32   # both sides in fp32 (an AVX2 laptop's dtype)
+    python bench/bench_train.py --only compare --compile both # compiled, then both sides eager
     python bench/bench_train.py --only blocks    # the loss path at several block sizes (GPT.loss_block_rows)
     python bench/bench_train.py --only eval      # the loss without gradients (evaluation) against the plain one
     python bench/bench_train.py --device cuda --only compare --shape 4L-128,T1024   # some shapes only
@@ -99,15 +100,16 @@ def timed(fn, rt):
     return time.perf_counter() - t0
 
 
-def compare_reference(device, dtype, name, shape, B, T, steps):
-    """Ours vs the reference step (plain head, full logits, F.cross_entropy, default AdamW), compiled, autocast,
-    one micro-batch per step. Each runs in its own process, as each program would: ours after setup_runtime
-    (deterministic mode, the CPU allocator's reuse of freed memory), the reference with PyTorch's and the C
-    library's defaults; and the reference once more with only the allocator setting (keep_freed_memory), to
-    tell what that setting buys from what the rest of ours does. Steps interleave, one process waiting while
-    another runs, so that all see the same machine load. Then the loss path alone (hidden states -> loss,
-    forward and backward): plain vs ChunkedCrossEntropy, its share of each step, and its three matmuls alone.
-    MFU of each side is against the peak of `dtype` measured here (train_plumbing.peak_flops), after the steps."""
+def compare_reference(device, dtype, name, shape, B, T, steps, compiled=True):
+    """Ours vs the reference step (plain head, full logits, F.cross_entropy, default AdamW), compiled (or both
+    eager: compiled=False, what old GPUs and MPS run), autocast, one micro-batch per step. Each runs in its own
+    process, as each program would: ours after setup_runtime (deterministic mode, the CPU allocator's reuse of
+    freed memory), the reference with PyTorch's and the C library's defaults; and the reference once more with
+    only the allocator setting (keep_freed_memory), to tell what that setting buys from what the rest of ours
+    does. Steps interleave, one process waiting while another runs, so that all see the same machine load. Then
+    the loss path alone (hidden states -> loss, forward and backward): plain vs chunked_cross_entropy, its share
+    of each step, and its three matmuls alone. MFU of each side is against the peak of `dtype` measured here
+    (train_plumbing.peak_flops), after the steps."""
     rt = tg.setup_runtime(device, dtype)  # the dtype ours trains in (auto: as train_gpt2.py picks); the reference too
     dtype = rt.dtype
     ctx = mp.get_context("spawn")
@@ -115,7 +117,8 @@ def compare_reference(device, dtype, name, shape, B, T, steps):
     kinds = ("reference", "reference, freed memory kept", "ours") if device == "cpu" else ("reference", "ours")
     for kind in kinds:
         conn, child = ctx.Pipe()
-        proc = ctx.Process(target=compare_worker, args=(kind, child, device, dtype, shape, B, T), daemon=True)
+        proc = ctx.Process(target=compare_worker, args=(kind, child, device, dtype, shape, B, T, compiled),
+                           daemon=True)
         proc.start()
         workers[kind] = (proc, conn)
     for _, conn in workers.values():
@@ -142,7 +145,7 @@ def compare_reference(device, dtype, name, shape, B, T, steps):
     peak = tp.peak_flops(rt)  # measured now, with the workers gone: the machine's best in this dtype
     flops = tp.flops_per_token(tg.GPTConfig(**shape), T)
     mfu = " / ".join(f"{100 * tok[k] * flops / peak:.0f}%" for k in ("reference", "ours")) if peak else "n/a"
-    return (f"| {name} | {dtype} | {tok['reference']:,.0f} | {tok['ours']:,.0f} | "
+    return (f"| {name}{'' if compiled else ' eager'} | {dtype} | {tok['reference']:,.0f} | {tok['ours']:,.0f} | "
             f"**{tok['ours'] / tok['reference']:.2f}x** | {mfu} (peak {peak / 1e9:,.0f} GFLOP/s) | "
             f"{kept} | "
             f"{1000 * med['reference']['loss']:,.0f} ms = {100 * med['reference']['loss'] / med['reference']['step']:.0f}% | "
@@ -151,7 +154,7 @@ def compare_reference(device, dtype, name, shape, B, T, steps):
             f"{med['reference']['faults']:,.0f} / {med['ours']['faults']:,.0f} | {same:.1e} |")
 
 
-def compare_worker(kind, conn, device, dtype, shape, B, T):
+def compare_worker(kind, conn, device, dtype, shape, B, T, compiled):
     """One side of compare_reference, in its own process: builds the model, then times what conn asks for
     ("step", "loss", "floor") and sends back (seconds, loss, page faults), until it gets None."""
     if kind == "ours":
@@ -160,6 +163,7 @@ def compare_worker(kind, conn, device, dtype, shape, B, T):
         if kind == "reference, freed memory kept":
             tp.keep_freed_memory()
         rt = tp.Runtime(False, 0, 0, 1, True, device if device != "cuda" else "cuda:0", device, dtype)
+    maybe_compile = torch.compile if compiled else (lambda fn: fn)
     torch.manual_seed(0)
     config = tg.GPTConfig(**shape)
     x = torch.randint(0, config.vocab_size, (B, T), device=rt.device)
@@ -168,10 +172,11 @@ def compare_worker(kind, conn, device, dtype, shape, B, T):
     model = tg.GPT(config).to(rt.device)
     if kind == "ours":
         opt = tg.configure_optimizer(model, 1e-4, 0.1, rt.device_type)
-        fwd = torch.compile(lambda: model(x, y)[1])
+        fwd = maybe_compile(lambda: model(x, y)[1])
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-        fwd = torch.compile(lambda: F.cross_entropy(model.head(model.features(x)).float().flatten(0, 1), y.flatten()))
+        fwd = maybe_compile(lambda: F.cross_entropy(model.head(model.features(x)).float().flatten(0, 1),
+                                                    y.flatten()))
 
     def step():
         with rt.autocast():
@@ -185,10 +190,10 @@ def compare_worker(kind, conn, device, dtype, shape, B, T):
     h = torch.randn(B * T, config.n_embd, device=rt.device, requires_grad=True)  # final hidden states
     w = model.lm_head.weight
     if kind == "ours":
-        loss_fn = torch.compile(lambda: tg.ChunkedCrossEntropy.apply(h, w, y.flatten(), config.vocab_size,
-                                                                     model.loss_block_rows(B * T, rt.device_type)))
+        loss_fn = maybe_compile(lambda: tg.chunked_cross_entropy(h, w, y.flatten(), config.vocab_size,
+                                                                 model.loss_block_rows(B * T, rt.device_type)))
     else:
-        loss_fn = torch.compile(lambda: F.cross_entropy(model.head(h).float(), y.flatten()))
+        loss_fn = maybe_compile(lambda: F.cross_entropy(model.head(h).float(), y.flatten()))
 
     def loss_path():
         with rt.autocast():
@@ -280,6 +285,8 @@ def main(argv):
            "optimizer steps per configuration (default: %(default)s)")
     p.flag("only", tp.Flag(choices=("table", "compare", "blocks", "eval")), None, "run only one part (blocks: the "
            "loss's block size; eval: the loss without gradients against the plain one; both only when asked for)")
+    p.flag("compile", tp.Flag(choices=("on", "off", "both")), "on", "the comparison compiled (on), eager (off: "
+           "what old GPUs and MPS run) or both, each side the same (default: %(default)s)")
     p.flag("shape", tp.Flag(empty=True), "", "compare only the shapes whose names hold one of these "
            "(comma-separated), e.g. 4L-128,T1024")
     args = p.parse(argv)
@@ -316,8 +323,8 @@ def main(argv):
                 print(run_train("4L-128 B8 T256, deterministic mode off", quickstart, args.steps, False), flush=True)
         print(kv_cache_ratio(args.device))
     if args.only != "table":
-        print("\nOurs vs the reference step (full logits + F.cross_entropy, default AdamW), compiled, one micro-batch "
-              "per step; loss path = hidden states -> loss, forward + backward, and its share of the step")
+        print("\nOurs vs the reference step (full logits + F.cross_entropy, default AdamW), compiled (eager where "
+              "the row says), one micro-batch per step; loss path = hidden states -> loss, forward + backward, and its share of the step")
         print("| shape | dtype | reference tok/s | ours tok/s | ours/reference | MFU reference / ours | reference with freed memory kept: tok/s, "
               "ours/it | loss path, reference | loss path, ours | its 3 matmuls alone, share of ours | page faults "
               "a step, reference / ours | max loss difference |")
@@ -328,7 +335,8 @@ def main(argv):
         if args.device == "cuda":  # a batch that fills a GPU: the recipe's micro-batch
             shapes.append(("124M B64 T1024", tg.PRESETS["gpt2"], 64, 1024))
         for name, shape, B, T in [s for s in shapes if any(k in s[0] for k in args.shape.split(","))]:
-            print(compare_reference(args.device, args.dtype, name, shape, B, T, args.steps), flush=True)
+            for compiled in {"on": (True,), "off": (False,), "both": (True, False)}[args.compile]:
+                print(compare_reference(args.device, args.dtype, name, shape, B, T, args.steps, compiled), flush=True)
 
 
 if __name__ == "__main__":
