@@ -324,7 +324,8 @@ def main(argv):
         print(kv_cache_ratio(args.device))
     if args.only != "table":
         print("\nOurs vs the reference step (full logits + F.cross_entropy, default AdamW), compiled (eager where "
-              "the row says), one micro-batch per step; loss path = hidden states -> loss, forward + backward, and its share of the step")
+              "the row says), one micro-batch per step; loss path = hidden states -> loss, forward + backward, and "
+              "its share of the step")
         print("| shape | dtype | reference tok/s | ours tok/s | ours/reference | MFU reference / ours | reference with freed memory kept: tok/s, "
               "ours/it | loss path, reference | loss path, ours | its 3 matmuls alone, share of ours | page faults "
               "a step, reference / ours | max loss difference |")
