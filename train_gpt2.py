@@ -225,10 +225,9 @@ class GPT(nn.Module):
 
 
 def chunked_cross_entropy(x, weight, targets, vocab_size, rows):
-    """Mean cross-entropy of the logits x @ weight.T against targets, over the first vocab_size columns, `rows`
-    rows at a time: F.cross_entropy((x @ weight.T)[:, :vocab_size].float(), targets) without ever holding all the
-    logits. With gradients it is ChunkedCrossEntropy; without (torch.no_grad(), torch.inference_mode(): evaluation)
-    only the loss is computed (token_losses), so no gradient buffer is allocated."""
+    """Mean cross-entropy of the logits x @ weight.T against targets, over the first vocab_size columns, `rows` rows
+    at a time: F.cross_entropy((x @ weight.T)[:, :vocab_size].float(), targets) without ever holding all the logits.
+    With gradients it is ChunkedCrossEntropy; without (evaluation) only the loss (token_losses): no gradient buffer."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         if x.device.type == "cpu" and autocast_dtype("cpu", weight.dtype) == torch.float32:
             return eager_chunked_cross_entropy(x, weight, targets, vocab_size, rows)  # fp32 on a CPU: see below
@@ -238,9 +237,8 @@ def chunked_cross_entropy(x, weight, targets, vocab_size, rows):
 
 @torch.compiler.disable
 def eager_chunked_cross_entropy(x, weight, targets, vocab_size, rows):
-    """ChunkedCrossEntropy, eager inside a compiled model. Why: in fp32 on a CPU no cast is fused, and the compiled
-    block (one pass, but the (V, C) gradient copied at each accumulation) lost to the in-place eager one: step
-    834 -> 760 ms, quickstart shape, AVX2 emulated (docs/speed-and-memory.md). In bf16 compiled is 0.6x eager."""
+    """ChunkedCrossEntropy, eager inside a compiled model. Why: in fp32 on a CPU there is no cast to fuse, and the
+    compiled block copied the (V, C) gradient at each accumulation: step 834 -> 760 ms (docs/speed-and-memory.md)."""
     return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, rows)
 
 
@@ -372,9 +370,8 @@ class DataLoader:
 
     def load_state_dict(self, state):
         # a checkpoint from before shuffling holds only shard and pos: it continues in file order
-        self.shard, self.pos = int(state["shard"]), int(state["pos"])
-        self.epoch, self.shuffle, self.seed = int(state.get("epoch", 0)), bool(state.get("shuffle", 0)), \
-            int(state.get("seed", 0))
+        self.shard, self.pos, self.epoch = int(state["shard"]), int(state["pos"]), int(state.get("epoch", 0))
+        self.shuffle, self.seed = bool(state.get("shuffle", 0)), int(state.get("seed", 0))
 
     def _shard_order(self):
         """The file index of each shard, in the order this epoch reads them."""
@@ -416,8 +413,8 @@ class DataLoader:
 
 
 def val_batches(shards, n_tokens, B, T, rank=0, world_size=1):
-    """The fixed val set: the first n_tokens // T sequences of the val split, the same at every
-    evaluation and for any world size; sequence i is evaluated on rank i % world_size."""
+    """The fixed val set: the first n_tokens // T sequences of the val split, the same at every evaluation and for
+    any world size; sequence i is evaluated on rank i % world_size."""
     tokens = first_tokens(shards, n_tokens + 1)
     n_seq = (len(tokens) - 1) // T
     if n_seq == 0:
@@ -450,8 +447,8 @@ def get_lr(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
 
 
 def grad_accum_steps(total_batch_size, batch_size, seq_len, world_size):
-    """Micro-steps per optimizer step so that all ranks together process total_batch_size tokens.
-    batch_size None (--batch_size auto, not chosen yet) checks that whole sequences fill the step."""
+    """Micro-steps per optimizer step so that all ranks together process total_batch_size tokens. batch_size None
+    (--batch_size auto, not chosen yet) checks that whole sequences fill the step."""
     per_micro = (batch_size or 1) * seq_len * world_size
     if total_batch_size % per_micro != 0:
         what, fix = ("batch_size * ", f"{batch_size} * ") if batch_size else ("", "")
@@ -499,8 +496,7 @@ class TrainConfig:
     grad_clip: float = arg(1.0, Flag(float, lo=0), "clip the global gradient norm to this (0 = no clipping)")
     grad_checkpoint: int = arg(0, Flag(int, lo=0, hi=1), "1: recompute blocks in backward (less memory, ~30%% slower)")
     dropout: float = arg(0.0, Flag(float, lo=0, hi=1, hi_open=True, hint="; GPT-2 used 0.1"), "dropout on the "
-                         "embeddings, attention weights and residual branches (GPT-2's own config used 0.1; 0 for "
-                         "pretraining on plenty of data)")
+                         "embeddings, attention weights, residual branches (GPT-2's config: 0.1; 0 on plenty of data)")
     # machine
     device: str = arg("auto", Flag(choices=DEVICES), "auto, cpu, cuda or mps")
     dtype: str = arg("auto", Flag(choices=DTYPES), "auto (bf16 where native, fp16 on older GPUs, else fp32) or one")
@@ -520,21 +516,18 @@ class TrainConfig:
                               "local hellaswag_val.jsonl; None: download the official file once")
     hellaswag_limit: int = arg(0, Flag(int, lo=0), "score only the first N HellaSwag examples (0 = all 10,042)")
     checkpoint_every: int = arg(5000, Flag(int, lo=0), "model_<step>.pt every this many steps and at the end (0 = off)")
-    keep_checkpoints: int = arg(0, Flag(int, lo=0), "keep only the newest K model_*.pt (and the newest one known "
-                                "to give a finite loss); older ones are deleted once a newer one is written (0 = "
-                                "keep all)")
+    keep_checkpoints: int = arg(0, Flag(int, lo=0), "keep only the newest K model_*.pt (and the newest one known to "
+                                "give a finite loss), deleting older ones once a newer one is written (0 = keep all)")
     shuffle: int = arg(None, Flag(int, lo=0, hi=1), "1: a new seeded order of the shards, and of T-token blocks "
                        "within them, every epoch; 0: file order; None: 1 for a shard directory, 0 for a text file, "
                        "and a resumed run keeps its checkpoint's")
     wandb_project: str = arg(None, Flag(), "also log to this Weights & Biases project, from rank 0 (pip install "
                              "wandb; WANDB_MODE=offline: no network); a resumed run continues its W&B run")
-    fsdp: int = arg(0, Flag(int, lo=0, hi=1), "1: shard weights, gradients and AdamW state over the torchrun ranks "
-                    "(FSDP2) instead of a full copy on each (DDP); checkpoints move freely between the two and one "
-                    "process")
+    fsdp: int = arg(0, Flag(int, lo=0, hi=1), "1: shard weights, gradients and AdamW state over the ranks "
+                    "(FSDP2), not a full copy on each (DDP); checkpoints move freely between FSDP, DDP, one process")
     fsdp_sync: str = arg("auto", Flag(choices=("auto", "step", "micro")), "--fsdp 1 with gradient accumulation: "
                          "'step' reduces the gradients once per optimizer step (each rank holds the whole gradient and "
-                         "weights meanwhile), 'micro' in every micro-step (only shards, more communication); auto: "
-                         "step where that fits (docs/scale.md)")
+                         "weights meanwhile), 'micro' in every micro-step (only shards); auto: step where it fits")
 
 
 @keeps_signal_handlers  # a caller's Ctrl-C handler is back when train() returns or raises
@@ -611,8 +604,8 @@ def train(cfg):
 
 
 def periodic_work(s, cfg, rt, log, hella, enc, step, last):
-    """Every so often, and after the last step: the val loss, HellaSwag, samples. On s.model (no DDP hooks);
-    every rank takes part."""
+    """Every so often, and after the last step: the val loss, HellaSwag, samples. On s.model (no DDP hooks), on
+    every rank."""
     # Eagerly: under FSDP the blocks of s.model are compiled in place (shard_model), and evaluation's other
     # shapes (val batches, HellaSwag's row lengths, the KV cache's growing context) would compile them again
     # and again; force_eager runs compiled code as plain Python, leaving the training graphs untouched.
@@ -632,9 +625,8 @@ def periodic_work(s, cfg, rt, log, hella, enc, step, last):
 
 
 def train_step(model, optimizer, scaler, loader, grad_accum, lr, grad_clip, rt, fsdp=False, sync_once=True):
-    """One optimizer step: grad_accum micro-steps on every rank, gradients averaged at the end (under FSDP with
-    sync_once False, in every micro-step). Returns the mean loss (a tensor, for the log) and the gradient norm
-    before clipping."""
+    """One optimizer step: grad_accum micro-steps on every rank, gradients averaged at the end (FSDP without
+    sync_once: in every micro-step). Returns the mean loss (a tensor, for the log) and the norm before clipping."""
     model.train()
     loss_accum = torch.zeros((), device=rt.device)
     for micro in range(grad_accum):
@@ -730,9 +722,8 @@ def build_state(cfg, rt):
 
 
 def wrap_model(model, cfg, rt, compile_model):
-    """The model the training steps run: compiled, and under torchrun wrapped in DDP (under FSDP `model` itself,
-    sharded and its blocks compiled by shard_model). It shares its weights with `model`, which evaluation and
-    sampling run eagerly (no recompilation for their other shapes)."""
+    """The model the training steps run: compiled, under torchrun wrapped in DDP (FSDP: `model` itself, sharded and
+    compiled by shard_model). It shares its weights with `model`, which evaluation and sampling run eagerly."""
     if compile_model:
         # Why compile: it fuses the elementwise work around the matmuls (casts, GELU, LayerNorm, the softmax of
         # the loss) into few kernels that read memory once, instead of one kernel and one pass per operation
@@ -787,16 +778,15 @@ def render_example(example, enc):
 
 @torch.no_grad()
 def ending_losses(model, rendered, device="cpu", batch_size=16, autocast=contextlib.nullcontext, progress=False):
-    """Summed cross-entropy of each ending and its token count: two (n, 4) tensors, in `rendered` order, from a
-    model in eval mode (score() sees to it). A row is context + ending; rows longer than block_size lose tokens
-    from the LEFT, so the whole ending is kept (an ending that fills the block alone has its first token, which
-    has no context, unscored). Real HellaSwag (<= 166 tokens) is never truncated."""
+    """Summed cross-entropy of each ending and its token count: two (n, 4) tensors, in `rendered` order, from a model
+    in eval mode (score() sees to it). A row is context + ending; rows over block_size lose tokens from the LEFT, so
+    the whole ending is kept (one that fills the block alone has its first, context-less token unscored). Real
+    HellaSwag (<= 166 tokens) is never truncated."""
     from tqdm import tqdm
 
     block_size = model.config.block_size
-    rows = []  # per example: 4 x (tokens, number of ending tokens scored)
-    for ctx, endings, _ in rendered:
-        rows.append([((ctx + end)[-block_size:], min(len(end), len((ctx + end)[-block_size:]) - 1)) for end in endings])
+    rows = [[((ctx + end)[-block_size:], min(len(end), len((ctx + end)[-block_size:]) - 1)) for end in endings]
+            for ctx, endings, _ in rendered]  # per example: 4 x (tokens, number of ending tokens scored)
     # Longest first: similar lengths share a batch (little padding), and an out-of-memory shows up at once.
     order = sorted(range(len(rows)), key=lambda i: -max(len(t) for t, _ in rows[i]))
     total, count = torch.zeros(len(rows), 4, dtype=torch.float64), torch.zeros(len(rows), 4, dtype=torch.long)
@@ -832,17 +822,15 @@ def ending_losses(model, rendered, device="cpu", batch_size=16, autocast=context
 
 def score(model, examples, enc, device="cpu", batch_size=16, autocast=contextlib.nullcontext,
           rank=0, world_size=1, progress=False):
-    """Count right answers on this rank's share of the examples, examples[rank::world_size].
-    `batch_size` examples (x 4 endings) go through the model per forward; `autocast` is a function that
-    returns a context manager (e.g. bf16 autocast). Returns {n, correct, correct_norm}: sum these over
-    ranks, then call accuracies()."""
+    """Count right answers on this rank's share of the examples, examples[rank::world_size], `batch_size` examples
+    (x 4 endings) per forward; `autocast` returns a context manager (e.g. bf16 autocast). Returns {n, correct,
+    correct_norm}: sum these over ranks, then call accuracies()."""
     mine = examples[rank::world_size]
     rendered = [render_example(e, enc) for e in mine]
     with eval_mode(model):  # no dropout in scoring
         total, count = ending_losses(model, rendered, device, batch_size, autocast, progress)
     labels = torch.tensor([label for _, _, label in rendered], dtype=torch.long)
-    return dict(n=len(mine),
-                correct=int((total.argmin(1) == labels).sum()),
+    return dict(n=len(mine), correct=int((total.argmin(1) == labels).sum()),
                 correct_norm=int(((total / count.clamp(min=1)).argmin(1) == labels).sum()))
 
 
@@ -872,9 +860,8 @@ class KVCache:
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
-    """Continues idx (B, T) by max_new_tokens tokens; temperature 0 is greedy decoding. With the KV cache each new
-    token costs one position's forward instead of the whole context's; when the context fills the block size, the
-    cache is rebuilt from the last block_size tokens, as recomputing the cropped context does (same tokens)."""
+    """Continues idx (B, T) by max_new_tokens tokens; temperature 0 is greedy. With the KV cache a new token costs one
+    position's forward, not the context's; a full block rebuilds the cache from the last block_size tokens."""
     model.eval()
     block_size = model.config.block_size
     cache = None
@@ -917,8 +904,7 @@ def sample_texts(model, enc, prompt, num_samples, max_new_tokens, rt, temperatur
 
 def check_config(cfg, world_size):
     """Every flag against what it accepts (its Flag in TrainConfig), then the flags against each other, before any
-    device or process-group setup: a typo costs nothing, and under torchrun no rank starts NCCL/gloo only to stop
-    again. The first problem found is the error."""
+    device or process-group setup: a typo costs nothing, and no rank starts NCCL/gloo only to stop again."""
     check_train_flags(cfg, {f.name: f.metadata["flag"] for f in dataclasses.fields(TrainConfig)})  # plumbing
     if not cfg.resume and not cfg.init_from:
         model_config(cfg)  # the shape flags (a resumed or fine-tuned model's shape is checked once it is read)
@@ -956,9 +942,8 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
 
 
 def load_model(path_or_name, report=False):
-    """A model from a checkpoint file (ours, build-nanogpt's, nanoGPT's or llm.c's: load_checkpoint tells them
-    apart by content) or from Hugging Face GPT-2 weights (name or directory). report: say what was read, for
-    --init_from, whose training starts from the weights alone."""
+    """A model from a checkpoint file (ours, build-nanogpt's, nanoGPT's or llm.c's: load_checkpoint tells them apart
+    by content) or Hugging Face GPT-2 weights (name or directory). report: say what was read (--init_from)."""
     if not os.path.isfile(path_or_name):
         return GPT.from_pretrained(path_or_name)
     ckpt = load_checkpoint(path_or_name)
