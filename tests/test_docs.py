@@ -7,7 +7,8 @@
   its values checked against their flags' domains (paths excepted: the docs name files of the reader's), and
   a training command's batch arithmetic against its world size. A renamed or mistyped flag fails here.
 - The README's first command, the quickstart, runs as written but for fewer steps (it is the one command
-  every newcomer runs)."""
+  every newcomer runs).
+- The lecture keeps the shape docs/training.md promises, as bench/lecture_metrics.py measures it."""
 import argparse
 import importlib
 import os
@@ -101,6 +102,17 @@ def capture_parser(command):
     finally:
         tp.FlagParser.parse_args = original
     raise AssertionError(f"{command} has no FlagParser")
+
+
+def test_the_lecture_keeps_the_shape_the_docs_promise():
+    # docs/training.md: train_gpt2.py in 1,000 lines, train() 70 (at most ~80), and at least 0.25 comment lines per
+    # line of code in the model and in the training loop (the reader issue's bounds)
+    import lecture_metrics
+    m = lecture_metrics.measure(ROOT / "train_gpt2.py")
+    assert m["lines"] <= 1000, f"train_gpt2.py has {m['lines']} lines, over the 1,000 docs/training.md promises"
+    assert int(m["longest function"].split()[1]) <= 80, m["longest function"]  # "train() 70 lines"
+    model = next(v for k, v in m.items() if k.strip().startswith("1. The model"))
+    assert model >= 0.25 and m["in the training loop"] >= 0.25, m
 
 
 def test_flags_page_is_what_the_parsers_declare():
