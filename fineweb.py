@@ -22,6 +22,7 @@ byte-identical to an uninterrupted run (progress is kept in <out>/<prefix>_progr
 import itertools
 import json
 import os
+import re
 import signal
 import sys
 from collections import deque
@@ -270,7 +271,7 @@ def write_shards(texts, out, state, workers):
 # --------------------------------------------------------------------------- command line
 
 def main(argv=None):
-    from train_plumbing import Flag, FlagParser, UserError  # here: see user_error
+    from train_plumbing import Flag, FlagParser, UserError, report_abandoned_temporaries  # here: see user_error
     p = FlagParser(prog="fineweb.py", description="Tokenize a corpus (FineWeb-Edu by default) into GPT-2 uint16 "
                    ".npy shards.")
     p.flag("source", Flag(), "HuggingFaceFW/fineweb-edu",
@@ -293,7 +294,9 @@ def main(argv=None):
                   "shard_size": args.shard_size, "prefix": args.prefix}
         out = Path(args.out)
         state = load_progress(out, params)
-        if not state["done"]:
+        if not state["done"]:  # the shards an interrupted run was writing are written again: their temporaries go
+            report_abandoned_temporaries(out, rf"{re.escape(args.prefix)}_(?:val|train)_\d{{6}}\.npy|"
+                                              rf"{re.escape(args.prefix)}_progress\.json")
             enc = tiktoken.get_encoding(ENCODING)
             if enc.max_token_value >= 2**16:  # shards are uint16
                 raise user_error(f"{ENCODING} has token ids up to {enc.max_token_value}, more than uint16 holds; use a wider dtype")

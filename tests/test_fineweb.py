@@ -99,12 +99,14 @@ def test_rerun_of_a_finished_run_changes_nothing(clean_run):
     assert snapshot(out) == before
 
 
-KILL_AFTER_SHARD = """
+KILL_AT_SHARD = """
 import os, signal, sys
 import fineweb
-k = int(sys.argv.pop(1))
+k, mid = int(sys.argv.pop(1)), sys.argv.pop(1) == "mid"
 real_save = fineweb.save_atomic
 def save_then_die(path, write):
+    if mid and str(path).endswith(f"_{k:06d}.npy"):  # shard k half on disk, under its temporary name
+        real_save(path, lambda f: (f.write(b"half"), f.flush(), os.kill(os.getpid(), signal.SIGKILL)))
     real_save(path, write)
     if str(path).endswith(f"_{k:06d}.npy"):  # shard k is in place, the progress file does not know it yet
         os.kill(os.getpid(), signal.SIGKILL)
@@ -113,23 +115,27 @@ fineweb.main()
 """
 
 
-@pytest.mark.parametrize("kill_after", [0, 2])
-def test_killed_run_resumes_to_identical_files(tmp_path, clean_run, kill_after):
+@pytest.mark.parametrize("kill_after,when", [(0, "after"), (2, "after"), (1, "mid")])
+def test_killed_run_resumes_to_identical_files(tmp_path, clean_run, kill_after, when):
     src, clean_out, _ = clean_run
     args = ("--source", src, "--out", "out", "--shard_size", SHARD)
-    # The process SIGKILLs itself right after shard `kill_after` is renamed into place, before its progress is saved.
-    r = subprocess.run([sys.executable, "-c", KILL_AFTER_SHARD, str(kill_after), *map(str, args), "--workers", "2"],
-                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                       timeout=120)
+    # The process SIGKILLs itself right after shard `kill_after` is renamed into place, before its progress is
+    # saved; or ("mid") while that shard is written, which leaves its temporary file behind.
+    r = subprocess.run([sys.executable, "-c", KILL_AT_SHARD, str(kill_after), when, *map(str, args), "--workers",
+                        "2"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == -9
     progress = json.loads((tmp_path / "out" / "edufineweb_progress.json").read_text())
     assert progress["shards"] == kill_after and not progress["done"]
-    assert len(list((tmp_path / "out").glob("*.npy"))) == kill_after + 1
-    if kill_after:
+    assert len(list((tmp_path / "out").glob("*.npy"))) == kill_after + (when == "after")
+    temps = [p.name for p in (tmp_path / "out").glob("*.tmp")]
+    assert len(temps) == (when == "mid")
+    if kill_after == 2:
         assert progress["next_offset"] > 0  # shard 2 starts inside a document: the resume must split it exactly
     r = fineweb_cli(*args, "--workers", 1, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert snapshot(tmp_path / "out") == snapshot(clean_out)
+    assert snapshot(tmp_path / "out") == snapshot(clean_out)  # the temporary file is gone too
+    assert all(name in r.stdout for name in temps) and ("removed 1 temporary file" in r.stdout) == (when == "mid")
 
 
 def test_error_mid_stream_keeps_complete_shards_and_resumes_after_fix(tmp_path, clean_run):

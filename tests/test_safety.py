@@ -4,6 +4,9 @@ takes seconds; the subprocess runs of tests/test_train.py cover the same paths e
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -192,6 +195,46 @@ def test_write_atomic_gives_each_writer_its_own_temporary_file(tmp_path):
     with pytest.raises(OSError):
         tp.write_atomic(str(target), fails, mode="w")
     assert target.read_text() == "first\n" and sorted(p.name for p in tmp_path.iterdir()) == ["log.txt"]
+
+
+HOLD_A_WRITE = """
+import sys, train_plumbing as tp
+def write(f):  # holds the write open until the test says go on
+    f.write(b"complete")
+    print("writing", flush=True)
+    sys.stdin.readline()
+tp.write_atomic(sys.argv[1], write)
+"""
+
+
+def test_abandoned_temporaries_go_and_writes_in_progress_stay(tmp_path):
+    targets = r"model_\d{5,}\.pt|log\.txt"
+    old = time.time() - 2 * tp.ABANDONED_AFTER
+    files = {  # name: (seconds since last touched or None for now, whether it should go)
+        f"model_00002.pt.{tp.this_host()}.0123456789ab.tmp": (None, True),  # ours, no lock held: a kill -9's
+        "model_00003.pt.other-node.0123456789ab.tmp": (None, False),  # another machine's, fresh: may be writing
+        "model_00004.pt.other-node.0123456789ab.tmp": (old, True),  # another machine's, untouched for long
+        "log.txt.0123456789ab.tmp": (old, True),  # an earlier version's name, untouched for long
+        "model_00005.pt.0123456789ab.tmp": (None, False),  # an earlier version's, fresh
+        "notes.txt.0123456789ab.tmp": (old, False),  # not a file this program writes there
+        "model_00006.pt.bak": (old, False),
+    }
+    for name, (when, _) in files.items():
+        (tmp_path / name).write_bytes(b"x" * 10)
+        if when:
+            os.utime(tmp_path / name, (when, when))
+    writer = subprocess.Popen([sys.executable, "-c", HOLD_A_WRITE, str(tmp_path / "model_00007.pt")],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "writing\n"  # its temporary file exists, and it holds its lock
+        live = [p.name for p in tmp_path.glob("model_00007.pt.*.tmp")]
+        removed, size = tp.remove_abandoned_temporaries(str(tmp_path), targets)
+        assert sorted(removed) == sorted(n for n, (_, go) in files.items() if go) and size == 10 * len(removed)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [n for n, (_, go) in files.items() if not go] + live)
+    finally:
+        writer.communicate("\n", timeout=60)
+    assert writer.returncode == 0 and (tmp_path / "model_00007.pt").read_bytes() == b"complete"
 
 
 def test_a_text_file_is_tokenized_once(text, monkeypatch):

@@ -407,10 +407,13 @@ def test_kill_in_the_middle_of_a_checkpoint_write(reference, small_text, tmp_pat
     args = train_args(small_text, log_dir)[1:]
     out = run_cli("-c", KILL_IN_SAVE, *args)
     assert out.returncode == -signal.SIGKILL
-    assert list(log_dir.glob("model_00004.pt.*.tmp")) and not (log_dir / "model_00004.pt").exists()
+    temps = [p.name for p in log_dir.glob("model_00004.pt.*.tmp")]
+    assert temps and not (log_dir / "model_00004.pt").exists()
     assert_same_weights(weights(reference / "model_00002.pt"), weights(log_dir / "model_00002.pt"))
     out = run_cli(*train_args(small_text, log_dir, "--resume", "auto"))
     assert out.returncode == 0, out.stderr
+    # the killed write's temporary file is gone, and the run said so
+    assert not list(log_dir.glob("*.tmp")) and "removed 1 temporary file" in out.stdout and temps[0] in out.stdout
     assert_same_weights(weights(reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
 
 
