@@ -110,8 +110,9 @@ SPEC = {  # command: (module, how to call it, its flags' kinds, the functions th
         "source": "source", "name": None, "text_field": "text", "out": "out_dir", "shard_size": "pos_int",
         "workers": "workers", "prefix": "name"}, ["fineweb.write_shards"]),
     "bench_train": ("bench_train", "argv", {
-        "device": ("choice", ["cpu", "cuda"]), "steps": "steps3", "only": ("choice", ["table", "compare", "blocks"]),
-        "shape": None, "dtype": ("choice", DTYPES), "compile": ("choice", ["on", "off", "both"])}, ["bench_train.run_train", "bench_train.loss_blocks", "bench_train.compare_reference"]),
+        "device": ("choice", ["cpu", "cuda"]), "steps": "steps3", "shape": None, "dtype": ("choice", DTYPES),
+        "only": ("choice", ["table", "compare", "blocks", "eval"]), "compile": ("choice", ["on", "off", "both"])},
+        ["bench_train.run_train", "bench_train.loss_blocks", "bench_train.compare_reference", "bench_train.eval_loss"]),
     "bench_fsdp": ("bench_fsdp", "argv", {"repeats": "pos_int", "model": None}, ["bench_fsdp.run"]),
     "bench_hellaswag": ("bench_hellaswag", "argv", {
         "n": "nonneg_int", "big_n": "nonneg_int", "batch_size": "pos_int", "device": ("choice", DEVICES),
