@@ -295,7 +295,7 @@ def main(argv=None):
         out = Path(args.out)
         state = load_progress(out, params)
         if not state["done"]:  # the shards an interrupted run was writing are written again: their temporaries go
-            report_abandoned_temporaries(out, rf"{re.escape(args.prefix)}_(?:val|train)_\d{{6}}\.npy|"
+            report_abandoned_temporaries(out, rf"{re.escape(args.prefix)}_(?:val|train)_\d{{6,}}\.npy|"
                                               rf"{re.escape(args.prefix)}_progress\.json")
             enc = tiktoken.get_encoding(ENCODING)
             if enc.max_token_value >= 2**16:  # shards are uint16

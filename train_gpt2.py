@@ -200,8 +200,7 @@ class GPT(nn.Module):
     def head(self, x):
         """Hidden states (..., C) -> logits (..., padded_vocab), the padding's -inf: what sampling needs."""
         logits = self.lm_head(x)  # (..., padded_vocab)
-        if self.config.padded_vocab_size > self.config.vocab_size:
-            logits[..., self.config.vocab_size:] = float("-inf")  # padding rows are never a token
+        logits[..., self.config.vocab_size:] = float("-inf")  # padding rows are never a token (none: an empty slice)
         return logits
 
     def loss_block_rows(self, n, device="cpu", grad=True):
@@ -237,8 +236,8 @@ def chunked_cross_entropy(x, weight, targets, vocab_size, rows):
 
 @torch.compiler.disable
 def eager_chunked_cross_entropy(x, weight, targets, vocab_size, rows):
-    """ChunkedCrossEntropy, eager inside a compiled model. Why: in fp32 on a CPU there is no cast to fuse, and the
-    compiled block copied the (V, C) gradient at each accumulation: step 834 -> 760 ms (docs/speed-and-memory.md)."""
+    """ChunkedCrossEntropy, eager even when compiled. Why: fp32 on a CPU fuses no cast, and the compiled block copied
+    the (V, C) gradient at each accumulation (quickstart step 834 -> 760 ms, AVX2); bf16 stays compiled (eager 1.6x)."""
     return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, rows)
 
 
@@ -527,7 +526,8 @@ class TrainConfig:
                     "(FSDP2), not a full copy on each (DDP); checkpoints move freely between FSDP, DDP, one process")
     fsdp_sync: str = arg("auto", Flag(choices=("auto", "step", "micro")), "--fsdp 1 with gradient accumulation: "
                          "'step' reduces the gradients once per optimizer step (each rank holds the whole gradient and "
-                         "weights meanwhile), 'micro' in every micro-step (only shards); auto: step where it fits")
+                         "weights meanwhile), 'micro' in every micro-step (only shards, more communication); auto: "
+                         "step where that fits (docs/scale.md)")
 
 
 @keeps_signal_handlers  # a caller's Ctrl-C handler is back when train() returns or raises
@@ -722,8 +722,8 @@ def build_state(cfg, rt):
 
 
 def wrap_model(model, cfg, rt, compile_model):
-    """The model the training steps run: compiled, under torchrun wrapped in DDP (FSDP: `model` itself, sharded and
-    compiled by shard_model). It shares its weights with `model`, which evaluation and sampling run eagerly."""
+    """The model the training steps run: compiled, under torchrun wrapped in DDP (FSDP: `model` itself, its blocks
+    sharded and compiled by shard_model). It shares its weights with `model`, which evaluation and sampling run."""
     if compile_model:
         # Why compile: it fuses the elementwise work around the matmuls (casts, GELU, LayerNorm, the softmax of
         # the loss) into few kernels that read memory once, instead of one kernel and one pass per operation
@@ -861,7 +861,7 @@ class KVCache:
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
     """Continues idx (B, T) by max_new_tokens tokens; temperature 0 is greedy. With the KV cache a new token costs one
-    position's forward, not the context's; a full block rebuilds the cache from the last block_size tokens."""
+    position's forward; a full block rebuilds the cache from the last block_size tokens, as recomputing would."""
     model.eval()
     block_size = model.config.block_size
     cache = None
@@ -904,7 +904,7 @@ def sample_texts(model, enc, prompt, num_samples, max_new_tokens, rt, temperatur
 
 def check_config(cfg, world_size):
     """Every flag against what it accepts (its Flag in TrainConfig), then the flags against each other, before any
-    device or process-group setup: a typo costs nothing, and no rank starts NCCL/gloo only to stop again."""
+    device or process-group setup: a typo costs nothing, no rank starts NCCL/gloo to stop; the first problem wins."""
     check_train_flags(cfg, {f.name: f.metadata["flag"] for f in dataclasses.fields(TrainConfig)})  # plumbing
     if not cfg.resume and not cfg.init_from:
         model_config(cfg)  # the shape flags (a resumed or fine-tuned model's shape is checked once it is read)

@@ -41,6 +41,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import sys
 import time
 import uuid
@@ -656,7 +657,7 @@ class RunLog:
             return
         try:
             os.makedirs(cfg.log_dir, exist_ok=True)
-            report_abandoned_temporaries(cfg.log_dir, r"model_\d{5,}\.pt|log\.txt")  # a kill -9's leftovers
+            report_abandoned_temporaries(cfg.log_dir, LOG_DIR_FILES)  # a kill -9's leftovers
             if not s.step and os.path.isfile(self.file) and os.path.getsize(self.file):
                 # --resume auto found nothing to resume: the earlier run's log is kept, not overwritten
                 print(f"kept the log of an earlier run that wrote no checkpoint as {set_aside(self.file)}")
@@ -784,6 +785,7 @@ def rewrite_log(log_file, start_step):
 
 CHECKPOINT_FORMAT = 1  # bump when the layout of the checkpoint dict changes
 CHECKPOINT_RE = re.compile(r"^model_(\d{5,})\.pt$")
+LOG_DIR_FILES = r"model_\d{5,}\.pt|log\.txt"  # what training writes in --log_dir (remove_abandoned_temporaries)
 
 
 def write_atomic(path, write, mode="wb"):
@@ -791,61 +793,85 @@ def write_atomic(path, write, mode="wb"):
     renamed to `path`, so a crash at any moment leaves either the old file or the complete new one under
     `path`, never half a file. A write that fails removes its temporary file. The temporary name is unique
     (two writers of one file, such as two runs in one --log_dir, never share one) and in the target's folder,
-    so that the rename stays on one file system; "x" mode creates it new, with the usual permissions. It names
-    this machine, and the writer holds a lock on it until the rename: what a kill -9 leaves behind, a later run
-    can tell from a write in progress (remove_abandoned_temporaries)."""
-    tmp = f"{path}.{this_host()}.{uuid.uuid4().hex[:12]}.tmp"
+    so that the rename stays on one file system; "x" mode creates it new, with the usual permissions. The name
+    also says which machine writes it, and the writer holds a lock on the file until it is renamed, so that a
+    later run can tell what a kill -9 left behind from a write in progress (remove_abandoned_temporaries)."""
+    tmp = None
     try:
-        with open(tmp, mode.replace("w", "x")) as f:
-            if fcntl is not None:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
+        f = None
+        while f is None:
+            tmp = f"{path}.{this_machine()}.{uuid.uuid4().hex[:12]}.tmp"
+            f = open(tmp, mode.replace("w", "x"))
+            if lock(f, wait=True) and not os.fstat(f.fileno()).st_nlink:
+                f.close()  # a sweep removed it between its creation and our lock: take another name
+                f = None
+        with f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if fcntl is not None:  # renamed while still locked (POSIX renames open files; Windows does not)
+                os.replace(tmp, path)
+        if fcntl is None:
+            os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, TypeError):  # TypeError: tmp None, nothing was created
             os.remove(tmp)
         raise
 
 
-def this_host():
-    """This machine's name as write_atomic's temporary names hold it: letters, digits and '-' only."""
+def lock(f, wait=False):
+    """An exclusive lock on the open file f, released when it is closed or its process dies. Returns whether it
+    was taken: False where locks do not work (Windows; file systems mounted without them, such as Lustre's
+    default); raises BlockingIOError where another process holds it and not wait."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        raise
+    except OSError:  # ENOLCK, ENOSYS, EOPNOTSUPP: no locks here
+        return False
+    return True
+
+
+def this_machine():
+    """Who can see this process's file locks, as write_atomic's temporary names hold it: the running kernel's boot
+    id (every container on this machine shares it, another machine never does), else the host name."""
+    with contextlib.suppress(OSError):
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return hashlib.sha256(f.read().strip().encode()).hexdigest()[:12]
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "localhost"
 
 
-ABANDONED_AFTER = 3600  # seconds untouched after which another machine's temporary file counts as abandoned
+ABANDONED_AFTER = 3600  # seconds untouched after which a temporary file whose lock cannot be tried is abandoned
 
 
 def remove_abandoned_temporaries(folder, targets):
     """Deletes the temporary files of write_atomic in `folder` that no write will finish: those a kill -9, a
     lost node or a full disk left, 0.5 GB each for a 124M checkpoint, which would otherwise pile up at every
     preemption. Only the temporaries of files whose names match `targets` (a regex: the files this program writes
-    there). One of this machine's is abandoned when no process holds its lock (the kernel drops the lock of a
-    killed process), one of another machine's (a shared file system, where locks may not reach) when untouched
-    for ABANDONED_AFTER seconds, as are those of earlier versions, which named no machine. Returns their names
-    and bytes."""
+    there), and only plain files. One of this machine's is abandoned when no process holds its lock (the kernel
+    drops a killed process's locks); one whose lock cannot be tried (another machine's, where locks may not reach;
+    an earlier version's, whose name says no machine; a file system without locks) when untouched for
+    ABANDONED_AFTER seconds. What cannot be read or removed is left alone. Returns the names removed, and bytes."""
     removed, size = [], 0
-    pattern = re.compile(rf"^(?:{targets})\.(?:(?P<host>[A-Za-z0-9-]+)\.)?[0-9a-f]{{12}}\.tmp$")
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        match, path = pattern.match(name), os.path.join(folder, name)
+    pattern = re.compile(rf"^(?:{targets})\.(?:(?P<machine>[A-Za-z0-9-]+)\.)?[0-9a-f]{{12}}\.tmp$")
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    for name, match in [(n, pattern.match(n)) for n in names]:
+        path = os.path.join(folder, name)
         try:
-            if not match:
+            if not match or not stat.S_ISREG(os.lstat(path).st_mode):
                 continue
-            if match["host"] == this_host() and fcntl is not None:
-                with open(path, "rb") as f:
-                    try:
-                        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:  # a write in progress
-                        continue
-                    n = os.fstat(f.fileno()).st_size
-                    os.remove(path)  # while holding the lock
-            elif time.time() - os.path.getmtime(path) > ABANDONED_AFTER:
-                n = os.path.getsize(path)
-                os.remove(path)
-            else:
-                continue
-        except FileNotFoundError:  # another run removed it first
+            with open(path, "rb") as f:
+                try:
+                    locked = match["machine"] == this_machine() and lock(f)
+                except BlockingIOError:  # a write in progress
+                    continue
+                if not locked and time.time() - os.fstat(f.fileno()).st_mtime <= ABANDONED_AFTER:
+                    continue
+                n = os.fstat(f.fileno()).st_size
+                os.remove(path)  # while holding its lock: a writer that just created it sees it gone
+        except OSError:  # gone already (another run's sweep), unreadable, not ours to remove
             continue
         removed.append(name)
         size += n
@@ -856,8 +882,10 @@ def report_abandoned_temporaries(folder, targets):
     """remove_abandoned_temporaries, said in one line when it found any."""
     removed, size = remove_abandoned_temporaries(folder, targets)
     if removed:
+        names = ", ".join(removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
+        amount = f"{size / 1e6:,.1f} MB" if size >= 1e5 else f"{size:,} bytes"
         print(f"removed {len(removed)} temporary file{'s' * (len(removed) > 1)} that interrupted writes left in "
-              f"{folder} ({size / 1e6:,.1f} MB): {', '.join(removed)}")
+              f"{folder} ({amount}): {names}")
 
 
 def atomic_save(obj, path):
@@ -893,6 +921,8 @@ def save_checkpoint(path, model, optimizer, scaler, step, loader, train_config, 
         "scaler": scaler.state_dict(),
         "wandb_id": wandb_id,  # the W&B run that a resumed run continues (a str), or None
     }, path)
+    # the temporaries no write will finish, also another machine's once an hour old (a job preempted, moved here)
+    report_abandoned_temporaries(os.path.dirname(path) or ".", LOG_DIR_FILES)
 
 
 def rank_seed(seed, rank, step=0):

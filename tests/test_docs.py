@@ -15,7 +15,6 @@ import os
 import re
 import shlex
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -111,7 +110,8 @@ def test_the_lecture_keeps_the_shape_the_docs_promise():
     m = lecture_metrics.measure(ROOT / "train_gpt2.py")
     assert m["lines"] <= 1000, f"train_gpt2.py has {m['lines']} lines, over the 1,000 docs/training.md promises"
     assert int(m["longest function"].split()[1]) <= 80, m["longest function"]  # "train() 70 lines"
-    model = next(v for k, v in m.items() if k.strip().startswith("1. The model"))
+    model = next((v for k, v in m.items() if k.strip().startswith("1. The model")), None)
+    assert model is not None, f"no '1. The model' section header in train_gpt2.py: {list(m)}"
     assert model >= 0.25 and m["in the training loop"] >= 0.25, m
 
 

@@ -1,6 +1,7 @@
 """Nothing silently wrong: what a resumed run may change, files that are never lost, signal handlers that are put
 back, and input files refused at load. In-process (train_gpt2.main(argv)) on a tiny model, so the whole file
 takes seconds; the subprocess runs of tests/test_train.py cover the same paths end to end."""
+import errno
 import json
 import os
 import signal
@@ -205,13 +206,13 @@ def write(f):  # holds the write open until the test says go on
     sys.stdin.readline()
 tp.write_atomic(sys.argv[1], write)
 """
+TARGETS = tp.LOG_DIR_FILES
 
 
 def test_abandoned_temporaries_go_and_writes_in_progress_stay(tmp_path):
-    targets = r"model_\d{5,}\.pt|log\.txt"
     old = time.time() - 2 * tp.ABANDONED_AFTER
     files = {  # name: (seconds since last touched or None for now, whether it should go)
-        f"model_00002.pt.{tp.this_host()}.0123456789ab.tmp": (None, True),  # ours, no lock held: a kill -9's
+        f"model_00002.pt.{tp.this_machine()}.0123456789ab.tmp": (None, True),  # ours, no lock held: a kill -9's
         "model_00003.pt.other-node.0123456789ab.tmp": (None, False),  # another machine's, fresh: may be writing
         "model_00004.pt.other-node.0123456789ab.tmp": (old, True),  # another machine's, untouched for long
         "log.txt.0123456789ab.tmp": (old, True),  # an earlier version's name, untouched for long
@@ -223,18 +224,63 @@ def test_abandoned_temporaries_go_and_writes_in_progress_stay(tmp_path):
         (tmp_path / name).write_bytes(b"x" * 10)
         if when:
             os.utime(tmp_path / name, (when, when))
+    (tmp_path / f"model_00008.pt.{tp.this_machine()}.0123456789ab.tmp").mkdir()  # not a file: left alone
     writer = subprocess.Popen([sys.executable, "-c", HOLD_A_WRITE, str(tmp_path / "model_00007.pt")],
                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline() == "writing\n"  # its temporary file exists, and it holds its lock
         live = [p.name for p in tmp_path.glob("model_00007.pt.*.tmp")]
-        removed, size = tp.remove_abandoned_temporaries(str(tmp_path), targets)
+        assert len(live) == 1
+        removed, size = tp.remove_abandoned_temporaries(str(tmp_path), TARGETS)
         assert sorted(removed) == sorted(n for n, (_, go) in files.items() if go) and size == 10 * len(removed)
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == sorted(
             [n for n, (_, go) in files.items() if not go] + live)
     finally:
         writer.communicate("\n", timeout=60)
     assert writer.returncode == 0 and (tmp_path / "model_00007.pt").read_bytes() == b"complete"
+
+
+@pytest.mark.parametrize("when", ["before its lock", "at its rename"])
+def test_a_sweep_at_the_edges_of_a_write_loses_nothing(tmp_path, monkeypatch, when):
+    # A sweep that runs between the temporary file's creation and its lock, or while it is being renamed: the
+    # write still lands, complete, and nothing of it is left behind. (In one process: flock locks belong to the
+    # open file, so a second open() of the same file contends as another process would.)
+    target, sweeps = tmp_path / "model_00009.pt", []
+    real_lock, real_replace = tp.lock, os.replace
+
+    def sweep():
+        sweeps.append(tp.remove_abandoned_temporaries(str(tmp_path), TARGETS)[0])
+
+    def lock_after_a_sweep(f, wait=False):
+        if wait and not sweeps:
+            sweep()  # the new file is not locked yet: the sweep may take it (and the writer starts over)
+        return real_lock(f, wait)
+
+    def replace_after_a_sweep(src, dst):
+        sweep()  # the writer still holds its lock: the sweep must leave the file
+        return real_replace(src, dst)
+    if when == "before its lock":
+        monkeypatch.setattr(tp, "lock", lock_after_a_sweep)
+    else:
+        monkeypatch.setattr(tp.os, "replace", replace_after_a_sweep)
+    tp.write_atomic(str(target), lambda f: f.write(b"complete"))
+    assert target.read_bytes() == b"complete" and [p.name for p in tmp_path.iterdir()] == [target.name]
+    assert len(sweeps) == 1 and len(sweeps[0]) == (when == "before its lock"), sweeps
+
+
+def test_writes_and_sweeps_work_where_the_file_system_has_no_locks(tmp_path, monkeypatch):
+    # Lustre's default mount, NFS without lockd: flock fails with ENOLCK. Writes go on unlocked; the sweep cannot
+    # tell a write in progress there, so it goes by age alone.
+    def no_locks(fd, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(tp.fcntl, "flock", no_locks)
+    tp.write_atomic(str(tmp_path / "log.txt"), lambda f: f.write("ok\n"), mode="w")
+    assert (tmp_path / "log.txt").read_text() == "ok\n"
+    fresh, old = (tmp_path / f"model_{i:05d}.pt.{tp.this_machine()}.0123456789ab.tmp" for i in (1, 2))
+    fresh.write_bytes(b"x")
+    old.write_bytes(b"x")
+    os.utime(old, (time.time() - 2 * tp.ABANDONED_AFTER,) * 2)
+    assert tp.remove_abandoned_temporaries(str(tmp_path), TARGETS) == ([old.name], 1) and fresh.exists()
 
 
 def test_a_text_file_is_tokenized_once(text, monkeypatch):
