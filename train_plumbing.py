@@ -1451,6 +1451,7 @@ def hellaswag_download(split="val", cache_dir=HELLASWAG_CACHE_DIR, base_url=None
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        report_abandoned_temporaries(str(path.parent), re.escape(path.name))  # a killed download's half file
         write_atomic(str(path), fetch)
     except (requests.RequestException, OSError) as e:
         raise UserError(f"could not download {url} to {path}: {type(e).__name__}: {e}") from None

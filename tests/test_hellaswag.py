@@ -194,8 +194,10 @@ def test_download_verifies_and_refetches(server, tmp_path, monkeypatch):
     assert download() == final and server["requests"] == n  # a good cached file: no request
 
     final.write_bytes(good[:-10])  # a partial file in the cache is detected and fetched again
+    # and the half file of a download that was killed (no process holds its lock any more) is removed
+    (cache / f"hellaswag_val.jsonl.{train_plumbing.this_machine()}.0123456789ab.tmp").write_bytes(good[:100])
     assert download() == final and server["requests"] == n + 1
-    assert final.read_bytes() == good
+    assert final.read_bytes() == good and list(cache.iterdir()) == [final]
 
     with pytest.raises(hellaswag.UserError, match="could not download"):  # HTTP 404
         hellaswag.download("train", cache_dir=cache, base_url=server["url"])
