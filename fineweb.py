@@ -190,6 +190,15 @@ def shard_path(out, prefix, k):
     return out / f"{prefix}_{'val' if k == 0 else 'train'}_{k:06d}.npy"
 
 
+def progress_path(out, prefix):
+    return out / f"{prefix}_progress.json"
+
+
+def own_files(prefix):
+    """A regex of the names shard_path and progress_path give: what an interrupted run's temporaries are of."""
+    return rf"{re.escape(prefix)}_(?:val|train)_\d{{6,}}\.npy|{re.escape(prefix)}_progress\.json"
+
+
 def save_atomic(path, write):
     """Write to a unique temporary name, then rename: a reader (or a resumed run) never sees half a file
     (train_plumbing.write_atomic, imported here for the reason user_error gives)."""
@@ -203,7 +212,7 @@ def save_json(path, obj):
 
 def load_progress(out, params):
     """The progress of an earlier run with the same parameters in `out`, or a fresh start; refuse anything else."""
-    meta = out / f"{params['prefix']}_progress.json"
+    meta = progress_path(out, params["prefix"])
     if out.exists() and not out.is_dir():
         raise user_error(f"--out {out} is a file, not a directory; give a directory path")
     if meta.exists():
@@ -229,7 +238,7 @@ def write_shards(texts, out, state, workers):
     """
     out, params = Path(out), state["params"]
     size, prefix = params["shard_size"], params["prefix"]
-    meta = out / f"{prefix}_progress.json"
+    meta = progress_path(out, prefix)
 
     def commit(shard, next_doc, next_offset, done=False):
         k = state["shards"]
@@ -295,8 +304,7 @@ def main(argv=None):
         out = Path(args.out)
         state = load_progress(out, params)
         if not state["done"]:  # the shards an interrupted run was writing are written again: their temporaries go
-            report_abandoned_temporaries(out, rf"{re.escape(args.prefix)}_(?:val|train)_\d{{6,}}\.npy|"
-                                              rf"{re.escape(args.prefix)}_progress\.json")
+            report_abandoned_temporaries(out, own_files(args.prefix))
             enc = tiktoken.get_encoding(ENCODING)
             if enc.max_token_value >= 2**16:  # shards are uint16
                 raise user_error(f"{ENCODING} has token ids up to {enc.max_token_value}, more than uint16 holds; use a wider dtype")

@@ -723,7 +723,7 @@ def build_state(cfg, rt):
 
 def wrap_model(model, cfg, rt, compile_model):
     """The model the training steps run: compiled, under torchrun wrapped in DDP (FSDP: `model` itself, its blocks
-    sharded and compiled by shard_model). It shares its weights with `model`, which evaluation and sampling run."""
+    sharded and compiled by shard_model). Its weights are `model`'s, which evaluation and sampling run eagerly."""
     if compile_model:
         # Why compile: it fuses the elementwise work around the matmuls (casts, GELU, LayerNorm, the softmax of
         # the loss) into few kernels that read memory once, instead of one kernel and one pass per operation

@@ -785,7 +785,7 @@ def rewrite_log(log_file, start_step):
 
 CHECKPOINT_FORMAT = 1  # bump when the layout of the checkpoint dict changes
 CHECKPOINT_RE = re.compile(r"^model_(\d{5,})\.pt$")
-LOG_DIR_FILES = r"model_\d{5,}\.pt|log\.txt"  # what training writes in --log_dir (remove_abandoned_temporaries)
+LOG_DIR_FILES = CHECKPOINT_RE.pattern.strip("^$") + r"|log\.txt"  # what training writes in --log_dir
 
 
 def write_atomic(path, write, mode="wb"):
@@ -834,6 +834,7 @@ def lock(f, wait=False):
     return True
 
 
+@functools.cache  # read once: every write and every swept file asks
 def this_machine():
     """Who can see this process's file locks, as write_atomic's temporary names hold it: the running kernel's boot
     id (every container on this machine shares it, another machine never does), else the host name."""
@@ -856,25 +857,26 @@ def remove_abandoned_temporaries(folder, targets):
     ABANDONED_AFTER seconds. What cannot be read or removed is left alone. Returns the names removed, and bytes."""
     removed, size = [], 0
     pattern = re.compile(rf"^(?:{targets})\.(?:(?P<machine>[A-Za-z0-9-]+)\.)?[0-9a-f]{{12}}\.tmp$")
-    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    for name, match in [(n, pattern.match(n)) for n in names]:
-        path = os.path.join(folder, name)
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        match, path = pattern.match(name), os.path.join(folder, name)
+        if not match:
+            continue
         try:
-            if not match or not stat.S_ISREG(os.lstat(path).st_mode):
+            if not stat.S_ISREG(os.lstat(path).st_mode):
                 continue
             with open(path, "rb") as f:
                 try:
                     locked = match["machine"] == this_machine() and lock(f)
                 except BlockingIOError:  # a write in progress
                     continue
-                if not locked and time.time() - os.fstat(f.fileno()).st_mtime <= ABANDONED_AFTER:
+                st = os.fstat(f.fileno())
+                if not locked and time.time() - st.st_mtime <= ABANDONED_AFTER:
                     continue
-                n = os.fstat(f.fileno()).st_size
                 os.remove(path)  # while holding its lock: a writer that just created it sees it gone
         except OSError:  # gone already (another run's sweep), unreadable, not ours to remove
             continue
         removed.append(name)
-        size += n
+        size += st.st_size
     return removed, size
 
 
