@@ -1,57 +1,88 @@
 """
 HellaSwag evaluation: does the model pick the right ending of a short everyday story?
 
-Each example is a context and 4 candidate endings. We feed context + ending to the model and take the
-cross-entropy of the ending tokens only; the ending the model finds least surprising is its answer.
-`acc` uses the summed loss, `acc_norm` the mean loss per ending token (longer endings are not punished).
-This is the GPT-2/GPT-3-era protocol (context tokens = encode(ctx), ending tokens = encode(" " + ending)).
+Each example is a context and 4 candidate endings. We feed context + ending to the model and take
+the cross-entropy of the ending tokens only; the ending the model finds least surprising is its
+answer. `acc` uses the summed loss, `acc_norm` the mean loss per ending token (longer endings are
+not punished). This is the GPT-2/GPT-3-era protocol (context tokens = encode(ctx), ending tokens =
+encode(" " + ending)).
 
 Launch:
-    python hellaswag.py --model gpt2                         # OpenAI GPT-2 124M from the hub: acc_norm 0.2955
-    python hellaswag.py --model log/model_19073.pt           # one of our training checkpoints
-    python hellaswag.py --model gpt2 --data hellaswag_val.jsonl --limit 500 --device cpu  # a local copy
-The last line of stdout is one JSON object: {"n": ..., "acc": ..., "acc_norm": ..., "examples_per_s": ...}.
+    python hellaswag.py --model gpt2                # OpenAI's GPT-2 124M: acc_norm 0.2955
+    python hellaswag.py --model log/model_19073.pt  # one of our training checkpoints
+    python hellaswag.py --model gpt2 --data hellaswag_val.jsonl --limit 500 --device cpu  # a copy
+The last line of stdout is one JSON object: {"n": ..., "acc": ..., "acc_norm": ...,
+"examples_per_s": ...}.
 
-The scoring itself is train_gpt2.py's (its evaluation section), which --hellaswag_every also runs during
-training; the download and its checks are train_plumbing.py's (so that training never imports this file), and
-this file is the command line, with their names:
-    examples = load_examples(split="val")
-    counts = score(model, examples, enc, device, rank=rank, world_size=world_size)  # {n, correct, correct_norm}
-    accuracies(counts)                                                                # {n, acc, acc_norm}
-"""
+The scoring is train_gpt2.py's (its evaluation section), which --hellaswag_every also runs during
+training; the data (download, verification, parsing, rendering) is plumbing/hellaswag_eval.py's,
+which both use; this file is the command line:
+    examples = hellaswag_eval.load_examples(split="val")
+    counts = train_gpt2.score(model, examples, enc, device)  # {n, correct, correct_norm}
+    hellaswag_eval.accuracies(counts)                            # {n, acc, acc_norm}"""
 
 import argparse
 import json
-
 import time
 
 import train_gpt2
-from train_gpt2 import accuracies, score
-from train_plumbing import DEVICES, DTYPES, Flag, FlagParser, UserError, cli, get_encoding, setup_runtime  # noqa: F401
-# the data: download, verify, parse (plumbing, so that train_gpt2.py's --hellaswag_every needs no import of this file)
-from train_plumbing import HELLASWAG_CACHE_DIR as DEFAULT_CACHE_DIR, HELLASWAG_SHA256 as SHA256  # noqa: F401
-from train_plumbing import hellaswag_download as download, hellaswag_examples as load_examples  # noqa: F401
-from train_plumbing import hellaswag_parse as parse_file, hellaswag_verify as verify  # noqa: F401
+from plumbing import errors, flags, hellaswag_eval, runtime, token_files
 
 # -----------------------------------------------------------------------------
 # command line
 
 
 def parser():
-    p = FlagParser(prog="hellaswag.py", description="HellaSwag accuracy of a GPT-2 (see the module docstring).")
-    p.flag("model", Flag(path="exists", also=tuple(train_gpt2.PRESETS), hint="; give a Hugging Face GPT-2 name ("
-           + ", ".join(train_gpt2.PRESETS) + ") or directory, or a checkpoint file"), argparse.SUPPRESS,
-           "required: Hugging Face GPT-2 name (gpt2, gpt2-xl, ...) or directory, or a checkpoint file: ours, or "
-           "build-nanogpt's, nanoGPT's or llm.c's", required=True)
-    p.flag("data", Flag(path="file"), None, "local HellaSwag .jsonl; None: download the official file once")
-    p.flag("split", Flag(choices=("val", "train")), "val", "split to download when --data is None")
-    p.flag("limit", Flag(int, lo=0), 0, "score only the first N examples (0 = all)")
-    p.flag("device", Flag(choices=DEVICES), "auto", "auto (cuda > mps > cpu), cpu, cuda or mps")
-    p.flag("dtype", Flag(choices=DTYPES), "fp32", "fp32 (full precision, as the published scores were taken; TF32 "
-           "matmuls on CUDA), or autocast to bf16, fp16, or auto (bf16 if native, fp16 on older CUDA): faster, but a "
-           "few examples may flip")
-    p.flag("batch_size", Flag(int, lo=1), 16, "examples per forward (x4 rows, one per ending): faster until memory "
-           "runs out")
+    p = flags.FlagParser(
+        prog="hellaswag.py", description="HellaSwag accuracy of a GPT-2 (see the module docstring)."
+    )
+    p.flag(
+        "model",
+        flags.Flag(
+            path="exists",
+            also=tuple(train_gpt2.PRESETS),
+            hint="; give a Hugging Face GPT-2 name ("
+            + ", ".join(train_gpt2.PRESETS)
+            + ") or directory, or a checkpoint file",
+        ),
+        argparse.SUPPRESS,
+        "required: Hugging Face GPT-2 name (gpt2, gpt2-xl, ...) or directory, or a checkpoint "
+        "file: ours, or build-nanogpt's, nanoGPT's or llm.c's",
+        required=True,
+    )
+    p.flag(
+        "data",
+        flags.Flag(path="file"),
+        None,
+        "local HellaSwag .jsonl; None: download the official file once",
+    )
+    p.flag(
+        "split",
+        flags.Flag(choices=("val", "train")),
+        "val",
+        "split to download when --data is None",
+    )
+    p.flag("limit", flags.Flag(int, lo=0), 0, "score only the first N examples (0 = all)")
+    p.flag(
+        "device",
+        flags.Flag(choices=runtime.DEVICES),
+        "auto",
+        "auto (cuda > mps > cpu), cpu, cuda or mps",
+    )
+    p.flag(
+        "dtype",
+        flags.Flag(choices=runtime.DTYPES),
+        "fp32",
+        "fp32 (full precision, as the published scores were taken; TF32 "
+        "matmuls on CUDA), or autocast to bf16, fp16, or auto (bf16 if native, fp16 on older "
+        "CUDA): faster, but a few examples may flip",
+    )
+    p.flag(
+        "batch_size",
+        flags.Flag(int, lo=1),
+        16,
+        "examples per forward (x4 rows, one per ending): faster until memory runs out",
+    )
     return p
 
 
@@ -60,18 +91,31 @@ def parse_args(argv=None):
     return parser().parse_args(argv)
 
 
-@cli
+@errors.cli
 def main(argv):
     args = parser().parse(argv)
-    rt = setup_runtime(args.device, args.dtype)
-    examples = load_examples(args.data, args.split, args.limit)  # before the model: bad data fails fast
+    rt = runtime.setup(args.device, args.dtype)
+    # before the model: bad data fails fast
+    examples = hellaswag_eval.load_examples(args.data, args.split, args.limit)
     model = train_gpt2.load_model(args.model).to(rt.device)
-    enc = get_encoding()
+    enc = token_files.get_encoding()
     t0 = time.time()
-    counts = score(model, examples, enc, rt.device, args.batch_size, rt.autocast, progress=True)
+    counts = train_gpt2.score(
+        model, examples, enc, rt.device, args.batch_size, rt.autocast, progress=True
+    )
     dt = time.time() - t0
-    print(json.dumps(dict(accuracies(counts), model=args.model, device=rt.device, dtype=rt.dtype,
-                          examples_per_s=round(counts["n"] / dt, 2), seconds=round(dt, 1))))
+    print(
+        json.dumps(
+            dict(
+                hellaswag_eval.accuracies(counts),
+                model=args.model,
+                device=rt.device,
+                dtype=rt.dtype,
+                examples_per_s=round(counts["n"] / dt, 2),
+                seconds=round(dt, 1),
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import tiktoken
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import fineweb  # noqa: E402
+from plumbing import errors, flags  # noqa: E402
 
 
 def best_rates(rows, rounds):
@@ -44,16 +45,14 @@ def timed(fn):
 
 
 def main(argv=None):
-    # imported here, not at the top: the tokenizer processes import this file and need no torch (fineweb.user_error)
-    from train_plumbing import Flag, FlagParser, UserError
-    p = FlagParser(prog="bench_fineweb.py")
-    p.flag("data", Flag(path="file"), str(ROOT / "tests" / "data" / "c4_sample.jsonl"), "a .jsonl of documents")
-    p.flag("repeat", Flag(int, lo=1, hi=10**6), 50, "times the documents are repeated")
-    p.flag("rounds", Flag(int, lo=1, hi=1000), 5, "each figure is the best of this many runs")
-    p.flag("workers", Flag(int, lo=1, hi=4096), os.cpu_count(), "tokenizer processes")
+    p = flags.FlagParser(prog="bench_fineweb.py")
+    p.flag("data", flags.Flag(path="file"), str(ROOT / "tests" / "data" / "c4_sample.jsonl"), "a .jsonl of documents")
+    p.flag("repeat", flags.Flag(int, lo=1, hi=10**6), 50, "times the documents are repeated")
+    p.flag("rounds", flags.Flag(int, lo=1, hi=1000), 5, "each figure is the best of this many runs")
+    p.flag("workers", flags.Flag(int, lo=1, hi=4096), os.cpu_count(), "tokenizer processes")
     try:
         args = p.parse(sys.argv[1:] if argv is None else argv)
-    except UserError as e:
+    except errors.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import train_plumbing as tp  # noqa: E402
+from plumbing import errors, flags
 
 TOK_RE = re.compile(r"\| ([\d,]+) tok/s \|")
 MODELS = {
@@ -45,11 +45,11 @@ def run(model_args, mode_args):
     return statistics.median(toks), usage.ru_maxrss / 1024
 
 
-@tp.cli
+@errors.cli
 def main(argv):
-    p = tp.FlagParser(description=__doc__.split("\n\n")[0])
-    p.flag("repeats", tp.Flag(int, lo=1, hi=1000), 2, "runs of each configuration (default: %(default)s)")
-    p.flag("model", tp.Flag(choices=("", "tiny", "small"), empty=True), "", "only the models whose names start "
+    p = flags.FlagParser(description=__doc__.split("\n\n")[0])
+    p.flag("repeats", flags.Flag(int, lo=1, hi=1000), 2, "runs of each configuration (default: %(default)s)")
+    p.flag("model", flags.Flag(choices=("", "tiny", "small"), empty=True), "", "only the models whose names start "
            "with this (tiny, small; empty: both)")
     args = p.parse(argv)
     print("| model | mode | tok/s (each repeat) | peak RSS of a rank |")

@@ -22,16 +22,15 @@ sys.path.insert(0, str(ROOT))
 
 import tiktoken  # noqa: E402
 
-import hellaswag  # noqa: E402
 import train_gpt2  # noqa: E402
-import train_plumbing as tp  # noqa: E402
+from plumbing import errors, flags, hellaswag_eval, runtime
 
 
 def timed(model, rendered, batch_size, rt):
     if rt.device_type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    total, count = train_gpt2.ending_losses(model, rendered, rt.device, batch_size, rt.autocast)
+    total, count = hellaswag_eval.ending_losses(model, rendered, rt.device, batch_size, rt.autocast)
     if rt.device_type == "cuda":
         torch.cuda.synchronize()
     return total, count, time.perf_counter() - t0
@@ -50,21 +49,21 @@ def bench(name, config, rendered, batch_size, rt):
           f"{same:>5}/{n} {(one_total - bat_total).abs().max().item():>10.1e}", flush=True)
 
 
-@tp.cli
+@errors.cli
 def main(argv):
-    p = tp.FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.flag("n", tp.Flag(int, lo=0, hi=10042), 200, "examples for the small model; 0 skips it (default 200)")
-    p.flag("big_n", tp.Flag(int, lo=0, hi=10042), 32, "examples for the 124M-shaped model; 0 skips it (default 32)")
-    p.flag("batch_size", tp.Flag(int, lo=1), 16, "examples per forward, batched run (default 16)")
-    p.flag("device", tp.Flag(choices=tp.DEVICES), "auto", "auto, cpu, cuda or mps (default auto)")
-    p.flag("dtype", tp.Flag(choices=tp.DTYPES), "fp32", "auto, bf16, fp16 or fp32 (default fp32)")
+    p = flags.FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.flag("n", flags.Flag(int, lo=0, hi=10042), 200, "examples for the small model; 0 skips it (default 200)")
+    p.flag("big_n", flags.Flag(int, lo=0, hi=10042), 32, "examples for the 124M-shaped model; 0 skips it (default 32)")
+    p.flag("batch_size", flags.Flag(int, lo=1), 16, "examples per forward, batched run (default 16)")
+    p.flag("device", flags.Flag(choices=runtime.DEVICES), "auto", "auto, cpu, cuda or mps (default auto)")
+    p.flag("dtype", flags.Flag(choices=runtime.DTYPES), "fp32", "auto, bf16, fp16 or fp32 (default fp32)")
     args = p.parse(argv)
 
-    rt = train_gpt2.setup_runtime(args.device, args.dtype)
+    rt = runtime.setup(args.device, args.dtype)
     enc = tiktoken.get_encoding("gpt2")
     sample = ROOT / "tests" / "data" / "hellaswag_val_300.jsonl"  # the first 300 validation examples
-    examples = hellaswag.load_examples(sample if max(args.n, args.big_n) <= 300 else None, limit=max(args.n, args.big_n))
-    rendered = [train_gpt2.render_example(e, enc) for e in examples]
+    examples = hellaswag_eval.load_examples(sample if max(args.n, args.big_n) <= 300 else None, limit=max(args.n, args.big_n))
+    rendered = [hellaswag_eval.render_example(e, enc) for e in examples]
     print(f"device {rt.device} ({torch.cuda.get_device_name() if rt.device_type == 'cuda' else os.cpu_count()} "
           f"{'GPU' if rt.device_type == 'cuda' else 'CPU cores'}), dtype {rt.dtype}, torch threads "
           f"{torch.get_num_threads()}, batch_size {args.batch_size} examples = {4 * args.batch_size} rows")

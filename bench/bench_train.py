@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train_gpt2 as tg  # noqa: E402
-import train_plumbing as tp  # noqa: E402
+from plumbing import chunked_loss, errors, flags, mfu, runtime
 
 STEP_RE = re.compile(r"\| ([\d.]+) ms \| ([\d,]+) tok/s \| MFU ([\d.]+%|n/a)")
 
@@ -72,7 +72,7 @@ def run_train(name, args, steps, deterministic=True):
 
 def kv_cache_ratio(device, new_tokens=256):
     """Greedy generation of new_tokens with and without the KV cache on a GPT-2 124M-shaped model."""
-    rt = tg.setup_runtime(device, "auto")
+    rt = runtime.setup(device, "auto")
     torch.manual_seed(0)
     model = tg.GPT(tg.GPTConfig(**tg.PRESETS["gpt2"])).to(rt.device).eval()
     idx = torch.randint(0, 50257, (1, 8), device=rt.device)
@@ -103,14 +103,14 @@ def timed(fn, rt):
 def compare_reference(device, dtype, name, shape, B, T, steps, compiled=True):
     """Ours vs the reference step (plain head, full logits, F.cross_entropy, default AdamW), compiled (or both
     eager: compiled=False, what old GPUs and MPS run), autocast, one micro-batch per step. Each runs in its own
-    process, as each program would: ours after setup_runtime (deterministic mode, the CPU allocator's reuse of
+    process, as each program would: ours after runtime.setup (deterministic mode, the CPU allocator's reuse of
     freed memory), the reference with PyTorch's and the C library's defaults; and the reference once more with
     only the allocator setting (keep_freed_memory), to tell what that setting buys from what the rest of ours
     does. Steps interleave, one process waiting while another runs, so that all see the same machine load. Then
-    the loss path alone (hidden states -> loss, forward and backward): plain vs chunked_cross_entropy, its share
+    the loss path alone (hidden states -> loss, forward and backward): plain vs chunked_loss.cross_entropy, its share
     of each step, and its three matmuls alone. MFU of each side is against the peak of `dtype` measured here
-    (train_plumbing.peak_flops), after the steps."""
-    rt = tg.setup_runtime(device, dtype)  # the dtype ours trains in (auto: as train_gpt2.py picks); the reference too
+    (mfu.peak_flops), after the steps."""
+    rt = runtime.setup(device, dtype)  # the dtype ours trains in (auto: as train_gpt2.py picks); the reference too
     dtype = rt.dtype
     ctx = mp.get_context("spawn")
     workers = {}
@@ -142,11 +142,11 @@ def compare_reference(device, dtype, name, shape, B, T, steps, compiled=True):
     tok = {k: B * T / m["step"] for k, m in med.items()}
     kept = tok.get("reference, freed memory kept")  # CPU only: the setting is about the CPU's memory
     kept = f"{kept:,.0f} = {tok['ours'] / kept:.2f}x" if kept else "n/a"
-    peak = tp.peak_flops(rt)  # measured now, with the workers gone: the machine's best in this dtype
-    flops = tp.flops_per_token(tg.GPTConfig(**shape), T)
-    mfu = " / ".join(f"{100 * tok[k] * flops / peak:.0f}%" for k in ("reference", "ours")) if peak else "n/a"
+    peak = mfu.peak_flops(rt)  # measured now, with the workers gone: the machine's best in this dtype
+    flops = mfu.flops_per_token(tg.GPTConfig(**shape), T)
+    mfus = " / ".join(f"{100 * tok[k] * flops / peak:.0f}%" for k in ("reference", "ours")) if peak else "n/a"
     return (f"| {name}{'' if compiled else ' eager'} | {dtype} | {tok['reference']:,.0f} | {tok['ours']:,.0f} | "
-            f"**{tok['ours'] / tok['reference']:.2f}x** | {mfu} (peak {peak / 1e9:,.0f} GFLOP/s) | "
+            f"**{tok['ours'] / tok['reference']:.2f}x** | {mfus} (peak {peak / 1e9:,.0f} GFLOP/s) | "
             f"{kept} | "
             f"{1000 * med['reference']['loss']:,.0f} ms = {100 * med['reference']['loss'] / med['reference']['step']:.0f}% | "
             f"{1000 * med['ours']['loss']:,.0f} ms = {100 * med['ours']['loss'] / med['ours']['step']:.0f}% | "
@@ -158,11 +158,11 @@ def compare_worker(kind, conn, device, dtype, shape, B, T, compiled):
     """One side of compare_reference, in its own process: builds the model, then times what conn asks for
     ("step", "loss", "floor") and sends back (seconds, loss, page faults), until it gets None."""
     if kind == "ours":
-        rt = tg.setup_runtime(device, dtype)
+        rt = runtime.setup(device, dtype)
     else:  # none of our process-wide settings: only the device and the dtype (and, if asked, the allocator's)
         if kind == "reference, freed memory kept":
-            tp.keep_freed_memory()
-        rt = tp.Runtime(False, 0, 0, 1, True, device if device != "cuda" else "cuda:0", device, dtype)
+            runtime.keep_freed_memory()
+        rt = runtime.Runtime(False, 0, 0, 1, True, device if device != "cuda" else "cuda:0", device, dtype)
     maybe_compile = torch.compile if compiled else (lambda fn: fn)
     torch.manual_seed(0)
     config = tg.GPTConfig(**shape)
@@ -190,7 +190,7 @@ def compare_worker(kind, conn, device, dtype, shape, B, T, compiled):
     h = torch.randn(B * T, config.n_embd, device=rt.device, requires_grad=True)  # final hidden states
     w = model.lm_head.weight
     if kind == "ours":
-        loss_fn = maybe_compile(lambda: tg.chunked_cross_entropy(h, w, y.flatten(), config.vocab_size,
+        loss_fn = maybe_compile(lambda: chunked_loss.cross_entropy(h, w, y.flatten(), config.vocab_size,
                                                                  model.loss_block_rows(B * T, rt.device_type)))
     else:
         loss_fn = maybe_compile(lambda: F.cross_entropy(model.head(h).float(), y.flatten()))
@@ -220,7 +220,7 @@ def compare_worker(kind, conn, device, dtype, shape, B, T, compiled):
 def loss_blocks(device, steps):
     """The loss path alone (forward and backward, compiled, autocast) of 2048 rows at several block sizes, for
     three widths: what loss_block_budget (a CPU's block) is chosen from."""
-    rt = tg.setup_runtime(device, "auto")
+    rt = runtime.setup(device, "auto")
     rows_all = 2048
     print("| width | " + " | ".join(f"{r} rows" for r in (128, 256, 512, 1024, 2048)) + " | the model's choice |")
     print("|---|---|---|---|---|---|---|")
@@ -233,7 +233,7 @@ def loss_blocks(device, steps):
         cells = []
         for rows in (128, 256, 512, 1024, 2048):
             torch._dynamo.reset()  # a fresh compile per block size (one lambda would hit the recompile limit)
-            fn = torch.compile(lambda rows=rows: tg.ChunkedCrossEntropy.apply(h, w, y, 50257, rows))
+            fn = torch.compile(lambda rows=rows: chunked_loss.ChunkedCrossEntropy.apply(h, w, y, 50257, rows))
 
             def run():
                 with rt.autocast():
@@ -249,7 +249,7 @@ def eval_loss(device, dtype, steps):
     """The loss without gradients (evaluation: model(x, y) under no_grad, eagerly, as evaluate_loss runs it) against
     the plain full logits + F.cross_entropy, interleaved in one process, at several block sizes and the model's
     choice: evaluation's loss must cost no more than the plain one."""
-    rt = tg.setup_runtime(device, dtype)
+    rt = runtime.setup(device, dtype)
     sizes = (256, 1024, 4096)
     print(f"| width | rows | plain | {' | '.join(f'{r} rows' for r in sizes)} | the model's choice | ours / plain |")
     print("|---|---|---|" + "---|" * len(sizes) + "---|---|")
@@ -262,8 +262,8 @@ def eval_loss(device, dtype, steps):
 
         def plain():
             return F.cross_entropy((h @ w.t())[:, :V].float(), y)
-        runs = {"plain": plain, **{r: (lambda r=r: tg.chunked_cross_entropy(h, w, y, V, r)) for r in sizes},
-                "choice": lambda: tg.chunked_cross_entropy(h, w, y, V, choice)}
+        runs = {"plain": plain, **{r: (lambda r=r: chunked_loss.cross_entropy(h, w, y, V, r)) for r in sizes},
+                "choice": lambda: chunked_loss.cross_entropy(h, w, y, V, choice)}
         times = {k: [] for k in runs}
         with torch.no_grad(), rt.autocast():
             for _ in range(steps):
@@ -274,20 +274,20 @@ def eval_loss(device, dtype, steps):
               f" | {choice}: {ms['choice']:,.0f} ms | {ms['choice'] / ms['plain']:.2f} |", flush=True)
 
 
-@tp.cli
+@errors.cli
 def main(argv):
-    p = tp.FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.flag("device", tp.Flag(choices=("cpu", "cuda")), "cpu", "cpu or cuda (default: %(default)s)")
-    p.flag("dtype", tp.Flag(choices=("auto", "bf16", "fp16", "fp32")), "auto",
+    p = flags.FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.flag("device", flags.Flag(choices=("cpu", "cuda")), "cpu", "cpu or cuda (default: %(default)s)")
+    p.flag("dtype", flags.Flag(choices=("auto", "bf16", "fp16", "fp32")), "auto",
            "the training dtype of every run, both sides of the comparison included (auto: what train_gpt2.py picks; "
            "fp32 on a CPU with AVX512-BF16 stands in for an AVX2 laptop)")
-    p.flag("steps", tp.Flag(int, lo=3, hint="; the first two steps are not timed"), 10,
+    p.flag("steps", flags.Flag(int, lo=3, hint="; the first two steps are not timed"), 10,
            "optimizer steps per configuration (default: %(default)s)")
-    p.flag("only", tp.Flag(choices=("table", "compare", "blocks", "eval")), None, "run only one part (blocks: the "
+    p.flag("only", flags.Flag(choices=("table", "compare", "blocks", "eval")), None, "run only one part (blocks: the "
            "loss's block size; eval: the loss without gradients against the plain one; both only when asked for)")
-    p.flag("compile", tp.Flag(choices=("on", "off", "both")), "on", "the comparison compiled (on), eager (off: "
+    p.flag("compile", flags.Flag(choices=("on", "off", "both")), "on", "the comparison compiled (on), eager (off: "
            "what old GPUs and MPS run) or both, each side the same (default: %(default)s)")
-    p.flag("shape", tp.Flag(empty=True), "", "compare only the shapes whose names hold one of these "
+    p.flag("shape", flags.Flag(empty=True), "", "compare only the shapes whose names hold one of these "
            "(comma-separated), e.g. 4L-128,T1024")
     args = p.parse(argv)
     dev = ["--device", args.device, "--dtype", args.dtype]
@@ -318,7 +318,7 @@ def main(argv):
         for name, cfg in configs:
             print(run_train(name, cfg, args.steps), flush=True)
         if args.device == "cpu":  # interleaved, so that both see the same load
-            for i in range(2):
+            for _ in range(2):
                 print(run_train("4L-128 B8 T256 (deterministic, the default)", quickstart, args.steps), flush=True)
                 print(run_train("4L-128 B8 T256, deterministic mode off", quickstart, args.steps, False), flush=True)
         print(kv_cache_ratio(args.device))

@@ -1,5 +1,5 @@
 """
-The README's memory arithmetic, from the rule the code uses (GPT.loss_block_rows, train_extras.memory_needs):
+The README's memory arithmetic, from the rule the code uses (GPT.loss_block_rows, memory.memory_needs):
 per GPU for each preset under DDP and FSDP, and the two cases the README works through (GPT-2 124M on a 4 GB
 GTX 960 with --batch_size auto --grad_checkpoint 1; gpt2-xl on 8 x 24 GB with FSDP). Arithmetic, no device:
 
@@ -14,8 +14,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import train_extras as te  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
+from plumbing import memory  # noqa: E402
 
 GB, GiB, MiB = 1e9, 2 ** 30, 2 ** 20
 
@@ -43,11 +43,11 @@ def main():
             model = models[name] = tg.GPT(tg.GPTConfig(**shape))
         P = model.num_params()
         with on_card(24 * GB):
-            loss = te.loss_bytes(model, 4 * 1024, "bf16", "cuda")
+            loss = memory.loss_bytes(model, 4 * 1024, "bf16", "cuda")
         print(f"| {name} | {P / 1e6:.1f}M | {16 * P / GB:.2f} GB | {16 * P / 8 / GB:.2f} GB | "
               f"{fsdp_root_and_two_blocks(model) / GB:.2f} GB | "
-              f"{te.activation_bytes_per_token(model.config, 'bf16') / MiB:.2f} MiB | "
-              f"{te.activation_bytes_per_token(model.config, 'bf16', True) / MiB:.3f} MiB | {loss / GB:.2f} GB |")
+              f"{memory.activation_bytes_per_token(model.config, 'bf16') / MiB:.2f} MiB | "
+              f"{memory.activation_bytes_per_token(model.config, 'bf16', True) / MiB:.3f} MiB | {loss / GB:.2f} GB |")
 
     print("\nGTX 960, 4 GB (4 GiB), GPT-2 124M, fp16, eager, T=1024, --grad_checkpoint 1. The trial's rule "
           "(cuda_batch_fits): the step's peak + AdamW (8 bytes a parameter) < free - 10% - 512 MiB")
@@ -58,7 +58,7 @@ def main():
     for b in (4, 8, 16):
         with on_card(4 * GiB):
             rows = model.loss_block_rows(b * 1024, "cuda")
-            needs = te.memory_needs(model, b, 1024, "fp16", "cuda", grad_checkpoint=True)
+            needs = memory.memory_needs(model, b, 1024, "fp16", "cuda", grad_checkpoint=True)
         print(f"B={b}: loss blocks of {rows} rows; training {needs['train'] / GiB:.2f} GiB, evaluation "
               f"{needs['eval'] / GiB:.2f} GiB, room {room / GiB:.2f} GiB: {'fits' if needs['train'] < room else 'no'}")
 
@@ -70,8 +70,8 @@ def main():
         for b in batches:
             with on_card(24 * GB):
                 rows = model.loss_block_rows(b * 1024, "cuda")
-                loss = te.loss_bytes(model, b * 1024, "bf16", "cuda")
-            act = b * 1024 * te.activation_bytes_per_token(model.config, "bf16", ckpt)
+                loss = memory.loss_bytes(model, b * 1024, "bf16", "cuda")
+            act = b * 1024 * memory.activation_bytes_per_token(model.config, "bf16", ckpt)
             total = fixed + act + loss
             print(f"--batch_size {b}{' --grad_checkpoint 1' if ckpt else ''}: shards + gathered + slack "
                   f"{fixed / GB:.2f} GB, activations {act / GB:.2f} GB, loss ({rows} rows) {loss / GB:.2f} GB: "

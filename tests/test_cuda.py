@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 
-from conftest import HELLASWAG, ROOT, run_cli
-
 import train_gpt2 as tg
+from conftest import HELLASWAG, ROOT, run_cli
+from plumbing import hellaswag_eval, memory
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -64,16 +64,15 @@ def test_batch_size_auto_then_real_steps(small_text, tmp_path):
 def test_eager_fp16_training_stays_within_the_memory_estimate(small_text, tmp_path):
     """The pre-Volta path on any GPU: fp16 with a GradScaler, --compile off (so the loss runs eagerly), with
     evaluation. The run's peak of allocated memory (weights included) against what --batch_size auto's formula
-    predicts for this batch (train_extras.memory_needs): within it, and not so far under that the formula says
+    predicts for this batch (memory.memory_needs): within it, and not so far under that the formula says
     nothing. The eager loss block dominates here (1024 rows x 50,304, 0.3 GB at 1.5 fp32 copies)."""
     import re
-    import train_extras
     out = run_cli("train_gpt2.py", "--data", small_text, "--log_dir", tmp_path, *SMALL, "--dtype", "fp16",
                   "--compile", "off", "--max_steps", "4", "--eval_every", "2", "--sample_every", "0")
     assert out.returncode == 0, out.stderr
     peak = float(re.search(r"peak GPU memory ([\d.]+) GiB", out.stdout)[1]) * 2 ** 30
     model = tg.GPT(tg.GPTConfig(n_layer=2, n_head=4, n_embd=128))  # SMALL's shape, GPT-2's vocabulary
-    needs = train_extras.memory_needs(model, 8, 128, "fp16", "cuda")
+    needs = memory.memory_needs(model, 8, 128, "fp16", "cuda")
     predicted = 4 * model.num_params() + max(needs.values())
     assert predicted / 3 < peak <= predicted, (peak / 2 ** 30, predicted / 2 ** 30)
 
@@ -89,13 +88,12 @@ def test_kv_cache_greedy_equals_recompute_on_cuda():
 
 def test_hellaswag_batched_equals_one_example_per_forward_on_cuda():
     import tiktoken
-    import hellaswag
     torch.manual_seed(0)
     model = tg.GPT(tg.GPTConfig(block_size=256, n_layer=2, n_head=4, n_embd=64)).cuda().eval()
     enc = tiktoken.get_encoding("gpt2")
-    rendered = [tg.render_example(e, enc) for e in hellaswag.load_examples(HELLASWAG, limit=40)]
-    one, count1 = tg.ending_losses(model, rendered, "cuda", batch_size=1)
-    many, count16 = tg.ending_losses(model, rendered, "cuda", batch_size=16)
+    rendered = [hellaswag_eval.render_example(e, enc) for e in hellaswag_eval.load_examples(HELLASWAG, limit=40)]
+    one, count1 = hellaswag_eval.ending_losses(model, rendered, "cuda", batch_size=1)
+    many, count16 = hellaswag_eval.ending_losses(model, rendered, "cuda", batch_size=16)
     assert torch.equal(count1, count16)
     torch.testing.assert_close(one, many, atol=1e-3, rtol=1e-4)
 
@@ -125,6 +123,7 @@ def counted_torchrun(n, tmp_path, *args):
     """torchrun of train_gpt2.py through test_ddp's COUNTING wrapper (graphs compiled, and those the evaluation
     paths add); returns (CompletedProcess, [per-rank counts])."""
     import json
+
     from test_ddp import COUNTING
     script = tmp_path / "counting.py"
     script.write_text(COUNTING)

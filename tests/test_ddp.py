@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import HELLASWAG, ROOT, run_cli
+from plumbing import hellaswag_eval, memory, resume, runtime, token_files
 
 ARGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "32",
         "--total_batch_size", "256", "--warmup_steps", "2", "--eval_every", "2", "--sample_every", "0",
@@ -96,8 +97,9 @@ AGREE = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import train_gpt2 as tg
-rt = tg.setup_runtime("cpu", "fp32")
-got = [tg.agree_on_signal(int(sys.argv[2 + rt.rank]), rt) for _ in range(2)]
+from plumbing import runtime, signals
+rt = runtime.setup("cpu", "fp32")
+got = [signals.agree_on_signal(int(sys.argv[2 + rt.rank]), rt) for _ in range(2)]
 print(f"rank {rt.rank} stops for {got[0]}")
 tg.dist.destroy_process_group()  # a group left to the interpreter's exit can abort in gloo's threads
 """
@@ -218,8 +220,10 @@ def counted(name, fn):  # the graphs compiled while one of the evaluation paths 
         finally:
             added[name] = added.get(name, 0) + graphs() - before
     return wrapper
-for name in ("evaluate_loss", "hellaswag_totals", "sample_texts"):
-    setattr(tg, name, counted(name, getattr(tg, name)))
+from plumbing import hellaswag_eval
+for name, owner, attr in (("evaluate_loss", tg, "evaluate_loss"), ("hellaswag_totals", hellaswag_eval, "totals"),
+                          ("sample_texts", tg, "sample_texts")):
+    setattr(owner, attr, counted(name, getattr(owner, attr)))
 tg.main(sys.argv[2:])
 print("graphs", json.dumps({"rank": int(os.environ["RANK"]), "total": graphs(), "added": added}))
 """
@@ -237,9 +241,7 @@ def fsdp_compiled(small_text, tmp_path_factory):
 
 
 def test_fsdp_compiled_evaluation_adds_no_graphs_and_equals_eager(fsdp_compiled, small_text):
-    import hellaswag
     import train_gpt2 as tg
-    import train_plumbing as tp
     run, out = fsdp_compiled
     counts = [json.loads(ln.split(" ", 1)[1]) for ln in out.stdout.splitlines() if ln.startswith("graphs ")]
     assert len(counts) == 2, out.stdout
@@ -249,13 +251,13 @@ def test_fsdp_compiled_evaluation_adds_no_graphs_and_equals_eager(fsdp_compiled,
     # the results at step 2 are what eager one-process evaluation of the step-2 checkpoint gives
     logged = read_log(run / "log.txt")
     model = tg.load_model(run / "model_00002.pt").eval()
-    rt = tp.Runtime(False, 0, 0, 1, True, "cpu", "cpu", "fp32")
-    val = tg.evaluate_loss(model, tp.load_split(small_text, "val"), 1000, 2, 32, rt)
+    rt = runtime.Runtime(False, 0, 0, 1, True, "cpu", "cpu", "fp32")
+    val = tg.evaluate_loss(model, token_files.load_split(small_text, "val"), 1000, 2, 32, rt)
     assert abs(val - logged[(2, "val")]) < 2e-6  # the log's 6 decimals
-    hella = tg.accuracies(tg.score(model, hellaswag.load_examples(HELLASWAG, limit=15), tg.get_encoding()))
+    hella = hellaswag_eval.accuracies(tg.score(model, hellaswag_eval.load_examples(HELLASWAG, limit=15), token_files.get_encoding()))
     assert abs(hella["acc_norm"] - logged[(2, "hella")]) < 2e-6
     printed = [ln.split(": ", 1)[1] for ln in out.stdout.splitlines() if ln.startswith("sample ")]
-    eager = tg.sample_texts(model, tg.get_encoding(), "Hello, I'm a language model,", 4, 32, rt, seed=1337 + 2)
+    eager = tg.sample_texts(model, token_files.get_encoding(), "Hello, I'm a language model,", 4, 32, rt, seed=1337 + 2)
     assert printed == [repr(t) for t in eager]
 
 
@@ -308,8 +310,8 @@ def test_a_checkpoint_of_n_ranks_resumes_each_ranks_stream_on_m_ranks(tmp_path):
     rank_seed(seed, rank, step). A checkpoint from before per-rank streams (written as the old rng_state wrote
     it, with Python's and NumPy's states) still loads: its one CPU state is rank 0's."""
     import random
+
     import numpy as np
-    import train_plumbing as tp
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]  # two ranks' generators, somewhere in their streams
     for g in gens:
         torch.rand(10, generator=g)
@@ -323,13 +325,13 @@ def test_a_checkpoint_of_n_ranks_resumes_each_ranks_stream_on_m_ranks(tmp_path):
     loaded = torch.load(tmp_path / "rng.pt", weights_only=True)
     continued = lambda state: torch.rand(4, generator=torch.Generator().set_state(state))  # noqa: E731
     started = lambda rank, step: torch.rand(  # noqa: E731
-        4, generator=torch.Generator().manual_seed(tp.rank_seed(1337, rank, step)))
+        4, generator=torch.Generator().manual_seed(runtime.rank_seed(1337, rank, step)))
     expected = {("new", 0): continued(states[0]), ("new", 1): continued(states[1]), ("new", 2): started(2, 3),
                 ("old", 0): continued(states[0]), ("old", 1): started(1, 3)}
     before = torch.get_rng_state()
     try:
         for (layout, rank), want in expected.items():
-            tp.set_rng_state(loaded[layout], rank, "cpu", 1337, 3)
+            resume.set_rng_state(loaded[layout], rank, "cpu", 1337, 3)
             assert torch.equal(torch.rand(4), want), (layout, rank)
     finally:
         torch.set_rng_state(before)
@@ -337,7 +339,7 @@ def test_a_checkpoint_of_n_ranks_resumes_each_ranks_stream_on_m_ranks(tmp_path):
     assert not torch.equal(started(0, 0), started(1, 0))  # a new run's ranks: their own masks
 
 
-@pytest.mark.skipif(not __import__("train_plumbing").cpu_has_bf16(), reason="needs a CPU with AVX512-BF16 or AMX")
+@pytest.mark.skipif(not __import__("plumbing.runtime").runtime.cpu_has_bf16(), reason="needs a CPU with AVX512-BF16 or AMX")
 def test_fsdp_bf16_trains_what_ddp_bf16_trains(small_text, tmp_path):
     """Two bf16 recipes: DDP autocasts the matmuls' inputs, with fp32 weights, LayerNorms and residual stream; FSDP's
     policy keeps bf16 copies of the weights, so LayerNorm and the residual stream run in bf16 too; both reduce and
@@ -362,9 +364,10 @@ MEASURED = """
 import json, os, sys
 from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, sys.argv[1])
-import train_extras, train_gpt2 as tg
+import train_gpt2 as tg
+from plumbing import memory
 free = int(sys.argv[2])
-train_extras.available_memory = lambda rt: free  # the RAM this rank is told it may use
+memory.available_memory = lambda rt: free  # the RAM this rank is told it may use
 peaks = {}
 def measured(name, fn):  # the peak bytes allocated above the start, the first time fn runs
     def wrapper(*args, **kw):
@@ -392,13 +395,12 @@ def test_fsdp_batch_size_auto_picks_what_fits_each_rank(small_text, tmp_path):
     waiting): with the RAM it is told is free, the batch it picks must fit each rank's first training step (the
     whole gradient and weights between micro-steps, 1/2 of AdamW's state) and its evaluation, measured; the next
     larger batch would not have fit by the estimate."""
-    import train_extras
     import train_gpt2 as tg
     shape = dict(n_layer=2, n_head=2, n_embd=128)  # short sequences: the weights' share (FSDP's part) is large
     T, ranks, sync_once = 32, 2, True
     model = tg.GPT(tg.GPTConfig(**shape))
-    need = {b: train_extras.memory_needs(model, b, T, "fp32", "cpu", fsdp=(ranks, sync_once)) for b in (4, 8)}
-    free = int((max(need[4].values()) + max(need[8].values())) / 2 / train_extras.CPU_FREE_SHARE)  # 4 fits, 8 not
+    need = {b: memory.memory_needs(model, b, T, "fp32", "cpu", fsdp=(ranks, sync_once)) for b in (4, 8)}
+    free = int((max(need[4].values()) + max(need[8].values())) / 2 / memory.CPU_FREE_SHARE)  # 4 fits, 8 not
     script = tmp_path / "measured.py"
     script.write_text(MEASURED)
     args = [str(script), ROOT, str(free), "--data", small_text, "--log_dir", tmp_path / "run",

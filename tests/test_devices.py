@@ -7,11 +7,9 @@ import sys
 import pytest
 import torch
 
-from conftest import run_cli
-
-import train_extras
 import train_gpt2 as tg
-import train_plumbing as tp
+from conftest import run_cli
+from plumbing import errors, memory, mfu, resume, runtime
 
 GiB = 1 << 30
 # What PyTorch's CUDA builds carry (torch.cuda.get_arch_list()), from its release support matrix: the CUDA 12.6
@@ -48,53 +46,53 @@ def fake_cuda(monkeypatch):
 
 def test_gtx_960_with_a_build_without_its_kernels_stops_with_the_fix(fake_cuda):
     fake_cuda("GTX 960", CU128)
-    with pytest.raises(tg.UserError) as e:
-        tg.setup_runtime()
+    with pytest.raises(errors.UserError) as e:
+        runtime.setup()
     msg = str(e.value)
     assert "GTX 960" in msg and "5.2" in msg and "cu126" in msg and "--device cpu" in msg and "\n" not in msg
 
 
 def test_a_gpu_newer_than_the_build_is_told_to_upgrade(fake_cuda):
     fake_cuda("RTX 5090", CU126)
-    with pytest.raises(tg.UserError, match="pip install -U torch") as e:
-        tg.setup_runtime()
+    with pytest.raises(errors.UserError, match="pip install -U torch") as e:
+        runtime.setup()
     assert "cu126" not in str(e.value)
 
 
 @pytest.mark.parametrize("gpu, arch_list", [("GTX 960", CU126), ("V100", CU126)])
 def test_old_gpus_run_on_a_build_that_has_their_kernels(fake_cuda, gpu, arch_list):
     fake_cuda(gpu, arch_list)
-    rt = tg.setup_runtime()
+    rt = runtime.setup()
     assert (rt.device, rt.dtype) == ("cuda:0", "fp16")  # no bf16 before Ampere: fp16 with a GradScaler
 
 
 def test_volta_needs_the_cuda_12_6_build(fake_cuda):
     fake_cuda("V100", CU128)
-    with pytest.raises(tg.UserError, match="7.0"):
-        tg.setup_runtime()
+    with pytest.raises(errors.UserError, match="7.0"):
+        runtime.setup()
 
 
 def test_ptx_of_an_older_architecture_runs_on_a_newer_gpu():
-    assert tp.cuda_arch_supported((12, 0), ["sm_90", "compute_90"])  # the driver compiles the PTX
-    assert not tp.cuda_arch_supported((12, 0), ["sm_90"])  # a cubin runs only within its major version
-    assert tp.cuda_arch_supported((8, 6), ["sm_80"])  # sm_80 code runs on 8.6
-    assert not tp.cuda_arch_supported((8, 0), ["sm_86"])
-    assert not tp.cuda_arch_supported((5, 2), ["sm_60", "compute_60"])
-    assert tp.cuda_arch_supported((9, 0), ["sm_80", "sm_90", "sm_90a", "sm_100", "sm_120"])
-    assert tp.cuda_arch_supported((12, 0), ["sm_90", "sm_100", "sm_120", "compute_120"])
-    assert tp.cuda_arch_supported((9, 4), ["gfx90a", "gfx942"])  # a ROCm build: not judged by CUDA's rules
+    assert runtime.cuda_arch_supported((12, 0), ["sm_90", "compute_90"])  # the driver compiles the PTX
+    assert not runtime.cuda_arch_supported((12, 0), ["sm_90"])  # a cubin runs only within its major version
+    assert runtime.cuda_arch_supported((8, 6), ["sm_80"])  # sm_80 code runs on 8.6
+    assert not runtime.cuda_arch_supported((8, 0), ["sm_86"])
+    assert not runtime.cuda_arch_supported((5, 2), ["sm_60", "compute_60"])
+    assert runtime.cuda_arch_supported((9, 0), ["sm_80", "sm_90", "sm_90a", "sm_100", "sm_120"])
+    assert runtime.cuda_arch_supported((12, 0), ["sm_90", "sm_100", "sm_120", "compute_120"])
+    assert runtime.cuda_arch_supported((9, 4), ["gfx90a", "gfx942"])  # a ROCm build: not judged by CUDA's rules
 
 
 def test_compile_auto_is_eager_before_volta_and_on_is_an_error(fake_cuda, capsys):
     fake_cuda("GTX 960", CU126)
-    rt = tg.setup_runtime()
-    assert tg.use_compile("auto", rt) is False
+    rt = runtime.setup()
+    assert runtime.use_compile("auto", rt) is False
     assert "7.0" in capsys.readouterr().out  # one line saying why
-    with pytest.raises(tg.UserError, match="--compile on"):
-        tg.use_compile("on", rt)
-    assert tg.use_compile("off", rt) is False
+    with pytest.raises(errors.UserError, match="--compile on"):
+        runtime.use_compile("on", rt)
+    assert runtime.use_compile("off", rt) is False
     fake_cuda("T4")
-    assert tg.use_compile("auto", tg.setup_runtime()) is True
+    assert runtime.use_compile("auto", runtime.setup()) is True
 
 
 @pytest.mark.parametrize("gpu, dtype, peak", [("H100", "bf16", 989e12), ("A100", "bf16", 312e12),
@@ -103,9 +101,9 @@ def test_compile_auto_is_eager_before_volta_and_on_is_an_error(fake_cuda, capsys
                                               ("unknown", "bf16", None)])
 def test_mfu_peak_is_the_cards_and_the_dtypes(fake_cuda, gpu, dtype, peak):
     fake_cuda(gpu, CU126 if gpu in ("V100",) else CU128 + ["compute_120"])
-    rt = tg.setup_runtime(dtype=dtype if dtype != "bf16" else "auto")
+    rt = runtime.setup(dtype=dtype if dtype != "bf16" else "auto")
     assert rt.dtype == dtype
-    assert tg.peak_flops(rt) == peak
+    assert mfu.peak_flops(rt) == peak
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA H200 NVL", 835e12),
@@ -113,12 +111,12 @@ def test_mfu_peak_is_the_cards_and_the_dtypes(fake_cuda, gpu, dtype, peak):
 def test_mfu_peak_names_match_exactly(fake_cuda, monkeypatch, name, peak):
     fake_cuda("H100")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: name)
-    assert tg.peak_flops(tg.setup_runtime()) == peak  # "L4" must not take "L40"'s peak, nor "T4" "T4000"'s
+    assert mfu.peak_flops(runtime.setup()) == peak  # "L4" must not take "L40"'s peak, nor "T4" "T4000"'s
 
 
 def test_fp32_on_cuda_uses_tf32_matmuls(fake_cuda):
     fake_cuda("A100")
-    tg.setup_runtime(dtype="fp32")
+    runtime.setup(dtype="fp32")
     assert torch.get_float32_matmul_precision() == "high"
 
 
@@ -128,8 +126,8 @@ def test_torchrun_on_a_mac_is_one_clear_line(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(tg.dist, "init_process_group", lambda *a, **k: pytest.fail("gloo with MPS tensors"))
-    with pytest.raises(tg.UserError, match="--device cpu"):
-        tg.setup_runtime()
+    with pytest.raises(errors.UserError, match="--device cpu"):
+        runtime.setup()
 
 
 @pytest.mark.parametrize("gpu", [None, "A100"])
@@ -142,9 +140,9 @@ def test_resolving_the_runtime_changes_no_process_setting(monkeypatch, fake_cuda
     monkeypatch.setenv("WORLD_SIZE", "1")
     for module, name in [(torch, "use_deterministic_algorithms"), (torch, "set_num_threads"),
                          (torch, "set_float32_matmul_precision"), (torch.cuda, "set_device"),
-                         (tp, "keep_freed_memory"), (tp.dist, "init_process_group")]:
+                         (runtime, "keep_freed_memory"), (runtime.dist, "init_process_group")]:
         monkeypatch.setattr(module, name, lambda *a, name=name, **k: pytest.fail(f"resolve_runtime called {name}"))
-    rt = tp.resolve_runtime("auto", "fp32")
+    rt = runtime.resolve("auto", "fp32")
     monkeypatch.undo()  # before fake_cuda's teardown, which sets the matmul precision back
     assert (rt.device, rt.dtype, rt.ddp) == ("cuda:0" if gpu else "cpu", "fp32", True)
 
@@ -157,8 +155,8 @@ def test_process_group_timeout_fits_rank_0s_checkpoint_writes(monkeypatch):
     monkeypatch.setattr(tg.dist, "init_process_group", lambda **kw: seen.update(kw))
     monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: None)  # keep this process as it is
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
-    monkeypatch.setattr(tp, "keep_freed_memory", lambda: None)
-    tg.setup_runtime("cpu", "fp32", dist_timeout=90)
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: None)
+    runtime.setup("cpu", "fp32", dist_timeout=90)
     assert seen == dict(backend="gloo", timeout=datetime.timedelta(minutes=90))
 
 
@@ -166,8 +164,9 @@ FAULTS = """
 import resource, statistics, sys, torch
 sys.path.insert(0, ".")
 import train_gpt2 as tg
+from plumbing import runtime
 if sys.argv[1] == "setup_runtime":
-    tg.setup_runtime("cpu", "auto")
+    runtime.setup("cpu", "auto")
 torch.manual_seed(0)
 model = tg.GPT(tg.GPTConfig(block_size=64, n_layer=1, n_head=6, n_embd=384))  # its (V, C) fp32 tensors: 77 MB
 optimizer = tg.configure_optimizer(model, 1e-3, 0.1, "cpu")
@@ -206,7 +205,7 @@ def test_cpu_steps_reuse_freed_memory_instead_of_faulting_in_new_pages():
 ])
 def test_cuda_batch_size_auto_leaves_room(free, trial_peak, ddp, fits):
     n_params = 124_000_000
-    assert train_extras.cuda_batch_fits(trial_peak, n_params, free, ddp) == fits
+    assert memory.cuda_batch_fits(trial_peak, n_params, free, ddp) == fits
 
 
 def test_resume_on_another_device_uses_that_devices_adamw(tmp_path):
@@ -216,7 +215,7 @@ def test_resume_on_another_device_uses_that_devices_adamw(tmp_path):
     for group in state["param_groups"]:
         group["fused"] = True  # as a CUDA run saves it
     cpu_opt = tg.configure_optimizer(model, 1e-3, 0.1, "cpu")
-    tp.load_optimizer_state(cpu_opt, state, "cpu")
+    resume.load_optimizer_state(cpu_opt, state, "cpu")
     expected = tg.configure_optimizer(model, 1e-3, 0.1, "cpu").param_groups[0]["fused"]
     assert all(g["fused"] == expected for g in cpu_opt.param_groups)
 

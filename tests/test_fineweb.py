@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import tiktoken
 
-from conftest import DATA, ROOT
-
 import fineweb
-import train_plumbing as tp
+from conftest import DATA, ROOT
+from plumbing import errors
 
 EOT = 50256
 SHARD = 40_000
@@ -196,7 +195,7 @@ def test_hugging_face_path_on_local_files(tmp_path, c4_texts):
     (tmp_path / "part-0.jsonl").write_text("".join(lines[:150]), encoding="utf-8")
     (tmp_path / "part-1.jsonl").write_text("".join(lines[150:]), encoding="utf-8")
     assert list(fineweb.read_hf(str(tmp_path), None, "text")) == c4_texts
-    with pytest.raises(tp.UserError, match="no text field 'body'"):
+    with pytest.raises(errors.UserError, match="no text field 'body'"):
         next(fineweb.read_hf(str(tmp_path), None, "body"))
 
 

@@ -96,16 +96,16 @@ SPEC = {  # command: (module, how to call it, its flags' kinds, the functions th
         "checkpoint": "model_source", "prompt": "text", "max_new_tokens": "pos_int", "num_samples": "pos_int",
         "temperature": "nonneg_float", "top_k": "nonneg_int", "seed": "seed", "device": ("choice", DEVICES),
         "dtype": ("choice", DTYPES), "interactive": "switch"}, ["train_gpt2.sample_texts"]),
-    "export": ("train_gpt2", "main export", {"checkpoint": "in_file", "out": "out_dir"}, ["train_extras.ours_to_hf"]),
+    "export": ("train_gpt2", "main export", {"checkpoint": "in_file", "out": "out_dir"}, ["plumbing.huggingface.ours_to_hf"]),
     "evaluate": ("train_gpt2", "main evaluate", {
         "checkpoint": "model_source", "data": "in_path", "tokens": "nonneg_int", "seq_len": "nonneg_int",
         "batch_size": "pos_int", "per_token": "switch", "device": ("choice", DEVICES), "dtype": ("choice", DTYPES)},
-        ["train_extras.window_losses"]),
-    "plot": ("train_gpt2", "main plot", {"log_dir": "in_dir", "out": "out_file"}, ["train_extras.write_atomic"]),
+        ["plumbing.evaluate.window_losses"]),
+    "plot": ("train_gpt2", "main plot", {"log_dir": "in_dir", "out": "out_file"}, ["plumbing.files.write_atomic"]),
     "hellaswag": ("hellaswag", "main", {
         "model": "model_source", "data": "in_file", "split": ("choice", ["val", "train"]), "limit": "nonneg_int",
         "device": ("choice", DEVICES), "dtype": ("choice", DTYPES), "batch_size": "pos_int"},
-        ["hellaswag.score", "train_plumbing.hellaswag_download"]),
+        ["train_gpt2.score", "plumbing.hellaswag_eval.download"]),
     "fineweb": ("fineweb", "main", {
         "source": "source", "name": None, "text_field": "text", "out": "out_dir", "shard_size": "pos_int",
         "workers": "workers", "prefix": "name"}, ["fineweb.write_shards"]),
@@ -116,7 +116,7 @@ SPEC = {  # command: (module, how to call it, its flags' kinds, the functions th
     "bench_fsdp": ("bench_fsdp", "argv", {"repeats": "pos_int", "model": None}, ["bench_fsdp.run"]),
     "bench_hellaswag": ("bench_hellaswag", "argv", {
         "n": "nonneg_int", "big_n": "nonneg_int", "batch_size": "pos_int", "device": ("choice", DEVICES),
-        "dtype": ("choice", DTYPES)}, ["bench_hellaswag.bench", "train_gpt2.setup_runtime"]),
+        "dtype": ("choice", DTYPES)}, ["bench_hellaswag.bench", "plumbing.runtime.setup"]),
     "bench_fineweb": ("bench_fineweb", "argv", {"data": "in_file", "repeat": "pos_int", "rounds": "pos_int",
                                                  "workers": "workers"}, ["bench_fineweb.best_rates"]),
 }

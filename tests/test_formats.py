@@ -11,11 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train_extras
 import train_gpt2 as tg
-import train_plumbing as tp
 from conftest import HELLASWAG, ROOT, run_cli
-from train_plumbing import schedule_flags
+from plumbing import checkpoints, errors, formats, notebook, runtime, token_files
 
 SHAPE = dict(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)  # build-nanogpt's padded vocab
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -133,10 +131,10 @@ def files(tmp_path_factory):
 def test_foreign_checkpoint_gives_the_source_models_logits(files, fmt):
     _, refs = files
     path, hf, step = refs[fmt]
-    ckpt = tg.load_checkpoint(str(path))
+    ckpt = checkpoints.load(str(path))
     assert ckpt["source"] == fmt.split()[0] and ckpt["step"] == step
     if fmt == "nanoGPT":  # what --init_from offers to continue its schedule, from its config
-        assert schedule_flags(ckpt).startswith("--max_lr 0.0006 --warmup_steps 2000 --max_steps 600000 "
+        assert formats.schedule_flags(ckpt).startswith("--max_lr 0.0006 --warmup_steps 2000 --max_steps 600000 "
                                                "--min_lr_ratio 0.1 ")
     model = tg.load_model(str(path)).eval()
     idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
@@ -153,7 +151,7 @@ def test_hostile_pickle_posing_as_build_nanogpt_is_refused(tmp_path):
     out = subprocess.run([sys.executable, tmp_path / "write.py", tmp_path / "model_00001.pt", marker],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    with pytest.raises(tg.UserError) as e:  # (the CLI's one line: test_train's test_hostile_pickle_...)
+    with pytest.raises(errors.UserError) as e:  # (the CLI's one line: test_train's test_hostile_pickle_...)
         tg.load_model(str(tmp_path / "model_00001.pt"))
     assert "not a valid checkpoint (it holds a pickled io.open" in str(e.value) and "delete" not in str(e.value)
     assert not marker.exists()
@@ -167,7 +165,7 @@ def test_unknown_files_one_line_never_advise_deleting(tmp_path):
     torch.save({"model": {}, "model_args": dict(SHAPE, vocab_size=65)}, tmp_path / "char.pt")  # shakespeare_char
     for name, words in (("noise.pt", "not a valid checkpoint"), ("v4.bin", "version 4"),
                         ("char.pt", "vocabulary of 65")):
-        with pytest.raises(tg.UserError) as e:
+        with pytest.raises(errors.UserError) as e:
             tg.load_model(str(tmp_path / name))
         assert words in str(e.value) and "delete" not in str(e.value) and "\n" not in str(e.value)
 
@@ -218,7 +216,7 @@ def test_llmc_token_shards_load_as_data_and_bad_headers_are_refused(files, tmp_p
         header = np.zeros(256, dtype="<i4")
         header[:3] = [20240520, 1, len(part)]
         (d / f"tiny_{split}_000000.bin").write_bytes(header.tobytes() + part.tobytes())
-    assert np.array_equal(tp.load_split(str(d), "train")[0], tokens[300:])
+    assert np.array_equal(token_files.load_split(str(d), "train")[0], tokens[300:])
     path, hf, _ = refs["llm.c fp32"]
     out = run_cli("train_gpt2.py", "evaluate", "--checkpoint", path, "--data", d, "--tokens", "200",
                   "--device", "cpu")
@@ -229,8 +227,8 @@ def test_llmc_token_shards_load_as_data_and_bad_headers_are_refused(files, tmp_p
     header = np.zeros(256, dtype="<i4")
     header[:3] = [20240801, 7, 10]  # llm.c's llama-3 shards: uint32 tokens
     (tmp_path / "l3_val_000000.bin").write_bytes(header.tobytes() + np.arange(10, dtype=np.uint32).tobytes())
-    with pytest.raises(tg.UserError, match="not an llm.c GPT-2 token shard"):
-        tp.load_tokens(str(tmp_path / "l3_val_000000.bin"))
+    with pytest.raises(errors.UserError, match="not an llm.c GPT-2 token shard"):
+        token_files.load_tokens(str(tmp_path / "l3_val_000000.bin"))
 
 
 def test_build_nanogpt_checkpoint_in_every_command(files, tmp_path):
@@ -251,7 +249,7 @@ def test_build_nanogpt_checkpoint_in_every_command(files, tmp_path):
     assert out.stdout.count("--- sample") == 1 and f"wrote {tmp_path / 'hf'}" in out.stdout
     assert json.loads(out.stdout.splitlines()[-3])["n"] == 4  # hellaswag.py's result line
     # evaluate reads the exported Hugging Face directory too
-    tokens = tg.get_encoding().encode_ordinary(text)
+    tokens = token_files.get_encoding().encode_ordinary(text)
     ref = hf_windows_loss(hf, tokens, 64).mean().item()
     assert abs(json.loads(out.stdout.splitlines()[-1])["loss"] - ref) < 1e-4
     import transformers
@@ -282,16 +280,16 @@ def test_notebook_helpers_against_transformers(files):
     _, refs = files
     path, hf, _ = refs["build-nanogpt"]
     model = tg.load_model(str(path))
-    enc = tg.get_encoding()
+    enc = token_files.get_encoding()
     prompt = "The quick brown fox jumps over"
     idx = torch.tensor([enc.encode_ordinary(prompt)])
     with torch.no_grad():
         out = hf(idx, output_attentions=True)
     probs = out.logits[0, -1, :50257].softmax(-1)
-    top = train_extras.next_tokens(model, enc, prompt, k=5)
+    top = notebook.next_tokens(model, enc, prompt, k=5)
     assert [t for t, _ in top] == [enc.decode([int(i)]) for i in probs.topk(5).indices]
     assert [p for _, p in top] == pytest.approx(probs.topk(5).values.tolist(), abs=1e-5)
-    tokens, att = train_extras.attention_of_head(model, enc, prompt, layer=1, head=1)
+    tokens, att = notebook.attention_of_head(model, enc, prompt, layer=1, head=1)
     assert len(tokens) == idx.size(1) and (att - out.attentions[1][0, 1]).abs().max().item() < 1e-5
 
 
@@ -299,7 +297,7 @@ def test_notebook_helpers_against_transformers(files):
                                           (["--batch_size", "0"], "--batch_size must be positive"),
                                           (["--data", "nowhere.txt"], "--data nowhere.txt does not exist")])
 def test_evaluate_flags_are_checked_before_any_setup(flags, words, capsys, monkeypatch):
-    monkeypatch.setattr(tg, "setup_runtime", None)  # reached only after the checks: calling it fails
+    monkeypatch.setattr(runtime, "setup", None)  # reached only after the checks: calling it fails
     with pytest.raises(SystemExit) as e:
         tg.main(["evaluate", "--checkpoint", "gpt2", "--data", str(ROOT / "input.txt"), *flags])
     err = capsys.readouterr().err

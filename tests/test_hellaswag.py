@@ -11,11 +11,11 @@ import threading
 import pytest
 import torch
 
-from conftest import HELLASWAG as VAL, ROOT
-
 import hellaswag
 import train_gpt2
-import train_plumbing
+from conftest import HELLASWAG as VAL
+from conftest import ROOT
+from plumbing import errors, files, hellaswag_eval, runtime
 
 N_EXAMPLES = 100  # real validation examples, scored against transformers in fp32
 
@@ -28,7 +28,7 @@ def enc():
 
 @pytest.fixture(scope="module")
 def examples():
-    return hellaswag.load_examples(VAL, limit=N_EXAMPLES)
+    return hellaswag_eval.load_examples(VAL, limit=N_EXAMPLES)
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,8 @@ def ours(hf_dir):
 
 def test_scores_match_transformers(ours, examples, enc, reference):
     ref_total, ref_count = reference
-    rendered = [train_gpt2.render_example(e, enc) for e in examples]
-    total, count = train_gpt2.ending_losses(ours, rendered, batch_size=7)
+    rendered = [hellaswag_eval.render_example(e, enc) for e in examples]
+    total, count = hellaswag_eval.ending_losses(ours, rendered, batch_size=7)
     assert torch.equal(count.double(), ref_count.double())
     torch.testing.assert_close(total, ref_total, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(total / count, ref_total / ref_count, atol=1e-5, rtol=1e-6)
@@ -93,14 +93,14 @@ def test_scores_match_transformers(ours, examples, enc, reference):
     counts = train_gpt2.score(ours, examples, enc, batch_size=7)
     assert counts == dict(n=len(examples), correct=int((ref_total.argmin(1) == labels).sum()),
                           correct_norm=int(((ref_total / ref_count).argmin(1) == labels).sum()))
-    acc = train_gpt2.accuracies(counts)
+    acc = hellaswag_eval.accuracies(counts)
     assert acc["n"] == len(examples) and acc["acc"] == counts["correct"] / len(examples)
 
 
 def test_batched_equals_unbatched(ours, examples, enc):
-    rendered = [train_gpt2.render_example(e, enc) for e in examples]
-    one_total, one_count = train_gpt2.ending_losses(ours, rendered, batch_size=1)
-    all_total, all_count = train_gpt2.ending_losses(ours, rendered, batch_size=16)
+    rendered = [hellaswag_eval.render_example(e, enc) for e in examples]
+    one_total, one_count = hellaswag_eval.ending_losses(ours, rendered, batch_size=1)
+    all_total, all_count = hellaswag_eval.ending_losses(ours, rendered, batch_size=16)
     assert torch.equal(one_count, all_count)
     torch.testing.assert_close(one_total, all_total, atol=1e-5, rtol=0)
     assert torch.equal(one_total.argmin(1), all_total.argmin(1))
@@ -120,22 +120,22 @@ def test_eval_mode_restored_and_left_truncation(ours, enc):
     ours.train()
     counts = train_gpt2.score(ours, [ex], enc)
     assert ours.training and counts["n"] == 1
-    rendered = [train_gpt2.render_example(ex, enc)]
-    _, count = train_gpt2.ending_losses(ours, rendered)
+    rendered = [hellaswag_eval.render_example(ex, enc)]
+    _, count = hellaswag_eval.ending_losses(ours, rendered)
     assert count.tolist() == [[len(e) for e in rendered[0][1]]]
 
 
 def test_bad_local_files(tmp_path):
-    with pytest.raises(hellaswag.UserError, match="does not exist"):
-        hellaswag.load_examples(tmp_path / "nope.jsonl")
+    with pytest.raises(errors.UserError, match="does not exist"):
+        hellaswag_eval.load_examples(tmp_path / "nope.jsonl")
     partial = tmp_path / "partial.jsonl"
     partial.write_bytes(VAL.read_bytes()[:5000])  # cut mid-line
-    with pytest.raises(hellaswag.UserError, match="is not valid JSON"):
-        hellaswag.load_examples(partial)
+    with pytest.raises(errors.UserError, match="is not valid JSON"):
+        hellaswag_eval.load_examples(partial)
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text(json.dumps({"ctx": "x", "endings": ["a", "b"], "label": 0}) + "\n")
-    with pytest.raises(hellaswag.UserError, match="4 endings"):
-        hellaswag.load_examples(wrong)
+    with pytest.raises(errors.UserError, match="4 endings"):
+        hellaswag_eval.load_examples(wrong)
 
 
 # -----------------------------------------------------------------------------
@@ -174,33 +174,33 @@ def test_download_verifies_and_refetches(server, tmp_path, monkeypatch):
     good = VAL.read_bytes()
     # The sample stands in for the official file (12 MB, not shipped): the pinned hash becomes the sample's,
     # so what is tested is the logic: verify, refuse, refetch.
-    monkeypatch.setitem(hellaswag.SHA256, "val", hashlib.sha256(good).hexdigest())
+    monkeypatch.setitem(hellaswag_eval.SHA256, "val", hashlib.sha256(good).hexdigest())
     cache = tmp_path / "cache"
     final = cache / "hellaswag_val.jsonl"
 
     def download():
-        return hellaswag.download("val", cache_dir=cache, base_url=server["url"])
+        return hellaswag_eval.download("val", cache_dir=cache, base_url=server["url"])
 
     for bad in (good[: len(good) // 2], good[:100] + b"X" + good[101:]):  # truncated; one byte changed
         server["body"] = bad
-        with pytest.raises(hellaswag.UserError, match="corrupted or incomplete"):
+        with pytest.raises(errors.UserError, match="corrupted or incomplete"):
             download()
         assert not final.exists() and list(cache.iterdir()) == []  # nothing cached, no temp file left
 
     server["body"] = good
     assert download() == final
-    assert hashlib.sha256(final.read_bytes()).hexdigest() == hellaswag.SHA256["val"]
+    assert hashlib.sha256(final.read_bytes()).hexdigest() == hellaswag_eval.SHA256["val"]
     n = server["requests"]
     assert download() == final and server["requests"] == n  # a good cached file: no request
 
     final.write_bytes(good[:-10])  # a partial file in the cache is detected and fetched again
     # and the half file of a download that was killed (no process holds its lock any more) is removed
-    (cache / f"hellaswag_val.jsonl.{train_plumbing.this_machine()}.0123456789ab.tmp").write_bytes(good[:100])
+    (cache / f"hellaswag_val.jsonl.{files.this_machine()}.0123456789ab.tmp").write_bytes(good[:100])
     assert download() == final and server["requests"] == n + 1
     assert final.read_bytes() == good and list(cache.iterdir()) == [final]
 
-    with pytest.raises(hellaswag.UserError, match="could not download"):  # HTTP 404
-        hellaswag.download("train", cache_dir=cache, base_url=server["url"])
+    with pytest.raises(errors.UserError, match="could not download"):  # HTTP 404
+        hellaswag_eval.download("train", cache_dir=cache, base_url=server["url"])
 
 
 # -----------------------------------------------------------------------------
@@ -229,10 +229,10 @@ def test_default_dtype_makes_transformers_fp32_choices_example_by_example(ours, 
     ref_total, ref_count = reference
     dtype = hellaswag.parse_args(["--model", "any"]).dtype
     if dtype == "auto":
-        dtype = "bf16" if train_plumbing.cpu_has_bf16() else "fp32"
-    rt = train_plumbing.Runtime(False, 0, 0, 1, True, "cpu", "cpu", dtype)
-    rendered = [train_gpt2.render_example(e, enc) for e in examples]
-    total, count = train_gpt2.ending_losses(ours, rendered, batch_size=16, autocast=rt.autocast)
+        dtype = "bf16" if runtime.cpu_has_bf16() else "fp32"
+    rt = runtime.Runtime(False, 0, 0, 1, True, "cpu", "cpu", dtype)
+    rendered = [hellaswag_eval.render_example(e, enc) for e in examples]
+    total, count = hellaswag_eval.ending_losses(ours, rendered, batch_size=16, autocast=rt.autocast)
     assert torch.equal(total.argmin(1), ref_total.argmin(1))
     assert torch.equal((total / count).argmin(1), (ref_total / ref_count).argmin(1))
 
@@ -251,3 +251,9 @@ def test_cli(hf_dir, tmp_path):
         r = run_cli(*args, "--device", "cpu")
         assert r.returncode == 2, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_the_download_cache_is_beside_the_program():
+    # the official file is cached once per copy of the program, in .cache/hellaswag beside
+    # train_gpt2.py (where earlier versions put it, and .gitignore ignores it), not inside plumbing/
+    assert hellaswag_eval.CACHE_DIR == ROOT / ".cache" / "hellaswag"

@@ -6,9 +6,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import train_extras
 import train_gpt2 as tg
-import train_plumbing as tp
+from plumbing import chunked_loss, hellaswag_eval, memory, runtime, token_files, train_flags
 
 
 def peak_bytes(fn):
@@ -52,7 +51,7 @@ def test_an_eager_block_of_the_loss_holds_at_most_one_and_a_half_fp32_copies(dty
 
     def forward():
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            return tg.ChunkedCrossEntropy.apply(x, w, y, vocab, rows)
+            return chunked_loss.ChunkedCrossEntropy.apply(x, w, y, vocab, rows)
     peak, _ = peak_bytes(forward)
     copies = (peak - outputs - weight_cast) / block
     assert copies <= 1.5 + 0.05, copies  # the rest: (V, C) temporaries of 1/16 block, (rows, 1) vectors
@@ -65,7 +64,7 @@ def test_without_gradients_the_loss_allocates_no_gradient_buffer():
     torch.manual_seed(0)
     model = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=8000, n_layer=2, n_head=2, n_embd=64)).eval()
     # blocks of 16 rows without gradients (0.5 MiB), NO_GRAD_BLOCK times the training blocks
-    model.loss_block_bytes = 16 * 4 * model.config.padded_vocab_size // tp.NO_GRAD_BLOCK
+    model.loss_block_bytes = 16 * 4 * model.config.padded_vocab_size // chunked_loss.NO_GRAD_BLOCK
     x, y = torch.randint(0, 8000, (4, 64)), torch.randint(0, 8000, (4, 64))
     gradient_buffers = model.config.padded_vocab_size * 64 * 4 + 256 * 64 * 4  # 2.06 MiB
     with torch.no_grad():
@@ -82,21 +81,21 @@ def test_evaluation_and_hellaswag_at_the_auto_batch_fit_the_budget_it_was_chosen
     evaluation (val loss) and HellaSwag's scoring as well as training. Their peaks are measured above the model's
     weights (already in memory when the estimate is made)."""
     import tiktoken
-    import hellaswag
+
     from conftest import HELLASWAG
     torch.manual_seed(0)
     model = tg.GPT(tg.GPTConfig(block_size=256, n_layer=2, n_head=2, n_embd=64))
     T = 256
     free = 600 << 20
-    monkeypatch.setattr(train_extras, "available_memory", lambda rt: free)
-    rt = tp.Runtime(False, 0, 0, 1, True, "cpu", "cpu", "bf16")
-    cfg = tg.TrainConfig(seq_len=T, grad_checkpoint=0, compile="off", hellaswag_every=1)
-    b = train_extras.auto_batch_size(model, 64, cfg, rt)
+    monkeypatch.setattr(memory, "available_memory", lambda rt: free)
+    rt = runtime.Runtime(False, 0, 0, 1, True, "cpu", "cpu", "bf16")
+    cfg = train_flags.TrainConfig(seq_len=T, grad_checkpoint=0, compile="off", hellaswag_every=1)
+    b = memory.auto_batch_size(model, 64, cfg, rt)
     # the budget: the share of the RAM free (the weights already counted out of it), less AdamW's state (8 bytes a
     # parameter), which is there while evaluation runs in training but not here
-    budget = train_extras.CPU_FREE_SHARE * free - 8 * model.num_params()
+    budget = memory.CPU_FREE_SHARE * free - 8 * model.num_params()
     assert 1 <= b < 64  # the budget binds: a larger one would not fit
-    val = tp.load_split(tiny_shards, "val")
+    val = token_files.load_split(tiny_shards, "val")
     peak, _ = peak_bytes(lambda: tg.evaluate_loss(model, val, b * T, b, T, rt))
     assert peak < budget, (b, peak, budget)
     x = torch.randint(0, 50257, (b, T))
@@ -109,6 +108,6 @@ def test_evaluation_and_hellaswag_at_the_auto_batch_fit_the_budget_it_was_chosen
     assert peak < budget, (b, peak, budget)
     model.zero_grad(set_to_none=True)
     enc = tiktoken.get_encoding("gpt2")
-    examples = hellaswag.load_examples(HELLASWAG, limit=2 * b)
+    examples = hellaswag_eval.load_examples(HELLASWAG, limit=2 * b)
     peak, _ = peak_bytes(lambda: tg.score(model, examples, enc, "cpu", b, rt.autocast))
     assert peak < budget, (b, peak, budget)

@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
-
-import train_extras
 import train_gpt2 as tg
-import train_plumbing as tp
+from conftest import ROOT
+from plumbing import checkpoints, chunked_loss, errors, memory, token_files, train_flags
 
 SHAPES = [  # (n_layer, n_head, n_embd, vocab_size, n_positions)
     (1, 1, 16, 50257, 64),
@@ -115,7 +113,7 @@ def test_chunked_loss_and_gradients_equal_the_plain_computation(dtype, tol, rows
     y = torch.randint(0, vocab, (96,))
     grad_scale = 2.0 ** 16 / 4 if dtype == torch.float16 else 1 / 4
     out = []
-    for fn in (plain_loss, lambda x, w, y, v: tg.ChunkedCrossEntropy.apply(x, w, y, v, rows)):
+    for fn in (plain_loss, lambda x, w, y, v: chunked_loss.ChunkedCrossEntropy.apply(x, w, y, v, rows)):
         x.grad = w.grad = None
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             loss = fn(x, w, y, vocab)
@@ -205,7 +203,7 @@ def test_get_lr_matches_the_formula():
 def test_grad_accum_arithmetic():
     assert tg.grad_accum_steps(524288, 16, 1024, 1) == 32
     assert tg.grad_accum_steps(524288, 64, 1024, 8) == 1
-    with pytest.raises(tg.UserError, match="--total_batch_size"):
+    with pytest.raises(errors.UserError, match="--total_batch_size"):
         tg.grad_accum_steps(524288, 12, 1024, 1)
 
 
@@ -236,15 +234,15 @@ def test_shards_load_in_numeric_order(tmp_path):
     (tmp_path / "d" / "edufineweb_train_000001.npy").rename(tmp_path / "d" / "edufineweb_train_1.npy")
     np.save(tmp_path / "d" / "edufineweb_train_10.npy", arrays[3])  # "10" sorts after "3" by number
     (tmp_path / "d" / "edufineweb_train_000003.npy").unlink()
-    train = tp.load_split(str(tmp_path / "d"), "train")
+    train = token_files.load_split(str(tmp_path / "d"), "train")
     assert [len(a) for a in train] == [50, 60, 70]
-    assert np.array_equal(train[0], arrays[1]) and np.array_equal(tp.load_split(str(tmp_path / "d"), "val")[0], arrays[0])
+    assert np.array_equal(train[0], arrays[1]) and np.array_equal(token_files.load_split(str(tmp_path / "d"), "val")[0], arrays[0])
 
 
 def test_text_file_split_and_tokens(small_text):
     import tiktoken
     ref = tiktoken.get_encoding("gpt2").encode_ordinary(small_text.read_text())
-    train, val = tp.load_split(str(small_text), "train")[0], tp.load_split(str(small_text), "val")[0]
+    train, val = token_files.load_split(str(small_text), "train")[0], token_files.load_split(str(small_text), "val")[0]
     assert list(train) + list(val) == ref and len(val) == len(ref) // 10
 
 
@@ -277,8 +275,8 @@ def test_loader_ranks_see_the_micro_batches_of_one_process():
 
 def test_val_batches_are_split_over_ranks_without_loss_or_overlap():
     tokens = np.arange(1000, dtype=np.uint16)
-    full = [x for x, _ in tg.val_batches([tokens], 500, 3, 16)]
-    parts = [x for r in range(3) for x, _ in tg.val_batches([tokens], 500, 3, 16, rank=r, world_size=3)]
+    full = [x for x, _ in token_files.val_batches([tokens], 500, 3, 16)]
+    parts = [x for r in range(3) for x, _ in token_files.val_batches([tokens], 500, 3, 16, rank=r, world_size=3)]
     rows = lambda xs: sorted(map(tuple, torch.cat(xs).tolist()))  # noqa: E731
     assert rows(full) == rows(parts) and len(rows(full)) == 500 // 16
 
@@ -297,7 +295,7 @@ def test_checkpoint_config_is_plain_json(tmp_path):
     opt = tg.configure_optimizer(model, 1e-3, 0.1, "cpu")
     loader = tg.DataLoader([np.arange(100, dtype=np.uint16)], 2, 8)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    tg.save_checkpoint(str(tmp_path / "model_00001.pt"), model, opt, scaler, 1, loader, tg.TrainConfig())
+    checkpoints.save(str(tmp_path / "model_00001.pt"), model, opt, scaler, 1, loader, train_flags.TrainConfig())
     ckpt = torch.load(tmp_path / "model_00001.pt", weights_only=True)
     json.dumps(ckpt["config"]) and json.dumps(ckpt["train_config"])
     assert {"model", "optimizer", "config", "step", "loader", "rng", "scaler"} <= ckpt.keys()
@@ -322,11 +320,11 @@ def test_grad_checkpoint_gives_the_same_loss_and_gradients():
 
 
 def test_pick_batch_size_takes_the_largest_divisor_that_fits():
-    assert train_extras.pick_batch_size(512, lambda b: b <= 20) == 16  # the largest divisor of 512 that fits
-    assert train_extras.pick_batch_size(48, lambda b: b <= 30) == 24
-    assert train_extras.pick_batch_size(1000, lambda b: True) == 50  # at most 64, and a divisor
-    with pytest.raises(tg.UserError, match="--grad_checkpoint"):
-        train_extras.pick_batch_size(8, lambda b: False)
+    assert memory.pick_batch_size(512, lambda b: b <= 20) == 16  # the largest divisor of 512 that fits
+    assert memory.pick_batch_size(48, lambda b: b <= 30) == 24
+    assert memory.pick_batch_size(1000, lambda b: True) == 50  # at most 64, and a divisor
+    with pytest.raises(errors.UserError, match="--grad_checkpoint"):
+        memory.pick_batch_size(8, lambda b: False)
 
 
 def test_activation_memory_estimate_matches_the_measured_growth():
@@ -346,7 +344,7 @@ def test_activation_memory_estimate_matches_the_measured_growth():
             _, loss = model(x, x)
         return total
     per_token = (saved_bytes(4) - saved_bytes(2)) / (2 * 256)
-    estimate = train_extras.activation_bytes_per_token(config, "bf16")
+    estimate = memory.activation_bytes_per_token(config, "bf16")
     assert 0.5 * estimate < per_token < 1.5 * estimate, (per_token, estimate)
 
 
@@ -405,7 +403,7 @@ def test_a_16_bit_weights_gradient_is_summed_in_fp32():
     x = torch.randn(N, C).bfloat16().requires_grad_()  # (N, C)
     w = (torch.randn(V, C) * 0.3).bfloat16().requires_grad_()  # (V, C)
     y = torch.randint(0, vocab, (N,))
-    tg.ChunkedCrossEntropy.apply(x, w, y, vocab, rows).backward()
+    chunked_loss.ChunkedCrossEntropy.apply(x, w, y, vocab, rows).backward()
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     torch.nn.functional.cross_entropy((x64 @ w64.t())[:, :vocab], y).backward()
     assert w.grad.dtype == torch.bfloat16

@@ -15,18 +15,18 @@ import time
 
 import pytest
 import torch
+from test_ddp import ARGS, max_diff, read_log
 
 from conftest import HELLASWAG, ROOT, run_cli
-from test_ddp import ARGS, max_diff, read_log
 
 # ARGS without its local HellaSwag file: the nodes download it
 NODE_ARGS = ARGS[:ARGS.index("--hellaswag_data")] + ARGS[ARGS.index("--hellaswag_data") + 2:]
 
 LAUNCH = """
 import sys
-import train_plumbing  # this node's copy, which downloads HellaSwag for train_gpt2.py
+from plumbing import hellaswag_eval  # this node's copy, which downloads HellaSwag for train_gpt2.py
 # the local server and the 300-example sample stand in for the official file and its pinned hash
-train_plumbing.HELLASWAG_URL, train_plumbing.HELLASWAG_SHA256["val"] = sys.argv[1], sys.argv[2]
+hellaswag_eval.URL, hellaswag_eval.SHA256["val"] = sys.argv[1], sys.argv[2]
 import train_gpt2
 train_gpt2.main(sys.argv[3:])
 """
@@ -65,6 +65,7 @@ def nodes(tmp_path_factory):
         d = tmp_path_factory.mktemp(f"node{i}")
         for f in ROOT.glob("*.py"):
             shutil.copy(f, d)
+        shutil.copytree(ROOT / "plumbing", d / "plumbing", ignore=shutil.ignore_patterns("__pycache__"))
         (d / "launch.py").write_text(LAUNCH)
         dirs.append(d)
     return dirs

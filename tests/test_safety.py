@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
-
 import train_gpt2 as tg
-import train_plumbing as tp
+from conftest import ROOT
+from plumbing import checkpoints, errors, files, mfu, token_files, train_flags
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "32",
         "--total_batch_size", "128", "--warmup_steps", "2", "--max_lr", "1e-3", "--val_tokens", "256",
@@ -48,7 +47,7 @@ def run4(text, tmp_path_factory):
     try:
         tg.main([*TINY, "--data", str(text), "--log_dir", str(log_dir), "--max_steps", "4", "--checkpoint_every", "2"])
     except SystemExit as e:
-        raise AssertionError(f"exit {e.code}")
+        raise AssertionError(f"exit {e.code}") from None
     return log_dir
 
 
@@ -163,11 +162,11 @@ def test_train_puts_back_the_signal_handlers_and_leaves_by_an_exception(text, tm
         os.kill(os.getpid(), signal.SIGTERM)
         return real_step(*args, **kwargs)
     monkeypatch.setattr(tg, "train_step", step_then_sigterm)
-    cfg = tg.TrainConfig(data=str(text), log_dir=str(tmp_path / "log"), n_layer=2, n_head=2, n_embd=32, batch_size=2,
+    cfg = train_flags.TrainConfig(data=str(text), log_dir=str(tmp_path / "log"), n_layer=2, n_head=2, n_embd=32, batch_size=2,
                          seq_len=32, total_batch_size=128, max_steps=5, val_tokens=256, sample_every=0,
                          eval_every=0, device="cpu", compile="off")
     try:
-        with pytest.raises(tp.Stopped) as stopped:
+        with pytest.raises(errors.Stopped) as stopped:
             tg.train(cfg)
         assert stopped.value.exit_code == 143 and (tmp_path / "log" / "model_00001.pt").exists()
         assert {s: signal.getsignal(s) for s in mine} == mine
@@ -184,9 +183,9 @@ def test_write_atomic_gives_each_writer_its_own_temporary_file(tmp_path):
 
     def outer(f):  # a second writer of the same file starts while the first one is still writing
         temps.append(f.name)
-        tp.write_atomic(str(target), lambda g: (temps.append(g.name), g.write("second\n")), mode="w")
+        files.write_atomic(str(target), lambda g: (temps.append(g.name), g.write("second\n")), mode="w")
         f.write("first\n")
-    tp.write_atomic(str(target), outer, mode="w")
+    files.write_atomic(str(target), outer, mode="w")
     assert len(set(temps)) == 2 and all(os.path.dirname(t) == str(tmp_path) for t in temps)
     assert target.read_text() == "first\n" and sorted(p.name for p in tmp_path.iterdir()) == ["log.txt"]
 
@@ -194,25 +193,26 @@ def test_write_atomic_gives_each_writer_its_own_temporary_file(tmp_path):
         f.write("half")
         raise OSError(28, "No space left on device")
     with pytest.raises(OSError):
-        tp.write_atomic(str(target), fails, mode="w")
+        files.write_atomic(str(target), fails, mode="w")
     assert target.read_text() == "first\n" and sorted(p.name for p in tmp_path.iterdir()) == ["log.txt"]
 
 
 HOLD_A_WRITE = """
-import sys, train_plumbing as tp
+import sys
+from plumbing import files
 def write(f):  # holds the write open until the test says go on
     f.write(b"complete")
     print("writing", flush=True)
     sys.stdin.readline()
-tp.write_atomic(sys.argv[1], write)
+files.write_atomic(sys.argv[1], write)
 """
-TARGETS = tp.LOG_DIR_FILES
+TARGETS = checkpoints.LOG_DIR_FILES
 
 
 def test_abandoned_temporaries_go_and_writes_in_progress_stay(tmp_path):
-    old = time.time() - 2 * tp.ABANDONED_AFTER
-    files = {  # name: (seconds since last touched or None for now, whether it should go)
-        f"model_00002.pt.{tp.this_machine()}.0123456789ab.tmp": (None, True),  # ours, no lock held: a kill -9's
+    old = time.time() - 2 * files.ABANDONED_AFTER
+    names = {  # name: (seconds since last touched or None for now, whether it should go)
+        f"model_00002.pt.{files.this_machine()}.0123456789ab.tmp": (None, True),  # ours, no lock held: a kill -9's
         "model_00003.pt.other-node.0123456789ab.tmp": (None, False),  # another machine's, fresh: may be writing
         "model_00004.pt.other-node.0123456789ab.tmp": (old, True),  # another machine's, untouched for long
         "log.txt.0123456789ab.tmp": (old, True),  # an earlier version's name, untouched for long
@@ -220,21 +220,21 @@ def test_abandoned_temporaries_go_and_writes_in_progress_stay(tmp_path):
         "notes.txt.0123456789ab.tmp": (old, False),  # not a file this program writes there
         "model_00006.pt.bak": (old, False),
     }
-    for name, (when, _) in files.items():
+    for name, (when, _) in names.items():
         (tmp_path / name).write_bytes(b"x" * 10)
         if when:
             os.utime(tmp_path / name, (when, when))
-    (tmp_path / f"model_00008.pt.{tp.this_machine()}.0123456789ab.tmp").mkdir()  # not a file: left alone
+    (tmp_path / f"model_00008.pt.{files.this_machine()}.0123456789ab.tmp").mkdir()  # not a file: left alone
     writer = subprocess.Popen([sys.executable, "-c", HOLD_A_WRITE, str(tmp_path / "model_00007.pt")],
                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline() == "writing\n"  # its temporary file exists, and it holds its lock
         live = [p.name for p in tmp_path.glob("model_00007.pt.*.tmp")]
         assert len(live) == 1
-        removed, size = tp.remove_abandoned_temporaries(str(tmp_path), TARGETS)
-        assert sorted(removed) == sorted(n for n, (_, go) in files.items() if go) and size == 10 * len(removed)
+        removed, size = files.remove_abandoned_temporaries(str(tmp_path), TARGETS)
+        assert sorted(removed) == sorted(n for n, (_, go) in names.items() if go) and size == 10 * len(removed)
         assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == sorted(
-            [n for n, (_, go) in files.items() if not go] + live)
+            [n for n, (_, go) in names.items() if not go] + live)
     finally:
         writer.communicate("\n", timeout=60)
     assert writer.returncode == 0 and (tmp_path / "model_00007.pt").read_bytes() == b"complete"
@@ -246,10 +246,10 @@ def test_a_sweep_at_the_edges_of_a_write_loses_nothing(tmp_path, monkeypatch, wh
     # write still lands, complete, and nothing of it is left behind. (In one process: flock locks belong to the
     # open file, so a second open() of the same file contends as another process would.)
     target, sweeps = tmp_path / "model_00009.pt", []
-    real_lock, real_replace = tp.lock, os.replace
+    real_lock, real_replace = files.lock, os.replace
 
     def sweep():
-        sweeps.append(tp.remove_abandoned_temporaries(str(tmp_path), TARGETS)[0])
+        sweeps.append(files.remove_abandoned_temporaries(str(tmp_path), TARGETS)[0])
 
     def lock_after_a_sweep(f, wait=False):
         if wait and not sweeps:
@@ -260,10 +260,10 @@ def test_a_sweep_at_the_edges_of_a_write_loses_nothing(tmp_path, monkeypatch, wh
         sweep()  # the writer still holds its lock: the sweep must leave the file
         return real_replace(src, dst)
     if when == "before its lock":
-        monkeypatch.setattr(tp, "lock", lock_after_a_sweep)
+        monkeypatch.setattr(files, "lock", lock_after_a_sweep)
     else:
-        monkeypatch.setattr(tp.os, "replace", replace_after_a_sweep)
-    tp.write_atomic(str(target), lambda f: f.write(b"complete"))
+        monkeypatch.setattr(files.os, "replace", replace_after_a_sweep)
+    files.write_atomic(str(target), lambda f: f.write(b"complete"))
     assert target.read_bytes() == b"complete" and [p.name for p in tmp_path.iterdir()] == [target.name]
     assert len(sweeps) == 1 and len(sweeps[0]) == (when == "before its lock"), sweeps
 
@@ -273,25 +273,25 @@ def test_writes_and_sweeps_work_where_the_file_system_has_no_locks(tmp_path, mon
     # tell a write in progress there, so it goes by age alone.
     def no_locks(fd, how):
         raise OSError(errno.ENOLCK, "No locks available")
-    monkeypatch.setattr(tp.fcntl, "flock", no_locks)
-    tp.write_atomic(str(tmp_path / "log.txt"), lambda f: f.write("ok\n"), mode="w")
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
+    files.write_atomic(str(tmp_path / "log.txt"), lambda f: f.write("ok\n"), mode="w")
     assert (tmp_path / "log.txt").read_text() == "ok\n"
-    fresh, old = (tmp_path / f"model_{i:05d}.pt.{tp.this_machine()}.0123456789ab.tmp" for i in (1, 2))
+    fresh, old = (tmp_path / f"model_{i:05d}.pt.{files.this_machine()}.0123456789ab.tmp" for i in (1, 2))
     fresh.write_bytes(b"x")
     old.write_bytes(b"x")
-    os.utime(old, (time.time() - 2 * tp.ABANDONED_AFTER,) * 2)
-    assert tp.remove_abandoned_temporaries(str(tmp_path), TARGETS) == ([old.name], 1) and fresh.exists()
+    os.utime(old, (time.time() - 2 * files.ABANDONED_AFTER,) * 2)
+    assert files.remove_abandoned_temporaries(str(tmp_path), TARGETS) == ([old.name], 1) and fresh.exists()
 
 
 def test_a_text_file_is_tokenized_once(text, monkeypatch):
-    enc, calls = tg.get_encoding(), []
+    enc, calls = token_files.get_encoding(), []
 
     class Counting:
         def encode_ordinary(self, t):
             calls.append(len(t))
             return enc.encode_ordinary(t)
-    monkeypatch.setattr(tp, "get_encoding", Counting)
-    train, val = tp.load_splits(str(text))
+    monkeypatch.setattr(token_files, "get_encoding", Counting)
+    train, val = token_files.load_splits(str(text))
     assert len(calls) == 1
     tokens = enc.encode_ordinary(text.read_text())  # tiktoken directly: the splits are its tokens, 90/10
     assert np.array_equal(np.concatenate([train[0], val[0]]), tokens) and len(val[0]) == len(tokens) // 10
@@ -323,8 +323,8 @@ def test_a_truncated_hugging_face_directory_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("remeasured", [1e15, 1.0])
 def test_mfu_never_prints_above_100_percent_without_saying_why(text, tmp_path, monkeypatch, capsys, remeasured):
     # the start-up measurement of the CPU's peak undercut (another process was running): 1 FLOP/s
-    monkeypatch.setattr(tg, "peak_flops", lambda rt: 1.0)
-    monkeypatch.setattr(tp, "peak_flops", lambda rt: remeasured)  # measured again: now right, or still too low
+    first = iter([1.0])  # then measured again: now right, or still too low
+    monkeypatch.setattr(mfu, "peak_flops", lambda rt: next(first, remeasured))
     code, out, err = run([*TINY, "--data", text, "--log_dir", tmp_path / "log", "--max_steps", "2",
                           "--checkpoint_every", "0"], capsys)
     assert code == 0, err

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
-
 import train_gpt2 as tg
-import train_plumbing as tp
+from conftest import ROOT, run_cli
+from plumbing import checkpoints, errors, hellaswag_eval, train_flags
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "32",
         "--total_batch_size", "128", "--warmup_steps", "3", "--max_lr", "1e-3", "--val_tokens", "256",
@@ -84,7 +83,7 @@ def test_sigkill_then_resume_is_bit_identical(reference, small_text, tmp_path, k
     log_dir = tmp_path / "run"
     rc, _, _ = run_until(train_args(small_text, log_dir), kill_after, signal.SIGKILL)
     assert rc == -signal.SIGKILL
-    assert not [p for p in log_dir.iterdir() if p.name.startswith("model_") and not tp.CHECKPOINT_RE.match(p.name)
+    assert not [p for p in log_dir.iterdir() if p.name.startswith("model_") and not checkpoints.CHECKPOINT_RE.match(p.name)
                 and not p.name.endswith(".tmp")]
     out = run_cli(*train_args(small_text, log_dir, "--resume", "auto"))
     assert out.returncode == 0, out.stderr
@@ -147,7 +146,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(reference, small_text, tmp_pa
     rc, out, err = run_until(train_args(small_text, log_dir), "step     2 | loss", signal.SIGTERM)
     assert rc == 143, err
     assert "stopped by signal" in out
-    steps = sorted(int(tp.CHECKPOINT_RE.match(p.name)[1]) for p in log_dir.glob("model_*.pt"))
+    steps = sorted(int(checkpoints.CHECKPOINT_RE.match(p.name)[1]) for p in log_dir.glob("model_*.pt"))
     assert steps and steps[-1] in (3, 4)  # the step in progress finished, then a checkpoint
     out = run_cli(*train_args(small_text, log_dir, "--resume", "auto"))
     assert out.returncode == 0, out.stderr
@@ -207,8 +206,8 @@ def test_flags_are_checked_before_any_device_or_distributed_setup(monkeypatch, t
     for bad, words in ((dict(max_lr=-1.0), "--max_lr must be positive"), (dict(compile="yes"), "unknown --compile"),
                        (dict(total_batch_size=1000, seq_len=32), "world_size = 16 * 32 * 2 = 1024"),
                        (dict(model="gpt5"), "unknown --model")):
-        with pytest.raises(tg.UserError, match=words.replace("*", r"\*")):
-            tg.train(tg.TrainConfig(log_dir=str(tmp_path), **bad))
+        with pytest.raises(errors.UserError, match=words.replace("*", r"\*")):
+            tg.train(train_flags.TrainConfig(log_dir=str(tmp_path), **bad))
 
 
 def tree_hashes(path):
@@ -428,7 +427,7 @@ def test_nan_loss_stops_with_a_clear_message(reference, small_text, tmp_path):
 
 def test_hellaswag_during_training_equals_hellaswag_py(reference, small_text, tmp_path):
     import tiktoken
-    import hellaswag
+
     from conftest import HELLASWAG
     log_dir = tmp_path / "run"
     log_dir.mkdir()
@@ -440,10 +439,10 @@ def test_hellaswag_during_training_equals_hellaswag_py(reference, small_text, tm
     logged = {int(s): float(v) for s, k, v in (ln.split() for ln in (log_dir / "log.txt").read_text().splitlines())
               if k == "hella"}
     assert sorted(logged) == [6, 8]
-    examples = hellaswag.load_examples(HELLASWAG, limit=24)
+    examples = hellaswag_eval.load_examples(HELLASWAG, limit=24)
     model = tg.load_model(str(log_dir / "model_00008.pt"))
     counts = tg.score(model, examples, tiktoken.get_encoding("gpt2"), batch_size=1)
-    assert abs(tg.accuracies(counts)["acc_norm"] - logged[8]) < 1e-6  # log.txt keeps 6 decimals
+    assert abs(hellaswag_eval.accuracies(counts)["acc_norm"] - logged[8]) < 1e-6  # log.txt keeps 6 decimals
 
 
 def test_batch_size_auto_fills_the_batch(small_text, tmp_path):

@@ -6,9 +6,9 @@ import struct
 
 import pytest
 import torch
+from test_train import run_until, train_args
 
 from conftest import run_cli
-from test_train import run_until, train_args
 
 OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
