@@ -14,11 +14,10 @@ Launch:
 The last line of stdout is one JSON object: {"n": ..., "acc": ..., "acc_norm": ...,
 "examples_per_s": ...}.
 
-The scoring is train_gpt2.py's (its evaluation section), which --hellaswag_every also runs during
-training; the data (download, verification, parsing, rendering) is plumbing/hellaswag_eval.py's,
-which both use; this file is the command line:
+HellaSwag's download, verification, parsing, rendering and scoring are plumbing/hellaswag_eval.py's,
+which --hellaswag_every also runs during training; this file is the command line:
     examples = hellaswag_eval.load_examples(split="val")
-    counts = train_gpt2.score(model, examples, enc, device)  # {n, correct, correct_norm}
+    counts = hellaswag_eval.score(model, examples, enc, device)  # {n, correct, correct_norm}
     hellaswag_eval.accuracies(counts)                            # {n, acc, acc_norm}"""
 
 import argparse
@@ -100,7 +99,7 @@ def main(argv):
     model = train_gpt2.load_model(args.model).to(rt.device)
     enc = token_files.get_encoding()
     t0 = time.time()
-    counts = train_gpt2.score(
+    counts = hellaswag_eval.score(
         model, examples, enc, rt.device, args.batch_size, rt.autocast, progress=True
     )
     dt = time.time() - t0

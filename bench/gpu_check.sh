@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU check, for a machine lent for a few minutes: the `-m cuda` test suite, then the training speed
-# table on the GPU. Within 8 minutes on one GPU (H100 class); prints which card, and writes everything to
+# table and Muon's benchmark on the GPU. Within 13 minutes on one GPU (H100 class); prints which card, and writes everything to
 # gpu_check_out/ (or $OUT/ if set) as well as to the console.
 #
 #     bash bench/gpu_check.sh
@@ -20,3 +20,6 @@ echo "pytest -m cuda: exit ${PIPESTATUS[0]}" | tee -a "$out/pytest_cuda.txt"
 # the speed table (each row a short real run); what is left of the 8 minutes
 timeout 140 python bench/bench_train.py --device cuda --steps 6 --only table 2>&1 | tee "$out/bench_train.txt"
 echo "bench_train: exit ${PIPESTATUS[0]}" | tee -a "$out/bench_train.txt"
+# Muon against AdamW at GPT-2 124M (3 short runs of train_gpt2.py)
+timeout 300 python bench/bench_muon.py --shape 124M --device cuda 2>&1 | tee "$out/bench_muon.txt"
+echo "bench_muon: exit ${PIPESTATUS[0]}" | tee -a "$out/bench_muon.txt"

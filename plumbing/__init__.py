@@ -14,13 +14,14 @@ above it in this list, and never train_gpt2.py, hellaswag.py or fineweb.py.
     token_files     the GPT-2 tokenizer; token shards and text files as token arrays; the val set
     chunked_loss    the cross-entropy of the output layer, never holding all the logits
     sharding        --fsdp 1: the model sharded over the ranks (FSDP2)
+    optimizers      several optimizers stepping as one (--optimizer muon: Muon and AdamW)
     checkpoints     model_<step>.pt: save, load (ours or another program's), find, prune
     resume          --resume: which checkpoint, what may change, the exact restore
     runlog          log.txt, Weights & Biases, the console; the checks of what a run writes
     signals         SIGTERM/SIGINT: finish the step, checkpoint, exit on every rank
     mfu             FLOPs per token and each device's peak
     memory          --batch_size auto (what fits in memory), the out-of-memory line
-    hellaswag_eval  HellaSwag: its files, the losses of each example's endings, counts over ranks
+    hellaswag_eval  HellaSwag: its files, its scoring (the least surprising ending), rank totals
     huggingface     GPT-2 weights from and to Hugging Face's layout (--init_from gpt2, export)
     commands        the flags of the subcommands sample, export and evaluate
     evaluate        `train_gpt2.py evaluate`: a model's loss on any text

@@ -1,9 +1,8 @@
 """
 HellaSwag (Zellers et al. 2019) but its protocol: the official files downloaded once and verified,
 parsed, rendered into tokens; the losses of each example's 4 endings, batched; and the counts of a
-scoring summed over the ranks. The protocol (which ending is the answer) is train_gpt2.score, which
---hellaswag_every runs during training; hellaswag.py is the command line.
-"""
+scoring (score: the ending the model finds least surprising) summed over the ranks, which
+--hellaswag_every runs during training; hellaswag.py is the command line."""
 
 import contextlib
 import hashlib
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from plumbing import chunked_loss, errors, files, sharding
+from plumbing import chunked_loss, errors, files, runtime, sharding
 
 # the official files, downloaded once into the cache beside train_gpt2.py
 CACHE_DIR = Path(__file__).resolve().parents[1] / ".cache" / "hellaswag"
@@ -154,8 +153,21 @@ def render_example(example, enc):
     return ctx, endings, example["label"]
 
 
-def totals(score, model, examples, enc, batch_size, rt, fsdp):
-    """HellaSwag counts {n, correct, correct_norm} from score (train_gpt2.score), summed over the
+def score(model, examples, enc, device="cpu", batch_size=16, autocast=contextlib.nullcontext,
+          rank=0, world_size=1, progress=False):
+    """Right answers on this rank's share of the examples, examples[rank::world_size], batch_size
+    examples (x 4 endings) a forward: {n, correct, correct_norm}, to sum over ranks."""
+    mine = examples[rank::world_size]
+    rendered = [render_example(e, enc) for e in mine]
+    with runtime.eval_mode(model):  # no dropout in scoring
+        total, count = ending_losses(model, rendered, device, batch_size, autocast, progress)
+    labels = torch.tensor([label for _, _, label in rendered], dtype=torch.long)
+    return dict(n=len(mine), correct=int((total.argmin(1) == labels).sum()),
+                correct_norm=int(((total / count.clamp(min=1)).argmin(1) == labels).sum()))
+
+
+def totals(model, examples, enc, batch_size, rt, fsdp):
+    """HellaSwag counts {n, correct, correct_norm} of score, summed over the
     ranks. Under FSDP each forward gathers weights from every rank, so all ranks must run the same
     number: the examples that do not split evenly are scored on every rank and counted once; and the
     root's weights, which the calls to features() and the loss (not forward()) would find sharded,

@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from plumbing import checkpoints, errors, runtime, token_files
+from plumbing import checkpoints, errors, optimizers, runtime, token_files
 
 # What a resumed run may change (the resume table in docs/checkpoints.md). A flag that decides which
 # tokens come next, or what the model is, must stay: a new value would repeat or skip data, or
@@ -23,6 +23,7 @@ KEEP = {  # flag: why it must stay
     "seq_len": "the data position counts seq_len-token blocks, and a shuffled epoch permutes them",
     "seed": "the data order and the samples come from it",
     "model": "the model's shape comes from it",
+    "optimizer": "the checkpoint holds that optimizer's state",
 }
 
 
@@ -32,6 +33,8 @@ APPLIED = (
     "warmup_steps",
     "max_steps",
     "weight_decay",
+    "muon_lr",
+    "muon_momentum",
     "grad_clip",
     "dropout",
     "total_batch_size",
@@ -44,6 +47,7 @@ def check(cfg, ckpt, master):
     setting is applied, said in one line. A checkpoint from before some flag existed is not checked
     for it."""
     path, saved, step = ckpt["path"], ckpt.get("train_config") or {}, ckpt["step"]
+    saved = {"optimizer": "adamw", **saved}  # from before --optimizer: AdamW's
     keep = ("resume with --{0} {1}, or start a new run from its weights: --init_from {2} and "
             "another --log_dir")
     for name, why in KEEP.items():
@@ -201,12 +205,17 @@ def load_training_state(model, optimizer, ckpt, fsdp, device_type):
 
 
 def load_optimizer_state(optimizer, state, device_type):
-    """AdamW's saved state, with this device's options: load_state_dict restores the saved param
-    groups' own `fused` flag, so a CPU checkpoint would resume unfused on CUDA (and a CUDA one ask
-    for fused on CPU)."""
-    # before loading: load_state_dict also moves AdamW's step counters by the saved groups' flag
+    """The saved state (AdamW's moments, Muon's momentum) into optimizer, whose settings stay this
+    run's: its flags (--weight_decay, --muon_momentum, ... may change on resume) and this device's
+    options (load_state_dict would restore the saved groups' own `fused` flag, so a CPU checkpoint
+    would resume unfused on CUDA, and a CUDA one ask for fused on a CPU)."""
+    if isinstance(optimizer, optimizers.Combined):  # --optimizer muon: {name: its state}
+        for name, part in optimizer.parts.items():
+            load_optimizer_state(part, state[name], device_type)
+        return
+    # before loading: load_state_dict also moves AdamW's step counters by the groups' flag
     groups = [
-        {**saved, "fused": group["fused"]}
+        {**saved, **{k: v for k, v in group.items() if k != "params"}}
         for saved, group in zip(state["param_groups"], optimizer.param_groups)
     ]
     optimizer.load_state_dict({**state, "param_groups": groups})

@@ -92,6 +92,22 @@ class TrainConfig:
     weight_decay: float = flags.arg(
         0.1, flags.Flag(float, lo=0), "AdamW weight decay on 2-D tensors"
     )
+    # --optimizer muon: Muon for the blocks' matrices (train_gpt2.Muon). --muon_lr is the best of
+    # bench/bench_muon.py's sweeps, --muon_momentum Jordan's (docs/training.md)
+    optimizer: str = flags.arg(
+        "adamw",
+        flags.Flag(choices=("adamw", "muon")),
+        "adamw (GPT-2's recipe), or muon: Muon for the matrices inside the blocks, AdamW for the "
+        "embeddings and 1-D tensors (fewer tokens to the same loss: docs/training.md)",
+    )
+    muon_lr: float = flags.arg(
+        0.02, flags.Flag(float, lo=0, lo_open=True), "--optimizer muon: Muon's peak learning rate, "
+        "on the same warmup and cosine schedule as --max_lr"
+    )
+    muon_momentum: float = flags.arg(
+        0.95, flags.Flag(float, lo=0, hi=1, hi_open=True), "--optimizer muon: Muon's momentum "
+        "(Nesterov)"
+    )
     grad_clip: float = flags.arg(
         1.0, flags.Flag(float, lo=0), "clip the global gradient norm to this (0 = no clipping)"
     )
@@ -226,6 +242,11 @@ def check(cfg):
             and os.path.isdir(cfg.init_from)
             and not os.path.isfile(f"{cfg.init_from}/config.json"),
             f"{cfg.init_from} has no config.json; give a Hugging Face GPT-2 directory",
+        ),
+        (
+            cfg.fsdp and cfg.optimizer == "muon",
+            "--optimizer muon orthogonalizes each matrix whole, which --fsdp 1 keeps in shards; "
+            "train with DDP (drop --fsdp) or --optimizer adamw",
         ),
     ]
     for wrong, message in problems:

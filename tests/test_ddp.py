@@ -62,6 +62,19 @@ def test_two_ranks_log_what_one_process_logs(runs):
     assert weight_diff(runs / "one" / "model_00006.pt", runs / "two" / "model_00006.pt") < 1e-5
 
 
+def test_two_ranks_with_muon_take_the_steps_one_process_takes(small_text, tmp_path):
+    # every rank orthogonalizes the same averaged gradients: the same update as one process
+    args = ["train_gpt2.py", "--data", small_text, *ARGS, "--optimizer", "muon", "--hellaswag_every", "0"]
+    one = run_cli(*args, "--log_dir", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, *args, "--log_dir", tmp_path / "two")
+    assert two.returncode == 0, two.stderr
+    diff = max_diff(read_log(tmp_path / "one" / "log.txt"), read_log(tmp_path / "two" / "log.txt"))
+    print(f"max |diff| of the logged losses, 1 process vs 2 ranks, Muon: {diff:.2e}")
+    assert diff < 1e-4
+    assert weight_diff(tmp_path / "one" / "model_00006.pt", tmp_path / "two" / "model_00006.pt") < 1e-5
+
+
 def resume_step_3(checkpoint_dir, log_dir, launch, small_text):
     """Copies model_00003.pt of a run into a new log_dir, resumes there with `launch` (one process, or N ranks)
     and returns the resumed run's log.txt as {(step, kind): value}."""
@@ -254,7 +267,7 @@ def test_fsdp_compiled_evaluation_adds_no_graphs_and_equals_eager(fsdp_compiled,
     rt = runtime.Runtime(False, 0, 0, 1, True, "cpu", "cpu", "fp32")
     val = tg.evaluate_loss(model, token_files.load_split(small_text, "val"), 1000, 2, 32, rt)
     assert abs(val - logged[(2, "val")]) < 2e-6  # the log's 6 decimals
-    hella = hellaswag_eval.accuracies(tg.score(model, hellaswag_eval.load_examples(HELLASWAG, limit=15), token_files.get_encoding()))
+    hella = hellaswag_eval.accuracies(hellaswag_eval.score(model, hellaswag_eval.load_examples(HELLASWAG, limit=15), token_files.get_encoding()))
     assert abs(hella["acc_norm"] - logged[(2, "hella")]) < 2e-6
     printed = [ln.split(": ", 1)[1] for ln in out.stdout.splitlines() if ln.startswith("sample ")]
     eager = tg.sample_texts(model, token_files.get_encoding(), "Hello, I'm a language model,", 4, 32, rt, seed=1337 + 2)

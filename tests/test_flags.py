@@ -88,7 +88,8 @@ TRAIN = {
     "prompt": ("text", ["--sample_every", "1"]), "hellaswag_every": "nonneg_int", "hellaswag_data": "in_file",
     "hellaswag_limit": "nonneg_int", "checkpoint_every": "nonneg_int", "keep_checkpoints": "nonneg_int",
     "shuffle": "bit", "wandb_project": "text", "fsdp": "bit", "init_step": "nonneg_int",
-    "fsdp_sync": ("choice", ["auto", "step", "micro"]),
+    "fsdp_sync": ("choice", ["auto", "step", "micro"]), "optimizer": ("choice", ["adamw", "muon"]),
+    "muon_lr": "pos_float", "muon_momentum": "dropout",
 }
 SPEC = {  # command: (module, how to call it, its flags' kinds, the functions that start its work)
     "train": ("train_gpt2", "main", TRAIN, ["train_gpt2.build_state"]),
@@ -101,11 +102,12 @@ SPEC = {  # command: (module, how to call it, its flags' kinds, the functions th
         "checkpoint": "model_source", "data": "in_path", "tokens": "nonneg_int", "seq_len": "nonneg_int",
         "batch_size": "pos_int", "per_token": "switch", "device": ("choice", DEVICES), "dtype": ("choice", DTYPES)},
         ["plumbing.evaluate.window_losses"]),
-    "plot": ("train_gpt2", "main plot", {"log_dir": "in_dir", "out": "out_file"}, ["plumbing.files.write_atomic"]),
+    "plot": ("train_gpt2", "main plot", {"log_dir": "in_dir", "out": "out_file", "compare": "in_dir"},
+             ["plumbing.files.write_atomic"]),
     "hellaswag": ("hellaswag", "main", {
         "model": "model_source", "data": "in_file", "split": ("choice", ["val", "train"]), "limit": "nonneg_int",
         "device": ("choice", DEVICES), "dtype": ("choice", DTYPES), "batch_size": "pos_int"},
-        ["train_gpt2.score", "plumbing.hellaswag_eval.download"]),
+        ["plumbing.hellaswag_eval.score", "plumbing.hellaswag_eval.download"]),
     "fineweb": ("fineweb", "main", {
         "source": "source", "name": None, "text_field": "text", "out": "out_dir", "shard_size": "pos_int",
         "workers": "workers", "prefix": "name"}, ["fineweb.write_shards"]),
@@ -119,6 +121,9 @@ SPEC = {  # command: (module, how to call it, its flags' kinds, the functions th
         "dtype": ("choice", DTYPES)}, ["bench_hellaswag.bench", "plumbing.runtime.setup"]),
     "bench_fineweb": ("bench_fineweb", "argv", {"data": "in_file", "repeat": "pos_int", "rounds": "pos_int",
                                                  "workers": "workers"}, ["bench_fineweb.best_rates"]),
+    "bench_muon": ("bench_muon", "argv", {"shape": ("choice", ["both", "quickstart", "blocks", "124M"]),
+                                           "steps": "nonneg_int", "device": ("choice", ["cpu", "cuda"]),
+                                           "variants": ("choice", ["lr", "qkv"])}, ["bench_muon.bench"]),
 }
 CASES = [(cmd, flag) for cmd, (_, _, flags, _) in SPEC.items() for flag, kind in flags.items() if kind is not None]
 
@@ -178,6 +183,7 @@ def base_args(cmd, ws):
         "bench_hellaswag": ["--n", "2", "--big_n", "0", "--device", "cpu"],
         "bench_fineweb": ["--data", ROOT / "tests" / "data" / "c4_sample.jsonl", "--repeat", "1", "--rounds", "1",
                           "--workers", "1"],
+        "bench_muon": ["--shape", "quickstart", "--steps", "10"],
     }[cmd]
 
 

@@ -90,7 +90,7 @@ def test_scores_match_transformers(ours, examples, enc, reference):
     assert torch.equal((total / count).argmin(1), (ref_total / ref_count).argmin(1))
 
     labels = torch.tensor([e["label"] for e in examples])
-    counts = train_gpt2.score(ours, examples, enc, batch_size=7)
+    counts = hellaswag_eval.score(ours, examples, enc, batch_size=7)
     assert counts == dict(n=len(examples), correct=int((ref_total.argmin(1) == labels).sum()),
                           correct_norm=int(((ref_total / ref_count).argmin(1) == labels).sum()))
     acc = hellaswag_eval.accuracies(counts)
@@ -109,8 +109,8 @@ def test_batched_equals_unbatched(ours, examples, enc):
 
 def test_ranks_split_the_examples(ours, examples, enc):
     examples = examples[:10]
-    full = train_gpt2.score(ours, examples, enc)
-    parts = [train_gpt2.score(ours, examples, enc, rank=r, world_size=3) for r in range(3)]
+    full = hellaswag_eval.score(ours, examples, enc)
+    parts = [hellaswag_eval.score(ours, examples, enc, rank=r, world_size=3) for r in range(3)]
     assert {k: sum(p[k] for p in parts) for k in full} == full
 
 
@@ -118,7 +118,7 @@ def test_eval_mode_restored_and_left_truncation(ours, enc):
     # A context longer than block_size loses its start; the ending is still scored in full.
     ex = dict(ctx="word " * 400, endings=["a b c", "d e", "f", "g h i j"], label=0)
     ours.train()
-    counts = train_gpt2.score(ours, [ex], enc)
+    counts = hellaswag_eval.score(ours, [ex], enc)
     assert ours.training and counts["n"] == 1
     rendered = [hellaswag_eval.render_example(ex, enc)]
     _, count = hellaswag_eval.ending_losses(ours, rendered)

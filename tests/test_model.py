@@ -408,3 +408,57 @@ def test_a_16_bit_weights_gradient_is_summed_in_fp32():
     torch.nn.functional.cross_entropy((x64 @ w64.t())[:, :vocab], y).backward()
     assert w.grad.dtype == torch.bfloat16
     assert rel_err(w.grad.double(), w64.grad) < 6e-3
+
+
+# ---- Muon (--optimizer muon) ----
+
+BLOCK_SHAPES = [(96, 32), (32, 32), (128, 32), (32, 128)]  # c_attn, attn.c_proj, c_fc, mlp.c_proj at C=32
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon is in PyTorch 2.9 and later")
+def test_muon_steps_are_torch_optim_muons_bit_for_bit():
+    # bf16 Newton-Schulz, as torch.optim.Muon always runs it (nesterov, 5 steps, lr * sqrt(max(1, rows/cols)))
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in BLOCK_SHAPES]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    a = tg.Muon(ours, lr=0.02, momentum=0.95, weight_decay=0.1, ns_dtype=torch.bfloat16)
+    b = torch.optim.Muon(theirs, lr=0.02, momentum=0.95, weight_decay=0.1)
+    for _ in range(4):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+
+
+def test_muon_in_fp32_is_the_newton_schulz_iteration_and_nearly_orthogonal():
+    # the fp32 path (old GPUs, AVX2 CPUs) against Jordan's quintic iteration written out in float64
+    torch.manual_seed(0)
+    for shape in BLOCK_SHAPES:
+        g = torch.randn(shape)
+        x = g.double().T if shape[0] > shape[1] else g.double()
+        x = x / x.norm()
+        for _ in range(5):
+            a = x @ x.T
+            x = 3.4445 * x + (-4.7750 * a + 2.0315 * a @ a) @ x
+        reference = x.T if shape[0] > shape[1] else x
+        ours = tg.orthogonalize(g, torch.float32)
+        assert ours.dtype == torch.float32 and torch.allclose(ours.double(), reference, atol=1e-5)
+        # what it is for: every singular value near 1 (U V^T), not the gradient's spread of them
+        s = torch.linalg.svdvals(ours.double())
+        assert 0.5 < s.min() and s.max() < 1.25, s
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_all_the_rest():
+    model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
+    opt = tg.configure_optimizer(model, 1e-3, 0.1, "cpu", dict(lr=0.02, momentum=0.95, ns_dtype=torch.float32))
+    names = {id(p): n for n, p in model.named_parameters()}  # the tied lm_head is transformer.wte
+    muon = [names[id(p)] for g in opt.parts["muon"].param_groups for p in g["params"]]
+    adamw = [names[id(p)] for g in opt.parts["adamw"].param_groups for p in g["params"]]
+    assert sorted(muon) == sorted(f"transformer.h.{i}.{m}.weight" for i in range(2)
+                                  for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert sorted(adamw + muon) == sorted(names.values())
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert opt.param_groups[2]["lr_ratio"] == 0.02 / 1e-3

@@ -71,6 +71,9 @@ REFUSED = {  # flag changed on resume: the one line it must get
                               "--data {text}, or start a new run from its weights: --init_from {ck} and another "
                               "--log_dir"),
     "shuffle": (["--shuffle", "1"], "{ck} was trained with --shuffle 0; resume with --shuffle 0 or without the flag"),
+    "optimizer": (["--optimizer", "muon"], "{ck} was trained with --optimizer adamw, not muon (the checkpoint "
+                  "holds that optimizer's state); resume with --optimizer adamw, or start a new run from its "
+                  "weights: --init_from {ck} and another --log_dir"),
 }
 
 
@@ -122,10 +125,14 @@ def test_resume_applies_a_new_weight_decay_and_says_so(run4, text, tmp_path, cap
 def test_old_checkpoint_without_train_config_keys_still_resumes(run4, text, tmp_path, capsys):
     ckpt = torch.load(run4 / "model_00002.pt", weights_only=True)
     del ckpt["data_files"]
-    for k in ("seq_len", "seed", "model", "data", "weight_decay"):
+    for k in ("seq_len", "seed", "model", "data", "weight_decay", "optimizer"):
         del ckpt["train_config"][k]
     (tmp_path / "log").mkdir()
     torch.save(ckpt, tmp_path / "log" / "model_00002.pt")
+    # from before --optimizer: AdamW's state, which Muon cannot continue
+    code, out, err = run([*TINY, "--data", text, "--log_dir", tmp_path / "log", "--max_steps", "4",
+                          "--resume", "auto", "--optimizer", "muon"], capsys)
+    assert code == 2 and "was trained with --optimizer adamw, not muon" in err, err
     code, out, err = run([*TINY, "--data", text, "--log_dir", tmp_path / "log", "--max_steps", "4",
                           "--checkpoint_every", "2", "--resume", "auto"], capsys)
     assert code == 0, err

@@ -126,6 +126,31 @@ def test_sigkill_then_resume_is_bit_identical_with_default_flags(reference_defau
     assert (log_dir / "log.txt").read_text() == (reference_defaults / "log.txt").read_text()
 
 
+@pytest.fixture(scope="module")
+def muon_reference(small_text, tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("muon_reference")
+    out = run_cli(*train_args(small_text, log_dir, "--optimizer", "muon", tiny=DEFAULTS))
+    assert out.returncode == 0, out.stderr
+    return log_dir
+
+
+def test_sigkill_then_resume_with_muon_is_bit_identical(muon_reference, reference_defaults, small_text, tmp_path):
+    # with the flags users run (compiled, --dtype auto); the checkpoint holds both optimizers' states:
+    # Muon's momentum and AdamW's moments
+    ckpt = torch.load(muon_reference / "model_00008.pt", weights_only=True)
+    assert ckpt["optimizer"].keys() == {"adamw", "muon"} and ckpt["train_config"]["optimizer"] == "muon"
+    assert not torch.equal(weights(reference_defaults / "model_00008.pt")["transformer.h.0.mlp.c_fc.weight"],
+                           weights(muon_reference / "model_00008.pt")["transformer.h.0.mlp.c_fc.weight"])
+    log_dir = tmp_path / "run"
+    rc, _, _ = run_until(train_args(small_text, log_dir, "--optimizer", "muon", tiny=DEFAULTS),
+                         "step     4 | loss", signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    out = run_cli(*train_args(small_text, log_dir, "--optimizer", "muon", "--resume", "auto", tiny=DEFAULTS))
+    assert out.returncode == 0, out.stderr
+    assert_same_weights(weights(muon_reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
+    assert (log_dir / "log.txt").read_text() == (muon_reference / "log.txt").read_text()
+
+
 def test_sigkill_then_resume_with_dropout_is_bit_identical_with_default_flags(small_text, tmp_path):
     """Dropout draws from the global random generator: the checkpoint's random state must be the one the next
     step uses (nothing else may draw from it between the restore and the step; the CPU's MFU peak once did)."""
@@ -268,6 +293,8 @@ BAD = {  # name: (extra args replacing defaults, words the one-line message must
     "not our checkpoint": (["--resume", "{d}/foreign.pt"], "not a checkpoint of train_gpt2.py"),
     "log_dir is a file": (["--log_dir", "{d}/a_file"], "--log_dir"),
     "resume with init_from": (["--resume", "auto", "--init_from", "gpt2"], "exclude each other"),
+    "muon under fsdp": (["--fsdp", "1", "--optimizer", "muon"], "--optimizer muon orthogonalizes each matrix "
+                        "whole, which --fsdp 1 keeps in shards; train with DDP (drop --fsdp) or --optimizer adamw"),
     "init_step without init_from": (["--init_step", "5"], "--init_step needs --init_from"),
     "init_step past max_steps": (["--init_from", "gpt2", "--init_step", "2"], "--init_step must be in [0, --max_steps)"),
     "zero batch size": (["--batch_size", "0"], "--batch_size must be positive or auto, got 0"),
@@ -362,6 +389,22 @@ def test_plot(reference, tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_draws_two_runs_on_one_chart(reference, muon_reference, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = run_cli("train_gpt2.py", "plot", "--log_dir", reference, "--compare", muon_reference, "--out",
+                  tmp_path / "both.png")
+    assert out.returncode == 0, out.stderr
+    import matplotlib
+    matplotlib.use("Agg")
+    from plumbing import plot
+    loss = plot.figure(str(reference), str(muon_reference)).axes[0]
+    drawn = {line.get_label(): list(line.get_ydata()) for line in loss.get_lines()}
+    for run in (reference, muon_reference):  # each run's val curve, as its log.txt holds it
+        logged = [float(v) for s, kind, v in (ln.split() for ln in (run / "log.txt").read_text().splitlines())
+                  if kind == "val"]
+        assert drawn[f"{run.name}: val loss"] == logged
+
+
 class Payload:
     """A pickle that, if unpickled, would create a marker file: what a hostile checkpoint would do."""
 
@@ -441,7 +484,7 @@ def test_hellaswag_during_training_equals_hellaswag_py(reference, small_text, tm
     assert sorted(logged) == [6, 8]
     examples = hellaswag_eval.load_examples(HELLASWAG, limit=24)
     model = tg.load_model(str(log_dir / "model_00008.pt"))
-    counts = tg.score(model, examples, tiktoken.get_encoding("gpt2"), batch_size=1)
+    counts = hellaswag_eval.score(model, examples, tiktoken.get_encoding("gpt2"), batch_size=1)
     assert abs(hellaswag_eval.accuracies(counts)["acc_norm"] - logged[8]) < 1e-6  # log.txt keeps 6 decimals
 
 
