@@ -6,7 +6,7 @@ split). Every run is `python train_gpt2.py` itself; the figures are its log.txt 
 Prints each run's val loss against tokens, the tokens each best run needs to reach the other's final
 val loss (interpolated on its curve), and the median time of a step.
 
-    python bench/bench_muon.py                                   # the two CPU shapes, ~45 minutes
+    python bench/bench_muon.py                                   # the two CPU shapes, ~50 minutes
     python bench/bench_muon.py --shape blocks --steps 100
     python bench/bench_muon.py --shape 124M --device cuda        # bench/gpu_check.sh runs it
     python bench/bench_muon.py --shape quickstart --variants qkv # the fused qkv against its parts
@@ -33,7 +33,7 @@ SHAPES = {
     # 20 layers, 256 wide: the blocks hold 15.7M weights, the embedding 12.9M
     "blocks": (["--n_layer", "20", "--n_head", "4", "--n_embd", "256", "--batch_size", "8",
                 "--seq_len", "256", "--total_batch_size", "2048"],
-               ["--weight_decay", "0.1", "--shuffle", "1"], 150, (1e-3, 3e-3), (0.01, 0.02)),
+               ["--weight_decay", "0.1", "--shuffle", "1"], 100, (6e-4, 1e-3, 3e-3), (0.01, 0.02)),
     # GPT-2 124M on a GPU (85M of its weights in the blocks), 8,192 tokens a step: 100 steps are
     # under 3 epochs of Tiny Shakespeare's 300K training tokens
     "124M": (["--model", "gpt2", "--batch_size", "8", "--seq_len", "1024",
