@@ -17,10 +17,6 @@ class Combined:
     def param_groups(self):
         return [group for opt in self.parts.values() for group in opt.param_groups]
 
-    @property
-    def state(self):
-        return {p: s for opt in self.parts.values() for p, s in opt.state.items()}
-
     def step(self, closure=None):
         for opt in self.parts.values():
             opt.step()

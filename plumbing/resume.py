@@ -156,8 +156,9 @@ def restore(s, ckpt, cfg, rt):
     position, every random generator and the step, so that training continues exactly as if it had
     never stopped."""
     load_training_state(s.model, s.optimizer, ckpt, cfg.fsdp, rt.device_type)
-    # load_state_dict restored the saved weight decay; --weight_decay may change on resume
-    # (check). The first group is the decayed one (train_gpt2.configure_optimizer)
+    # under FSDP set_optimizer_state_dict restored the saved weight decay (load_optimizer_state
+    # keeps this run's); --weight_decay may change on resume (check). The first group is the
+    # decayed one (train_gpt2.configure_optimizer)
     s.optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
     # a bf16/fp32 run's scaler holds nothing to restore
     if s.scaler.is_enabled() and ckpt["scaler"]:
