@@ -11,10 +11,11 @@ import torch.distributed as dist
 from plumbing import errors, sharding
 
 
-def auto_batch_size(model, max_batch, cfg, rt):
+def auto_batch_size(model, cfg, rt):
     """The largest micro-batch that fits on every rank and divides the sequences one rank processes
     per step: its training step, and evaluation and HellaSwag (--hellaswag_every) at the same batch,
     which run in between."""
+    max_batch = cfg.total_batch_size // (cfg.seq_len * rt.world_size)  # sequences per rank, step
     hellaswag = bool(getattr(cfg, "hellaswag_every", 0))
     # compiled or eager (use_compile's rule; a GPU's trial runs eagerly, which keeps the more; under
     # FSDP the loss, in the root, runs eagerly)

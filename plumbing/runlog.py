@@ -51,6 +51,7 @@ class RunLog:
 
     def __init__(self, cfg, rt, s):
         self.rt, self.file, self.tracker = rt, os.path.join(cfg.log_dir, "log.txt"), None
+        self.first_step, self.step_times = s.step, []  # the recent steps' seconds: the time left
         if not rt.master:
             return
         try:
@@ -119,10 +120,12 @@ class RunLog:
                               **{k: v for k, v in (extra or {}).items() if v is not None}})
         self.print(line)
 
-    def step(self, step, loss, lr, norm, dt, tok_s, mfu, step_times, max_steps):
+    def step(self, step, loss, lr, norm, dt, tok_s, mfu, max_steps):
         """The line of one optimizer step, with the time left: the median of the recent steps' times
         (one slow step moves it little) times the steps left; n/a at a run's first step, whose time
         is mostly compilation."""
+        self.step_times = self.step_times[-19:] + [dt] if step > self.first_step else []
+        step_times = self.step_times
         left = float(np.median(step_times)) * (max_steps - step - 1) if step_times else None
         self(
             f"{step} train {loss:.6f}",

@@ -305,6 +305,29 @@ def most_on_any_rank(n, rt):
     return int(most)
 
 
+def to_device(tensors, rt):
+    """The CPU tensors on rt's device; to a GPU from page-locked memory, so that the copy overlaps
+    the GPU's work instead of waiting for it."""
+    if rt.device_type == "cuda":
+        return [t.pin_memory().to(rt.device, non_blocking=True) for t in tensors]
+    return [t.to(rt.device) for t in tensors]
+
+
+def barrier(rt):
+    """Every rank waits here for all the others (one process: nothing to wait for)."""
+    if rt.ddp:
+        dist.barrier()
+
+
+def sum_over_ranks(values, rt):
+    """The numbers summed over the ranks (float64: a val loss sums millions of terms), as floats."""
+    where = rt.device if rt.ddp else "cpu"  # MPS has no float64, and needs no sum
+    totals = torch.tensor(values, dtype=torch.float64, device=where)
+    if rt.ddp:
+        dist.all_reduce(totals)
+    return totals.tolist()
+
+
 def rank_seed(seed, rank, step=0):
     """The seed of one rank's random stream (dropout's masks; the initial weights come from --seed
     itself, the same on every rank): SeedSequence mixes (seed, rank, step) into unrelated seeds, so

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import torch
 
-from plumbing import errors, formats
+from plumbing import errors, formats, runtime
 
 
 def get_encoding():
@@ -146,15 +146,19 @@ def data_shuffle(cfg):
     return bool(cfg.shuffle if cfg.shuffle is not None else os.path.isdir(cfg.data))
 
 
-def val_batches(shards, n_tokens, B, T, rank=0, world_size=1):
+def val_batches(shards, n_tokens, B, T, rt, fsdp=False):
     """The fixed val set: the first n_tokens // T sequences of the val split, the same at every
-    evaluation and for any world size; sequence i is evaluated on rank i % world_size."""
+    evaluation and for any world size; sequence i is evaluated on rank i % world_size. fsdp: every
+    rank yields as many batches, the missing ones idle (y None; each forward needs every rank)."""
+    rank, world_size = rt.rank, rt.world_size
     tokens = first_tokens(shards, n_tokens + 1)
     n_seq = (len(tokens) - 1) // T
     if n_seq == 0:
         raise errors.UserError(f"the val split has {len(tokens)} tokens, fewer than seq_len+1 = "
                                f"{T + 1}; lower --seq_len or give more val data")
     mine = list(range(rank, n_seq, world_size))  # every rank a share; their sums are all-reduced
+    n = -(-len(mine) // B)  # batches of this rank; fsdp: agreed on before any forward
+    idle = runtime.most_on_any_rank(n, rt) - n if fsdp else 0
     for i in range(0, len(mine), B):
         rows = [
             torch.from_numpy(tokens[j * T : (j + 1) * T + 1].astype(np.int64))
@@ -162,3 +166,5 @@ def val_batches(shards, n_tokens, B, T, rank=0, world_size=1):
         ]
         buf = torch.stack(rows)  # (b, T + 1)
         yield buf[:, :-1], buf[:, 1:]
+    for _ in range(idle):
+        yield torch.zeros(1, T, dtype=torch.long), None

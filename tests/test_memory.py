@@ -90,7 +90,7 @@ def test_evaluation_and_hellaswag_at_the_auto_batch_fit_the_budget_it_was_chosen
     monkeypatch.setattr(memory, "available_memory", lambda rt: free)
     rt = runtime.Runtime(False, 0, 0, 1, True, "cpu", "cpu", "bf16")
     cfg = train_flags.TrainConfig(seq_len=T, grad_checkpoint=0, compile="off", hellaswag_every=1)
-    b = memory.auto_batch_size(model, 64, cfg, rt)
+    b = memory.auto_batch_size(model, cfg, rt)
     # the budget: the share of the RAM free (the weights already counted out of it), less AdamW's state (8 bytes a
     # parameter), which is there while evaluation runs in training but not here
     budget = memory.CPU_FREE_SHARE * free - 8 * model.num_params()
