@@ -237,10 +237,10 @@ def configure_optimizer(model, lr, weight_decay, device_type, muon=None):
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers"): momentum, then each
-    matrix's update orthogonalized. A few directions dominate a gradient; Muon keeps U V^T of its
-    SVD U S V^T, so every direction moves as far and the rare ones learn as fast as the common:
-    GPT-2 124M in 1.5x fewer tokens (modded-nanogpt). torch.optim.Muon's step, in ns_dtype."""
+    """Muon (Jordan et al. 2024): momentum, then each matrix's update orthogonalized. A few
+    directions dominate a gradient; Muon keeps U V^T of its SVD U S V^T, so every direction moves
+    as far and the rare ones learn as fast: GPT-2 124M in 1.5x fewer tokens (modded-nanogpt).
+    torch.optim.Muon's step, with Newton-Schulz in ns_dtype."""
 
     def __init__(self, params, lr, momentum=0.95, weight_decay=0.0, ns_dtype=torch.bfloat16):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -342,7 +342,7 @@ class DataLoader:
 
 
 # =============================================================================
-# 4. The schedule: how fast to learn at each step, and how many micro-steps make one step
+# 4. The schedule: how fast to learn at each step, how many micro-steps make one step
 
 
 def get_lr(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
@@ -616,8 +616,7 @@ def evaluate_loss(model, val_shards, n_tokens, batch_size, seq_len, rt, fsdp=Fal
 
 
 class KVCache:
-    """Keys and values of every token seen so far, per layer, so sampling feeds one new token a
-    step."""
+    """Keys and values of every token so far, per layer: sampling feeds one new token a step."""
 
     def __init__(self, n_layer):
         self.kv = [None] * n_layer
