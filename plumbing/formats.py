@@ -1,7 +1,8 @@
 """
 Other programs' files, read by content: build-nanogpt's and nanoGPT's checkpoints (torch.save of
-their own dicts), llm.c's model files and token shards (a 256-int32 header, then raw values). The
-facts of each format and their sources are in docs/coming-from.md."""
+their own dicts), llm.c's model files and token shards (a 256-int32 header, then raw values),
+nanoGPT's train.bin and val.bin (raw uint16). The facts of each format and their sources are in
+docs/coming-from.md."""
 
 import math
 import os
@@ -30,6 +31,11 @@ LLMC_MODEL_DTYPES = {1: "<f4", 3: "<f4", 5: "<i2"}
 
 # llm.c GPT-2 token shards, version 1 (dev/data/data_common.py write_datafile)
 LLMC_TOKENS_MAGIC = 20240520
+
+
+# nanoGPT's token files, one a split (data/openwebtext/prepare.py: np.memmap(..., dtype=np.uint16,
+# mode='w+'); data/shakespeare/prepare.py: ndarray.tofile): raw uint16 ids, no header
+NANOGPT_TOKEN_FILES = ("train.bin", "val.bin")
 
 
 GPT2_VOCAB = 50257  # GPT-2's BPE; the others pad their tables to 50304 rows, as we do
@@ -202,3 +208,23 @@ def read_llmc_tokens(path):
             "GPT-2 .bin"
         )
     return np.memmap(path, dtype=np.uint16, mode="r", offset=1024, shape=(n,))
+
+
+def read_nanogpt_tokens(path):
+    """nanoGPT's train.bin or val.bin, memory-mapped as its train.py maps it (np.memmap(path,
+    dtype=np.uint16, mode='r')). A meta.pkl beside it is data/shakespeare_char/prepare.py's own
+    character vocabulary, not GPT-2's: refused, as garbage to train on."""
+    size = os.path.getsize(path)
+    if size >= 4 and np.fromfile(path, "<i4", count=1)[0] == LLMC_TOKENS_MAGIC:
+        return read_llmc_tokens(path)  # GPT-2 ids cannot start so: the magic's low half is id 55000
+    if os.path.exists(os.path.join(os.path.dirname(path), "meta.pkl")):
+        raise errors.UserError(
+            f"{path} has a meta.pkl beside it: nanoGPT's character-level tokens, not GPT-2's BPE; "
+            "give the text itself (its input.txt) as --data"
+        )
+    if size == 0 or size % 2:
+        raise errors.UserError(
+            f"{path} holds {size} bytes, {'no' if size == 0 else 'not a whole number of'} uint16 "
+            "tokens; run nanoGPT's prepare.py again"
+        )
+    return np.memmap(path, dtype=np.uint16, mode="r")

@@ -1,6 +1,6 @@
 """
 Token files: the GPT-2 tokenizer, uint16 token shards memory-mapped and checked (fineweb.py's .npy,
-llm.c's .bin), and a text file tokenized once and split into train and val."""
+llm.c's and nanoGPT's .bin), and a text file tokenized once and split into train and val."""
 
 import glob
 import os
@@ -29,8 +29,11 @@ def get_encoding():
 
 def load_tokens(path):
     """A uint16 token shard, memory-mapped: it is read from disk only as batches need it. A .npy
-    (fineweb.py, build-nanogpt) or llm.c's .bin, whose 256-int32 header read_llmc_tokens checks."""
-    if path.endswith(".bin"):
+    (fineweb.py, build-nanogpt), nanoGPT's train.bin or val.bin (raw), or llm.c's .bin, whose
+    256-int32 header read_llmc_tokens checks."""
+    if os.path.basename(path) in formats.NANOGPT_TOKEN_FILES:
+        arr = formats.read_nanogpt_tokens(path)
+    elif path.endswith(".bin"):
         arr = formats.read_llmc_tokens(path)
     else:
         try:
@@ -55,9 +58,9 @@ def load_tokens(path):
 
 
 def shard_paths(data_dir, split):
-    """The shards of one split ("train"/"val") in a directory: the .npy (or llm.c .bin) files with
-    that word in their name (edufineweb_val_000000.npy, fineweb_val_000000.bin), ordered by the
-    number in their name."""
+    """The shards of one split ("train"/"val") in a directory: the .npy (or .bin) files with that
+    word in their name (edufineweb_val_000000.npy, fineweb_val_000000.bin, nanoGPT's val.bin),
+    ordered by the number in their name."""
     paths = [
         p
         for p in glob.glob(os.path.join(data_dir, "*.npy"))
@@ -70,7 +73,7 @@ def shard_paths(data_dir, split):
 
 
 def load_splits(data, splits=("train", "val")):
-    """Token arrays of each split, as a list per split. data is a directory of .npy shards, or a
+    """Token arrays of each split, as a list per split. data is a directory of token shards, or a
     text file (read and tokenized once) of which the last 10% is the val split."""
     if os.path.isdir(data):
         paths = {split: shard_paths(data, split) for split in splits}
@@ -98,7 +101,7 @@ def text_tokens(path):
     """The GPT-2 tokens of a UTF-8 text file, as uint16."""
     if not os.path.isfile(path):
         raise errors.UserError(
-            f"--data {path} does not exist; give a text file or a directory of .npy shards"
+            f"--data {path} does not exist; give a text file or a directory of token shards"
         )
     try:
         with open(path, encoding="utf-8") as f:

@@ -231,6 +231,59 @@ def test_llmc_token_shards_load_as_data_and_bad_headers_are_refused(files, tmp_p
         token_files.load_tokens(str(tmp_path / "l3_val_000000.bin"))
 
 
+def test_nanogpt_data_dir_reads_as_its_train_py_reads_it(tmp_path):
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    text = (ROOT / "input.txt").read_text()[:6000]
+    d = tmp_path / "openwebtext"
+    d.mkdir()
+    (d / "input.txt").write_text(text)  # data/shakespeare/ keeps its text beside the .bin files
+    ids = {}
+    for split, part in (("train", text[:5000]), ("val", text[5000:])):
+        # data/openwebtext/prepare.py: each document's ids, then eot, into np.memmap(..., 'w+')
+        ids[split] = [i for doc in part.split("\n\n") for i in enc.encode_ordinary(doc) + [enc.eot_token]]
+        arr = np.memmap(d / f"{split}.bin", dtype=np.uint16, mode="w+", shape=(len(ids[split]),))
+        arr[:] = ids[split]
+        arr.flush()
+        del arr
+    train, val = token_files.load_splits(str(d))
+    assert [len(s) for s in train + val] == [len(ids["train"]), len(ids["val"])]
+    assert val[0].tolist() == ids["val"]
+    # nanoGPT's train.py get_batch, at the positions our unshuffled loader reads (consecutive blocks)
+    data = np.memmap(d / "train.bin", dtype=np.uint16, mode="r")
+    B, T = 4, 32
+    loader = tg.DataLoader(train, B, T)
+    for j in range(5):
+        ix = [(j * B + r) * T for r in range(B)]
+        x = torch.stack([torch.from_numpy((data[i:i + T]).astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy((data[i + 1:i + 1 + T]).astype(np.int64)) for i in ix])
+        got = loader.next_batch()
+        assert torch.equal(got[0], x) and torch.equal(got[1], y)
+
+    header = np.zeros(256, dtype="<i4")  # an llm.c shard that happens to be named train.bin: still llm.c's
+    header[:3] = [20240520, 1, 100]
+    (tmp_path / "train.bin").write_bytes(header.tobytes() + np.array(ids["train"][:100], dtype=np.uint16).tobytes())
+    assert token_files.load_tokens(str(tmp_path / "train.bin")).tolist() == ids["train"][:100]
+    for size in (0, 2 * 50 + 1):  # empty, truncated mid-token
+        (d / "val.bin").write_bytes(bytes(size))
+        with pytest.raises(errors.UserError, match=f"val.bin holds {size} bytes, .*run nanoGPT's prepare.py again"):
+            token_files.load_splits(str(d))
+    np.array([5, 50257], dtype=np.uint16).tofile(d / "val.bin")  # another tokenizer's ids
+    with pytest.raises(errors.UserError, match="val.bin holds token id 50257"):
+        token_files.load_splits(str(d))
+    (d / "val.bin").unlink()
+    with pytest.raises(errors.UserError, match="has no val shards"):
+        token_files.load_splits(str(d))
+    # data/shakespeare_char/prepare.py: its own character ids (all < 65, so the id check cannot tell) and meta.pkl
+    import pickle
+    chars = sorted(set(text))
+    np.array([chars.index(c) for c in text], dtype=np.uint16).tofile(d / "train.bin")
+    with open(d / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {}}, f)
+    with pytest.raises(errors.UserError, match="train.bin has a meta.pkl beside it.*not GPT-2's BPE"):
+        token_files.load_splits(str(d), ("train",))
+
+
 def test_build_nanogpt_checkpoint_in_every_command(files, tmp_path):
     """sample, export (then read back by transformers), hellaswag.py and --init_from with --init_step."""
     d, refs = files
