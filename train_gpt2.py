@@ -63,7 +63,7 @@ PRESETS = {
 
 
 def maybe_dropout(x, p):
-    # Why not F.dropout(x, 0): skipping it keeps dropout-0 runs exactly what they were without it
+    # not F.dropout(x, 0): without dropout a run stays bit-identical to one before it existed
     return F.dropout(x, p) if p > 0 else x
 
 
@@ -186,13 +186,11 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def head(self, x):
-        """Hidden states (..., C) -> logits (..., padded_vocab), the padding -inf."""
-        logits = self.lm_head(x)  # (..., padded_vocab)
+        logits = self.lm_head(x)  # (..., C) -> (..., padded_vocab)
         logits[..., self.config.vocab_size:] = float("-inf")  # padding rows are never a token
         return logits
 
-    def loss_block_rows(self, n, device="cpu", grad=True):
-        """Rows per block of the loss for n rows in all (chunked_loss.block_rows)."""
+    def loss_block_rows(self, n, device="cpu", grad=True):  # rows per block of the loss
         return chunked_loss.block_rows(n, self.config.padded_vocab_size, torch.device(device), grad,
                                        self.loss_block_bytes)
 
@@ -298,18 +296,16 @@ class DataLoader:
 
     def load_state_dict(self, state):
         # a checkpoint from before --shuffle holds only shard and pos: it goes on in file order
-        self.shard, self.pos = int(state["shard"]), int(state["pos"])
-        self.epoch = int(state.get("epoch", 0))
-        self.shuffle, self.seed = bool(state.get("shuffle", 0)), int(state.get("seed", 0))
+        state = {"epoch": 0, "shuffle": 0, "seed": 0, **state}
+        self.epoch, self.shard, self.pos = (int(state[k]) for k in ("epoch", "shard", "pos"))
+        self.shuffle, self.seed = bool(state["shuffle"]), int(state["seed"])
 
-    def _shard_order(self):
-        """The file index of each shard, in the order this epoch reads them."""
+    def _shard_order(self):  # the file index of each shard, in the order this epoch reads them
         if not self.shuffle:
             return range(len(self.shards))
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
 
-    def _blocks(self, i):
-        """The start of each block of shard file i, in the order this epoch reads them."""
+    def _blocks(self, i):  # the start of each block of shard file i, in this epoch's order
         if self._cached[0] != (self.epoch, i):
             starts = np.arange((len(self.shards[i]) - 1) // self.T) * self.T  # T+1 tokens a block
             if self.shuffle:  # seeded by the epoch and the file, not by where it is read
@@ -317,8 +313,7 @@ class DataLoader:
             self._cached = ((self.epoch, i), starts)
         return self._cached[1]
 
-    def _advance(self):
-        """Returns (file index, block starts) of the next micro-batch and moves past it."""
+    def _advance(self):  # (file index, block starts) of the next micro-batch; moves past it
         if self.pos // self.T + self.B > len(self._blocks(self._shard_order()[self.shard])):
             self.shard, self.pos = self.shard + 1, 0
             if self.shard == len(self.shards):  # past the last shard: a new epoch
@@ -530,9 +525,7 @@ def build_state(cfg, rt):
     """What training starts from: new (seeded by --seed), weights to fine-tune (--init_from), or a
     whole training state to continue (--resume: also the step, data position, random state)."""
     sharding.check_fsdp(cfg, rt)
-    ckpt = resume.to_resume(cfg, rt)  # None: a new run
-    if ckpt is not None:
-        resume.check(cfg, ckpt, rt.master)  # what may change on resume
+    ckpt = resume.to_resume(cfg, rt)  # None: a new run; checked: what may change on resume
     init_model = load_model(cfg.init_from, report=rt.master) if cfg.init_from else None
     config = model_config(cfg, ckpt, init_model)
     splits = ("train", "val") if cfg.eval_every else ("train",)
@@ -683,8 +676,8 @@ def sample_texts(model, enc, prompt, num_samples, max_new_tokens, rt, temperatur
 def check_config(cfg, world_size):
     """The flags, before any device or process-group setup: a typo costs nothing."""
     train_flags.check(cfg)  # each flag's domain, and the pairs that exclude each other
-    if not cfg.resume and not cfg.init_from:
-        model_config(cfg)  # the shape flags (a resumed or fine-tuned model's: once it is read)
+    if not cfg.resume and not cfg.init_from:  # the shape flags (a checkpoint's: once it is read)
+        model_config(cfg)
     batch_size = None if cfg.batch_size == "auto" else cfg.batch_size
     grad_accum_steps(cfg.total_batch_size, batch_size, cfg.seq_len, world_size)
     runlog.check_run_outputs(cfg)  # the prompt, the log directory, wandb: last, they read files

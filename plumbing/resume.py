@@ -100,8 +100,8 @@ def check_data_order(cfg, ckpt, master):
 
 
 def to_resume(cfg, rt):
-    """The checkpoint dict that --resume names (None: a new run). Rank 0 chooses; every rank loads
-    that one."""
+    """The checkpoint dict that --resume names (None: a new run), checked against the flags (check).
+    Rank 0 chooses; every rank loads that one."""
     if not cfg.resume and checkpoints.find(cfg.log_dir):
         raise errors.UserError(
             f"{cfg.log_dir} already holds checkpoints of a run; continue it with --resume auto, or "
@@ -118,6 +118,8 @@ def to_resume(cfg, rt):
                     "shares"
                 )
             ckpt = checkpoints.load(chosen[0], mmap=bool(cfg.fsdp))
+    if ckpt is not None:
+        check(cfg, ckpt, rt.master)
     return ckpt
 
 
