@@ -342,48 +342,28 @@ def write_shards(texts, out, state, workers):
 # --------------------------------------------------------------------------- command line
 
 def main(argv=None):
-    p = flags.FlagParser(
+    p = flags.Parser(
         prog="fineweb.py",
         description="Tokenize a corpus (FineWeb-Edu by default) into GPT-2 uint16 .npy shards.",
     )
-    p.flag(
-        "source",
-        flags.Flag(),
-        "HuggingFaceFW/fineweb-edu",
-        "Hugging Face dataset name, or a local .txt/.jsonl/.json/.parquet file or a directory of "
-        "them",
-    )
-    p.flag(
-        "name",
-        flags.Flag(),
-        None,
-        "dataset config; None means sample-10BT for fineweb-edu, none otherwise (unused for "
-        "local files)",
-    )
-    p.flag(
-        "text_field",
-        flags.Flag(),
-        "text",
-        "field/column with each document's text (json/parquet/hub)",
-    )
-    p.flag(
-        "out",
-        flags.Flag(path="out_dir"),
-        "edu_fineweb10B",
-        "output directory for the shards and the progress file",
-    )
-    p.flag("shard_size", flags.Flag(int, lo=1, hi=2**32, hint="; e.g. 100_000_000"), 100_000_000,
-           "tokens per shard (the last shard holds the rest); 100_000_000 is read too")
-    p.flag(
-        "workers",
-        flags.Flag(int, lo=1, hi=4096),
-        os.cpu_count(),
-        "tokenizer processes; the default is one per core",
-    )
-    p.flag("prefix", flags.Flag(path="name"), "edufineweb", "shard names: <prefix>_val_000000.npy, "
-           "<prefix>_train_000001.npy, ...")
+    p.add_argument("--source", type=flags.text, default="HuggingFaceFW/fineweb-edu",
+                   help="Hugging Face dataset name, or a local .txt/.jsonl/.json/.parquet file or "
+                   "a directory of them")
+    p.add_argument("--name", type=flags.text, help="dataset config; None means sample-10BT for "
+                   "fineweb-edu, none otherwise (unused for local files)")
+    p.add_argument("--text_field", type=flags.text, default="text",
+                   help="field/column with each document's text (json/parquet/hub)")
+    p.add_argument("--out", type=flags.path("out_dir"), default="edu_fineweb10B",
+                   help="output directory for the shards and the progress file")
+    p.add_argument("--shard_size", type=flags.number(int, 1, 2**32, hint="; e.g. 100_000_000"),
+                   default=100_000_000, help="tokens per shard (the last shard holds the rest); "
+                   "100_000_000 is read too")
+    p.add_argument("--workers", type=flags.number(int, 1, 4096), default=os.cpu_count(),
+                   help="tokenizer processes; the default is one per core")
+    p.add_argument("--prefix", type=flags.path("name"), default="edufineweb",
+                   help="shard names: <prefix>_val_000000.npy, <prefix>_train_000001.npy, ...")
     try:
-        args = p.parse(argv)
+        args = p.parse_args(argv)
         local = Path(args.source).expanduser().exists()
         # same file, same name
         source = str(Path(args.source).expanduser().resolve()) if local else args.source

@@ -32,67 +32,36 @@ from plumbing import errors, flags, hellaswag_eval, runtime, token_files
 
 
 def parser():
-    p = flags.FlagParser(
+    p = flags.Parser(
         prog="hellaswag.py", description="HellaSwag accuracy of a GPT-2 (see the module docstring)."
     )
-    p.flag(
-        "model",
-        flags.Flag(
-            path="exists",
-            also=tuple(train_gpt2.PRESETS),
-            hint="; give a Hugging Face GPT-2 name ("
-            + ", ".join(train_gpt2.PRESETS)
-            + ") or directory, or a checkpoint file",
-        ),
-        argparse.SUPPRESS,
-        "required: Hugging Face GPT-2 name (gpt2, gpt2-xl, ...) or directory, or a checkpoint "
-        "file: ours, or build-nanogpt's, nanoGPT's or llm.c's",
-        required=True,
-    )
-    p.flag(
-        "data",
-        flags.Flag(path="file"),
-        None,
-        "local HellaSwag .jsonl; None: download the official file once",
-    )
-    p.flag(
-        "split",
-        flags.Flag(choices=("val", "train")),
-        "val",
-        "split to download when --data is None",
-    )
-    p.flag("limit", flags.Flag(int, lo=0), 0, "score only the first N examples (0 = all)")
-    p.flag(
-        "device",
-        flags.Flag(choices=runtime.DEVICES),
-        "auto",
-        "auto (cuda > mps > cpu), cpu, cuda or mps",
-    )
-    p.flag(
-        "dtype",
-        flags.Flag(choices=runtime.DTYPES),
-        "fp32",
-        "fp32 (full precision, as the published scores were taken; TF32 "
-        "matmuls on CUDA), or autocast to bf16, fp16, or auto (bf16 if native, fp16 on older "
-        "CUDA): faster, but a few examples may flip",
-    )
-    p.flag(
-        "batch_size",
-        flags.Flag(int, lo=1),
-        16,
-        "examples per forward (x4 rows, one per ending): faster until memory runs out",
-    )
+    p.add_argument(
+        "--model", required=True, default=argparse.SUPPRESS, type=flags.path(
+            "exists", also=tuple(train_gpt2.PRESETS), hint="; give a Hugging Face GPT-2 name ("
+            + ", ".join(train_gpt2.PRESETS) + ") or directory, or a checkpoint file"),
+        help="required: Hugging Face GPT-2 name (gpt2, gpt2-xl, ...) or directory, or a checkpoint "
+        "file: ours, or build-nanogpt's, nanoGPT's or llm.c's")
+    p.add_argument("--data", type=flags.path("file"),
+                   help="local HellaSwag .jsonl; None: download the official file once")
+    p.add_argument("--split", choices=("val", "train"), default="val",
+                   help="split to download when --data is None")
+    p.add_argument("--limit", type=flags.COUNT, default=0,
+                   help="score only the first N examples (0 = all)")
+    p.add_argument("--device", choices=runtime.DEVICES, default="auto",
+                   help="auto (cuda > mps > cpu), cpu, cuda or mps")
+    p.add_argument(
+        "--dtype", choices=runtime.DTYPES, default="fp32", help="fp32 (full precision, as the "
+        "published scores were taken; TF32 matmuls on CUDA), or autocast to bf16, fp16, or auto "
+        "(bf16 if native, fp16 on older CUDA): faster, but a few examples may flip")
+    p.add_argument(
+        "--batch_size", type=flags.POSITIVE, default=16,
+        help="examples per forward (x4 rows, one per ending): faster until memory runs out")
     return p
-
-
-def parse_args(argv=None):
-    """The flags as parsed, not yet checked (parser().parse also checks them)."""
-    return parser().parse_args(argv)
 
 
 @errors.cli
 def main(argv):
-    args = parser().parse(argv)
+    args = parser().parse_args(argv)
     rt = runtime.setup(args.device, args.dtype)
     # before the model: bad data fails fast
     examples = hellaswag_eval.load_examples(args.data, args.split, args.limit)

@@ -45,13 +45,15 @@ def timed(fn):
 
 
 def main(argv=None):
-    p = flags.FlagParser(prog="bench_fineweb.py")
-    p.flag("data", flags.Flag(path="file"), str(ROOT / "tests" / "data" / "c4_sample.jsonl"), "a .jsonl of documents")
-    p.flag("repeat", flags.Flag(int, lo=1, hi=10**6), 50, "times the documents are repeated")
-    p.flag("rounds", flags.Flag(int, lo=1, hi=1000), 5, "each figure is the best of this many runs")
-    p.flag("workers", flags.Flag(int, lo=1, hi=4096), os.cpu_count(), "tokenizer processes")
+    p = flags.Parser(prog="bench_fineweb.py")
+    p.add_argument("--data", type=flags.path("file"), default=str(ROOT / "tests" / "data" / "c4_sample.jsonl"),
+                   help="a .jsonl of documents")
+    p.add_argument("--repeat", type=flags.number(int, 1, 10**6), default=50, help="times the documents are repeated")
+    p.add_argument("--rounds", type=flags.number(int, 1, 1000), default=5,
+                   help="each figure is the best of this many runs")
+    p.add_argument("--workers", type=flags.number(int, 1, 4096), default=os.cpu_count(), help="tokenizer processes")
     try:
-        args = p.parse(sys.argv[1:] if argv is None else argv)
+        args = p.parse_args(sys.argv[1:] if argv is None else argv)
     except errors.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -47,11 +47,12 @@ def run(model_args, mode_args):
 
 @errors.cli
 def main(argv):
-    p = flags.FlagParser(description=__doc__.split("\n\n")[0])
-    p.flag("repeats", flags.Flag(int, lo=1, hi=1000), 2, "runs of each configuration (default: %(default)s)")
-    p.flag("model", flags.Flag(choices=("", "tiny", "small"), empty=True), "", "only the models whose names start "
-           "with this (tiny, small; empty: both)")
-    args = p.parse(argv)
+    p = flags.Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=flags.number(int, 1, 1000), default=2,
+                   help="runs of each configuration (default: %(default)s)")
+    p.add_argument("--model", choices=("", "tiny", "small"), default="", help="only the models whose names start "
+                   "with this (tiny, small; empty: both)")
+    args = p.parse_args(argv)
     print("| model | mode | tok/s (each repeat) | peak RSS of a rank |")
     print("|---|---|---|---|")
     for name, model_args in MODELS.items():

@@ -51,13 +51,15 @@ def bench(name, config, rendered, batch_size, rt):
 
 @errors.cli
 def main(argv):
-    p = flags.FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.flag("n", flags.Flag(int, lo=0, hi=10042), 200, "examples for the small model; 0 skips it (default 200)")
-    p.flag("big_n", flags.Flag(int, lo=0, hi=10042), 32, "examples for the 124M-shaped model; 0 skips it (default 32)")
-    p.flag("batch_size", flags.Flag(int, lo=1), 16, "examples per forward, batched run (default 16)")
-    p.flag("device", flags.Flag(choices=runtime.DEVICES), "auto", "auto, cpu, cuda or mps (default auto)")
-    p.flag("dtype", flags.Flag(choices=runtime.DTYPES), "fp32", "auto, bf16, fp16 or fp32 (default fp32)")
-    args = p.parse(argv)
+    p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=flags.number(int, 0, 10042), default=200,
+                   help="examples for the small model; 0 skips it (default 200)")
+    p.add_argument("--big_n", type=flags.number(int, 0, 10042), default=32,
+                   help="examples for the 124M-shaped model; 0 skips it (default 32)")
+    p.add_argument("--batch_size", type=flags.POSITIVE, default=16, help="examples per forward, batched run (default 16)")
+    p.add_argument("--device", choices=runtime.DEVICES, default="auto", help="auto, cpu, cuda or mps (default auto)")
+    p.add_argument("--dtype", choices=runtime.DTYPES, default="fp32", help="auto, bf16, fp16 or fp32 (default fp32)")
+    args = p.parse_args(argv)
 
     rt = runtime.setup(args.device, args.dtype)
     enc = tiktoken.get_encoding("gpt2")

@@ -136,14 +136,15 @@ def bench(shape, steps, device, variants):
 
 @errors.cli
 def main(argv):
-    p = flags.FlagParser(prog="bench_muon.py", description=__doc__.split("\n\n")[0])
-    p.flag("shape", flags.Flag(choices=("both", *SHAPES)), "both",
-           "quickstart, blocks (most weights in the blocks), 124M (a GPU), or both CPU shapes")
-    p.flag("steps", flags.Flag(int, lo=0), 0, "optimizer steps of every run (0: the shape's own)")
-    p.flag("device", flags.Flag(choices=("cpu", "cuda")), "cpu", "cpu or cuda")
-    p.flag("variants", flags.Flag(choices=("lr", "qkv")), "lr", "lr: the learning-rate sweeps; "
-           "qkv: Muon at its default lr with the fused qkv against its three parts")
-    args = p.parse(argv)
+    p = flags.Parser(prog="bench_muon.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=("both", *SHAPES), default="both",
+                   help="quickstart, blocks (most weights in the blocks), 124M (a GPU), or both CPU shapes")
+    p.add_argument("--steps", type=flags.COUNT, default=0,
+                   help="optimizer steps of every run (0: the shape's own)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu or cuda")
+    p.add_argument("--variants", choices=("lr", "qkv"), default="lr", help="lr: the learning-rate sweeps; "
+                   "qkv: Muon at its default lr with the fused qkv against its three parts")
+    args = p.parse_args(argv)
     for shape in ("quickstart", "blocks") if args.shape == "both" else (args.shape,):
         bench(shape, args.steps, args.device, args.variants)
 

@@ -276,20 +276,20 @@ def eval_loss(device, dtype, steps):
 
 @errors.cli
 def main(argv):
-    p = flags.FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.flag("device", flags.Flag(choices=("cpu", "cuda")), "cpu", "cpu or cuda (default: %(default)s)")
-    p.flag("dtype", flags.Flag(choices=("auto", "bf16", "fp16", "fp32")), "auto",
-           "the training dtype of every run, both sides of the comparison included (auto: what train_gpt2.py picks; "
-           "fp32 on a CPU with AVX512-BF16 stands in for an AVX2 laptop)")
-    p.flag("steps", flags.Flag(int, lo=3, hint="; the first two steps are not timed"), 10,
-           "optimizer steps per configuration (default: %(default)s)")
-    p.flag("only", flags.Flag(choices=("table", "compare", "blocks", "eval")), None, "run only one part (blocks: the "
-           "loss's block size; eval: the loss without gradients against the plain one; both only when asked for)")
-    p.flag("compile", flags.Flag(choices=("on", "off", "both")), "on", "the comparison compiled (on), eager (off: "
-           "what old GPUs and MPS run) or both, each side the same (default: %(default)s)")
-    p.flag("shape", flags.Flag(empty=True), "", "compare only the shapes whose names hold one of these "
-           "(comma-separated), e.g. 4L-128,T1024")
-    args = p.parse(argv)
+    p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="the training dtype of every run, both sides of the comparison included (auto: what "
+                   "train_gpt2.py picks; fp32 on a CPU with AVX512-BF16 stands in for an AVX2 laptop)")
+    p.add_argument("--steps", type=flags.number(int, 3, hint="; the first two steps are not timed"), default=10,
+                   help="optimizer steps per configuration (default: %(default)s)")
+    p.add_argument("--only", choices=("table", "compare", "blocks", "eval"), help="run only one part (blocks: the "
+                   "loss's block size; eval: the loss without gradients against the plain one; both only when asked for)")
+    p.add_argument("--compile", choices=("on", "off", "both"), default="on", help="the comparison compiled (on), "
+                   "eager (off: what old GPUs and MPS run) or both, each side the same (default: %(default)s)")
+    p.add_argument("--shape", default="", help="compare only the shapes whose names hold one of these "
+                   "(comma-separated), e.g. 4L-128,T1024")
+    args = p.parse_args(argv)
     dev = ["--device", args.device, "--dtype", args.dtype]
     gpt2 = ["--model", "gpt2"]
     small = ["--n_layer", "4", "--n_head", "4", "--n_embd", "256"]

@@ -7,7 +7,7 @@ above it in this list, and never train_gpt2.py, hellaswag.py or fineweb.py.
 
     errors          UserError (one line, exit 2), Stopped (a signal's exit code), cli()
     files           atomic writes, and the leftovers of interrupted ones
-    flags           what each flag accepts (Flag), argparse with one-line errors (FlagParser)
+    flags           what each flag accepts (argparse type=), argparse with one-line errors (Parser)
     formats         other programs' files: build-nanogpt's, nanoGPT's, llm.c's
     runtime         the device, dtype and ranks (resolve), the process settings (configure_process)
     train_flags     every flag of training (TrainConfig) and their checks against each other

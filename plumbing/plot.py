@@ -55,14 +55,15 @@ def figure(log_dir, compare=None):
 
 def main(argv):
     """`train_gpt2.py plot`: log.txt's losses and HellaSwag accuracy as a PNG."""
-    parser = flags.FlagParser(
-        prog="train_gpt2.py plot", description="Plot log.txt: losses and HellaSwag."
-    )
-    parser.flag("log_dir", flags.Flag(path="dir"), "log", "directory holding log.txt")
-    parser.flag("out", flags.Flag(path="out_file"), None, "PNG to write (None: <log_dir>/plot.png)")
-    parser.flag("compare", flags.Flag(path="dir"), None,
-                "another run's log directory, drawn on the same chart (muon beside adamw, say)")
-    args = parser.parse(argv)
+    p = flags.Parser(prog="train_gpt2.py plot", description="Plot log.txt: losses and HellaSwag.")
+    p.add_argument("--log_dir", type=flags.path("dir"), default="log",
+                   help="directory holding log.txt")
+    p.add_argument("--out", type=flags.path("out_file"),
+                   help="PNG to write (None: <log_dir>/plot.png)")
+    p.add_argument(
+        "--compare", type=flags.path("dir"),
+        help="another run's log directory, drawn on the same chart (muon beside adamw, say)")
+    args = p.parse_args(argv)
     out = args.out or os.path.join(args.log_dir, "plot.png")
     if problem := flags.path_problem(out, "out_file"):
         raise errors.UserError(f"cannot write the plot: {problem}")

@@ -3,7 +3,6 @@ The runtime: which device, dtype and rank this process is (resolve, the one plac
 environment and changes nothing) and the process-wide settings a training program makes for it
 (configure_process); setup does both, for the entry points."""
 
-import argparse
 import contextlib
 import ctypes
 import datetime
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from plumbing import errors, flags
+from plumbing import errors
 
 
 @dataclass
@@ -64,10 +63,9 @@ def resolve(device="auto", dtype="auto", check=None):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    flags.check_flags(
-        argparse.Namespace(device=device, dtype=dtype),
-        {"device": flags.Flag(choices=DEVICES), "dtype": flags.Flag(choices=DTYPES)},
-    )
+    for name, value, choices in ("device", device, DEVICES), ("dtype", dtype, DTYPES):
+        if value not in choices:  # as the command line's choices= would say it
+            raise errors.UserError(f"unknown --{name} {value!r}; use {', '.join(choices)}")
     if check is not None:
         check(world_size)
     if device == "auto":

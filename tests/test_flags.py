@@ -247,6 +247,50 @@ def test_a_value_outside_a_flags_domain_is_one_line_and_exit_2(cmd, flag, ws, mo
     check()
 
 
+def as_python(text):
+    """A drawn text as the value a Python caller would give: a number where it reads as one."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+INT_KINDS = {"pos_int", "nonneg_int", "bit", "seed", "minutes", "batch_or_auto"}
+FLOAT_KINDS = {"pos_float", "nonneg_float", "dropout", "ratio"}
+# --prompt "" is refused only where samples are printed (runlog.check_run_outputs), beyond check()
+PYTHON_CASES = [flag for flag, kind in TRAIN.items() if flag != "prompt"]
+
+
+@pytest.mark.parametrize("flag", PYTHON_CASES)
+def test_a_config_built_in_python_is_checked_as_the_command_line_is(flag, ws):
+    """train(cfg) from Python (a notebook, a sweep): the same values outside a flag's domain, as Python values (a
+    number where the text reads as one), and a bool or the text of a number where the number is wanted, must be
+    a one-line UserError from train_flags.check, which runs before any device setup."""
+    from plumbing import errors, train_flags
+    kind = TRAIN[flag]
+    if isinstance(kind, tuple):
+        strategy = choices_outside(kind[1])
+    elif kind in INT_KINDS | FLOAT_KINDS:
+        wrong_type = [True, "2"] + ([2.0] if kind in INT_KINDS else [])
+        strategy = KINDS[kind].map(as_python) | st.sampled_from(wrong_type)
+    else:
+        strategy = KINDS[kind]
+
+    @settings(max_examples=12, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(value=strategy)
+    def check(value):
+        value = value.replace("{ws}", str(ws)) if isinstance(value, str) else value
+        cfg = train_flags.TrainConfig(**{"data": str(ws / "small.txt"), "log_dir": str(ws / "log"), flag: value})
+        with pytest.raises(errors.UserError) as e:
+            train_flags.check(cfg)
+        assert "\n" not in str(e.value), str(e.value)
+
+    check()
+
+
 @pytest.mark.parametrize("cmd", SPEC)
 def test_the_table_names_every_flag_of_every_command(cmd, ws, monkeypatch, capsys):
     """A new flag must be added to SPEC above (with its kind, or None: any text), so that it is fuzzed too."""
