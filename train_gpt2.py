@@ -1,22 +1,21 @@
 """
 Train GPT-2 from scratch, in a file that reads top to bottom as a lecture on pretraining:
 
-    1. the model          token and position embeddings, transformer blocks, the output layer
-    2. the optimizer      AdamW with the GPT-3 paper's settings (or Muon for the matrices)
-    3. the data           token shards cut into micro-batches, the same on any number of GPUs
+    1. the model          embeddings, transformer blocks, the output layer
+    2. the optimizer      AdamW as GPT-3 set it (or Muon for the matrices)
+    3. the data           token shards cut into micro-batches, alike on any number of GPUs
     4. the schedule       linear warmup, then cosine decay of the learning rate
     5. the training loop  train() and train_step(): the whole of pretraining
-    6. evaluation         val loss, HellaSwag, and sampling text with a KV cache
+    6. evaluation         val loss, HellaSwag, sampling text with a KV cache
     7. checks, loading    the flags against the model's shape; a trained model from disk
     8. the command line   train (the default), sample, export, plot, evaluate
-What real machines need and a reader can skip is in plumbing/, a module a job, called by name.
+What real machines need and a reader can skip is in plumbing/, a module a job.
 
     python train_gpt2.py --data input.txt --n_layer 4 --n_head 4 --n_embd 128   # a laptop
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --data edu_fineweb10B  # 8 GPUs
 """
 
 import contextlib
-import dataclasses
 import math
 import os
 import time
@@ -29,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-# the plumbing, a module a job (plumbing/__init__.py lists them)
+# the plumbing (plumbing/__init__.py lists its modules)
 from plumbing import checkpoints, chunked_loss, commands, errors, evaluate, flags, formats
 from plumbing import hellaswag_eval, huggingface, memory, mfu, optimizers, plot, resume, runlog
 from plumbing import runtime, sharding, signals, token_files, train_flags
@@ -77,7 +76,7 @@ class CausalSelfAttention(nn.Module):
         # q, k, v for all heads in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # mixes the heads' outputs
-        self.c_proj.RESIDUAL_PROJ = True  # scaled at init, see GPT._init_weights
+        self.c_proj.RESIDUAL_PROJ = True  # scaled at init (GPT._init_weights)
 
     def forward(self, x, cache=None, dropout=0.0):
         B, T, C = x.shape
@@ -88,7 +87,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:  # sampling: the keys and values of the tokens before are kept
             k, v = cache.update(k, v)  # (B, nh, T_past + T, hs)
         assert cache is None or T == 1 or k.size(2) == T, "a cached forward takes one token a time"
-        # A query attends to itself and the past: one new token after a cache may see it all.
+        # a query sees itself and the past: a new token after a cache may see it all
         # softmax(q k^T / sqrt(hs)) v, in blocks (flash attention), never the (T, T) matrix whole
         causal = k.size(2) == T and T > 1
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)  # like q
@@ -212,14 +211,14 @@ class GPT(nn.Module):
 
 def configure_optimizer(model, lr, weight_decay, device_type, muon=None):
     """AdamW as in the GPT-3 paper (appendix B): betas (0.9, 0.95), eps 1e-8, weight decay on
-    matrices only. muon (Muon's settings, --optimizer muon): Muon for the blocks' matrices."""
+    matrices only; with muon (Muon's settings), Muon for the blocks' matrices."""
     params = [p for p in model.parameters() if p.requires_grad]
     # Muon only for the blocks' matrices, which map hidden states to hidden states; embeddings
     # (rows that learn from their own tokens alone) and 1-D tensors stay on AdamW (Jordan 2024)
     blocks = model.transformer.h
     matrices = [p for b in blocks for p in b.parameters() if p.dim() == 2] if muon else []
     params = [p for p in params if all(p is not m for m in matrices)]
-    # Why: decaying matmul weights and embeddings regularizes; biases and gains need no pull to 0
+    # Why: decay regularizes matmuls and embeddings; biases and gains need no pull to 0
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -253,15 +252,15 @@ class Muon(torch.optim.Optimizer):
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
                 buf = self.state[p]["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)  # the gradients' moving average
-                update = orthogonalize(p.grad.lerp(buf, mu), self.ns_dtype)  # Nesterov: look ahead
+                update = orthogonalize(p.grad.lerp(buf, mu), self.ns_dtype)  # Nesterov's
                 p.mul_(1 - lr * group["weight_decay"])
                 # U V^T's entries are smaller in a tall matrix: scaled by sqrt(rows / cols)
                 p.add_(update, alpha=-lr * math.sqrt(max(1, p.size(0) / p.size(1))))
 
 
 def orthogonalize(g, dtype, steps=5):
-    """About U V^T of g = U S V^T, without an SVD: a quintic Newton-Schulz iteration that drives
-    every singular value towards 1 (its coefficients are Jordan's, tuned for 5 steps)."""
+    """About U V^T of g = U S V^T, without an SVD: a quintic Newton-Schulz iteration drives every
+    singular value towards 1 (Jordan's coefficients, tuned for 5 steps)."""
     x = g.to(dtype)
     tall = x.size(0) > x.size(1)
     x = x.T if tall else x  # the iteration multiplies by x x^T: the smaller side
@@ -273,21 +272,20 @@ def orthogonalize(g, dtype, steps=5):
 
 
 # =============================================================================
-# 3. The data: tokens on disk (token_files reads and checks them) -> micro-batches of (x, y)
+# 3. The data: tokens on disk (token_files reads them) -> micro-batches of (x, y)
 
 
 class DataLoader:
     """Micro-batches of B sequences of T tokens, epoch after epoch: each shard cut into blocks of
-    T (+1 for the targets) tokens, read B at a time. With shuffle, epoch e permutes the shards and
-    their blocks seeded by (seed, e) alone. Micro-batch j goes to rank j % world_size, so N ranks
-    with A accumulation steps see what one process with N*A steps sees, and the position (epoch,
-    shard, pos) resumes on any number of ranks."""
+    T (+1) tokens, read B at a time; with shuffle, epoch e permutes shards and blocks seeded by
+    (seed, e). Micro-batch j goes to rank j % world_size: N ranks with A accumulation steps see
+    what one process with N*A steps sees, and (epoch, shard, pos) resumes on any number of ranks."""
 
     def __init__(self, shards, B, T, rank=0, world_size=1, shuffle=False, seed=0):
         self.shards = token_files.shards_that_fill(shards, B * T + 1, rank)
         self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
         self.shuffle, self.seed = shuffle, seed
-        self.epoch, self.shard, self.pos = 0, 0, 0  # pos: tokens of the shard read, T per block
+        self.epoch, self.shard, self.pos = 0, 0, 0  # pos: tokens of the shard read
         self._cached = (None, None)  # ((epoch, shard), its block order)
 
     def state_dict(self):
@@ -324,13 +322,13 @@ class DataLoader:
         return i, self._blocks(i)[first: first + self.B]
 
     def next_batch(self):
-        for r in range(self.world_size):  # the other ranks' micro-batches are skipped, not read
+        for r in range(self.world_size):  # other ranks' micro-batches are skipped, not read
             i, starts = self._advance()
             if r == self.rank:
                 rows = [self.shards[i][s: s + self.T + 1] for s in starts]
                 # uint16 on disk (50257 ids fit), int64 for the embedding lookup
                 buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T + 1)
-        # Why T+1 tokens: the targets are the inputs shifted by one: every position is an example
+        # the targets are the inputs shifted by one: every position is an example
         x = buf[:, :-1].contiguous()  # (B, T) inputs
         y = buf[:, 1:].contiguous()  # (B, T) targets: the next token at every position
         return x, y
@@ -351,21 +349,17 @@ def get_lr(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
     if step >= max_steps:
         return min_lr
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
-    # Why decay: late in training smaller steps settle into the valley instead of bouncing across
+    # Why decay: late in training, smaller steps settle into the valley, not bounce across it
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
 def grad_accum_steps(total_batch_size, batch_size, seq_len, world_size):
-    """Micro-steps per optimizer step so that all ranks together process total_batch_size tokens.
-    batch_size None (--batch_size auto, not yet chosen) checks that whole sequences fill a step."""
+    """Micro-steps per optimizer step so that all ranks together process total_batch_size tokens
+    (batch_size None: --batch_size auto, not yet chosen: only checked)."""
     per_micro = (batch_size or 1) * seq_len * world_size
     if total_batch_size % per_micro != 0:
-        what, fix = ("batch_size * ", f"{batch_size} * ") if batch_size else ("", "")
-        raise errors.UserError(
-            f"--total_batch_size {total_batch_size} is not a multiple of {what}seq_len * "
-            f"world_size = {fix}{seq_len} * {world_size} = {per_micro}; change --total_batch_size "
-            f"(e.g. to {max(1, total_batch_size // per_micro) * per_micro}) or "
-            f"{'--batch_size' if batch_size else '--seq_len'}")
+        raise errors.UserError(train_flags.indivisible_batch(total_batch_size, batch_size, seq_len,
+                                                             world_size))
     return total_batch_size // per_micro if batch_size else None
 
 
@@ -375,31 +369,31 @@ def grad_accum_steps(total_batch_size, batch_size, seq_len, world_size):
 # step, max_lr 6e-4, 715 warmup steps, 19,073 steps (10B tokens), weight decay 0.1, clip 1.0.
 
 
-@signals.keeps_signal_handlers  # a caller's Ctrl-C handler is back when train() returns or raises
+@signals.keeps_signal_handlers  # a caller's Ctrl-C handler is back when train() ends
 def train(cfg):
     """Pretraining: set up the machine; build (or restore) the model, optimizer and data; wrap the
-    model for speed; then loop: now and then evaluate, sample and checkpoint; always one step."""
+    model for speed; then loop: now and then evaluate, sample, checkpoint; always one step."""
     rt = runtime.setup(cfg.device, cfg.dtype, check=lambda ranks: check_config(cfg, ranks),
                        dist_timeout=cfg.dist_timeout)
     s = build_state(cfg, rt)  # new, or a checkpoint's step, weights and data position
-    # train_model runs the training steps (compiled; DDP or FSDP); s.model, the same weights,
-    # evaluates, samples and is saved, eagerly
+    # train_model runs the steps (compiled; DDP or FSDP); s.model, the same weights, evaluates,
+    # samples and is saved, eagerly
     train_model = wrap_model(s.model, cfg, rt, s.compile)
-    log = runlog.RunLog(cfg, rt, s)  # log.txt, W&B, the console (rank 0)
+    log = runlog.RunLog(cfg, rt, s)  # log.txt, W&B, console
     hella = hellaswag_eval.for_training(cfg, rt) if cfg.hellaswag_every else None
     enc = token_files.get_encoding() if cfg.sample_every or hella else None
     flops, peak = mfu.flops_per_token(s.model.config, cfg.seq_len), mfu.peak_flops(rt)
     stop = signals.StopSignal(rt.ddp)  # SIGTERM/SIGINT: finish the step, checkpoint, exit
-    stop_for, new_ckpt = 0, None  # the signal all ranks stop for (0: none), the newest checkpoint
+    stop_for, new_ckpt = 0, None  # the signal all ranks stop for (0: none); the last checkpoint
 
-    def checkpoint(path, step):  # every rank calls it (FSDP gathers); rank 0 writes, then prunes
+    def checkpoint(path, step):  # every rank (FSDP gathers); rank 0 writes, then prunes
         checkpoints.save(path, s.model, s.optimizer, s.scaler, step, s.loader, cfg, s.wandb_id,
                          cfg.fsdp)
         if rt.master and cfg.keep_checkpoints:
             checkpoints.prune(cfg.log_dir, cfg.keep_checkpoints, step, s.last_good)
 
     # Why max_steps + 1 passes, the periodic work first: pass k evaluates, samples and saves the
-    # model after k steps, so the last pass does that for the final model, and takes no step.
+    # model after k steps; the last pass does that for the final model and takes no step.
     for step in range(s.step, cfg.max_steps + 1):
         last = step == cfg.max_steps
         ckpt_path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
@@ -410,44 +404,42 @@ def train(cfg):
             runtime.barrier(rt)  # no rank leaves before the checkpoint is written
             raise errors.Stopped(stop_for)
 
-        periodic_work(s, cfg, rt, log, hella, enc, step, last)  # val loss, HellaSwag, samples
+        periodic_work(s, cfg, rt, log, hella, enc, step, last)  # evaluations, samples
         if cfg.checkpoint_every and step > s.step and (step % cfg.checkpoint_every == 0 or last):
             checkpoint(ckpt_path, step)
             new_ckpt = ckpt_path
         if last:
-            runtime.barrier(rt)  # leave together: tearing down the group under others can abort
+            runtime.barrier(rt)  # leave together (a group torn down under others can abort)
             log.finish()
             break
 
-        # ---- one optimizer step ----
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # one optimizer step
         # the learning rate is a function of the step: a resumed run goes on exactly (no state)
         lr = get_lr(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         try:
             loss, norm = train_step(train_model, s, lr, cfg.grad_clip, rt, cfg.fsdp)
         except torch.OutOfMemoryError:
             raise memory.out_of_memory_error(step, s, cfg, rt) from None
-        stop_for = signals.agree_on_signal(stop.signum, rt)  # every rank stops after this step
-        loss = loss.item()  # waits for the device to finish the step: only now is its time known
+        stop_for = signals.agree_on_signal(stop.signum, rt)  # all ranks stop after this step
+        loss = loss.item()  # waits for the device to finish the step: now its time is known
         dt = time.perf_counter() - t0
-        if not math.isfinite(loss):  # diverged: every later step would be wasted
+        if not math.isfinite(loss):  # diverged: later steps would be wasted
             raise errors.UserError(f"the loss is {loss} at step {step}; stopping. Last good "
                                    f"checkpoint: {s.last_good or 'none'}; resume from it with a "
                                    "lower --max_lr")
         if new_ckpt and new_ckpt != s.last_good:  # its weights just gave a finite loss
             s.last_good = new_ckpt
-            if rt.master and cfg.keep_checkpoints:  # the last good one it replaces may go now
+            if rt.master and cfg.keep_checkpoints:  # the one it replaces may go now
                 checkpoints.prune(cfg.log_dir, cfg.keep_checkpoints, step, s.last_good)
         tok_s = cfg.total_batch_size / dt
-        # MFU, model FLOPs utilization (PaLM paper, appendix B): the FLOP/s the model needs over
-        # the hardware's peak. 40-50% is good on GPUs
-        util, peak = mfu.mfu_percent(tok_s, flops, peak, rt)  # a CPU's peak may be measured again
+        # MFU (PaLM paper, appendix B): the model's FLOP/s over the hardware's peak; 40-50% is good
+        util, peak = mfu.mfu_percent(tok_s, flops, peak, rt)  # (a CPU's peak: measured again)
         log.step(step, loss, lr, norm.item(), dt, tok_s, util, cfg.max_steps)
 
 
 def periodic_work(s, cfg, rt, log, hella, enc, step, last):
     """Every so often, and after the last step: the val loss, HellaSwag, samples, on s.model."""
-    # Eagerly: FSDP compiles s.model's blocks in place, and evaluation's shapes would recompile them
+    # eagerly: FSDP compiles s.model's blocks in place; evaluation's shapes would recompile them
     with torch.compiler.set_stance("force_eager"):
         if cfg.eval_every and (step % cfg.eval_every == 0 or last):
             # the loss on text never trained on: falling train loss alone could be memorization
@@ -474,25 +466,25 @@ def train_step(model, s, lr, grad_clip, rt, fsdp=False):
     loss_accum = torch.zeros((), device=rt.device)
     for micro in range(s.grad_accum):
         x, y = runtime.to_device(s.loader.next_batch(), rt)  # CUDA: copied while the GPU works
-        # DDP all-reduces gradients in backward(); only the last micro-step needs to, so the others
-        # skip it (no_sync) and add theirs up locally. FSDP likewise with sync_once, holding the
-        # whole gradient and weights until then; without it each rank only ever holds shards.
+        # DDP all-reduces gradients in backward(); only the last micro-step needs to, the others
+        # skip it (no_sync) and add up locally. FSDP likewise with sync_once, holding the whole
+        # gradient and weights until then; without it each rank only ever holds shards.
         last = micro == s.grad_accum - 1
         if fsdp:
             model.set_requires_gradient_sync(last or not s.sync_once)
             model.set_reshard_after_backward(last or not s.sync_once)
         sync = model.no_sync() if rt.ddp and not fsdp and not last else contextlib.nullcontext()
         with sync:
-            with rt.autocast():  # matmuls in bf16/fp16 where set up; weights and loss stay fp32
-                loss = model(x, y)[1]  # the loss alone: (B, T, vocab) logits kept would cost GBs
+            with rt.autocast():  # matmuls in bf16/fp16 if set up; weights and loss stay fp32
+                loss = model(x, y)[1]  # the loss alone: keeping (B, T, vocab) logits costs GBs
             # Why divide: backward() adds up the micro-steps' gradients; we want the mean loss's
             loss = loss / s.grad_accum
             loss_accum += loss.detach()
-            s.scaler.scale(loss).backward()  # fp16: scaled up so small gradients do not flush to 0
+            s.scaler.scale(loss).backward()  # fp16: scaled up, so small gradients stay above 0
     if rt.ddp:  # the mean over the ranks, for the log only (gloo before torch 2.8 has no AVG)
         dist.all_reduce(loss_accum)
         loss_accum /= rt.world_size
-    s.scaler.unscale_(s.optimizer)  # (fp16) back to true gradients before measuring their norm
+    s.scaler.unscale_(s.optimizer)  # (fp16) true gradients again, before their norm is taken
     # Why clip (to 1.0 in the GPT-3 recipe): a rare bad batch gives a huge gradient; scaled down
     # it keeps its direction, but one step can throw the weights only so far
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
@@ -506,7 +498,7 @@ def train_step(model, s, lr, grad_clip, rt, fsdp=False):
 
 @dataclass
 class TrainState:
-    """What the loop starts from (build_state) and carries along."""
+    """What the loop starts from (build_state) and carries."""
     model: nn.Module  # the plain GPT (blocks sharded under FSDP): evaluation, sampling, saving
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -515,7 +507,7 @@ class TrainState:
     batch_size: int  # sequences per micro-step on each rank
     grad_accum: int  # micro-steps per optimizer step
     compile: bool  # whether to torch.compile the model
-    sync_once: bool = True  # FSDP: gradients reduced once per step, not every micro-step
+    sync_once: bool = True  # FSDP: gradients reduced once a step, not every micro-step
     step: int = 0  # optimizer steps taken: where the loop starts
     last_good: str = None  # the newest checkpoint known to give a finite loss (never pruned)
     wandb_id: str = None  # the W&B run a resumed run continues
@@ -523,9 +515,9 @@ class TrainState:
 
 def build_state(cfg, rt):
     """What training starts from: new (seeded by --seed), weights to fine-tune (--init_from), or a
-    whole training state to continue (--resume: also the step, data position, random state)."""
+    whole training state to continue (--resume)."""
     sharding.check_fsdp(cfg, rt)
-    ckpt = resume.to_resume(cfg, rt)  # None: a new run; checked: what may change on resume
+    ckpt = resume.to_resume(cfg, rt)  # None: a new run
     init_model = load_model(cfg.init_from, report=rt.master) if cfg.init_from else None
     config = model_config(cfg, ckpt, init_model)
     splits = ("train", "val") if cfg.eval_every else ("train",)
@@ -539,16 +531,14 @@ def build_state(cfg, rt):
     compile_model = runtime.use_compile(cfg.compile, rt)
     if cfg.fsdp:  # before the optimizer and the checkpoint load, which work on the shards
         sharding.shard_model(model, rt, compile_model)
-    batch_size = cfg.batch_size
-    if batch_size == "auto":
-        batch_size = memory.auto_batch_size(model, cfg, rt)
+    auto = cfg.batch_size == "auto"
+    batch_size = memory.auto_batch_size(model, cfg, rt) if auto else cfg.batch_size
     grad_accum = grad_accum_steps(cfg.total_batch_size, batch_size, cfg.seq_len, rt.world_size)
-    # after --batch_size auto, whose trial steps draw from the generator
-    torch.manual_seed(runtime.rank_seed(cfg.seed, rt.rank))  # each rank its own stream
+    # each rank its own stream, after --batch_size auto (whose trial steps draw from it)
+    torch.manual_seed(runtime.rank_seed(cfg.seed, rt.rank))
     loader = DataLoader(train_shards, batch_size, cfg.seq_len, rt.rank, rt.world_size,
                         token_files.data_shuffle(cfg), cfg.seed)
-    # Muon's Newton-Schulz in bf16 where the run is (torch.optim.Muon: always), else fp32 (AVX2
-    # CPUs emulate bf16 slowly, a GTX 960 has none)
+    # Newton-Schulz in bf16 (as torch.optim.Muon), but fp32 where the run is not bf16 (GTX 960)
     ns_dtype = torch.bfloat16 if rt.dtype == "bf16" else torch.float32
     muon = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum, ns_dtype=ns_dtype)
     optimizer = configure_optimizer(model, cfg.max_lr, cfg.weight_decay, rt.device_type,
@@ -565,12 +555,11 @@ def build_state(cfg, rt):
 
 
 def wrap_model(model, cfg, rt, compile_model):
-    """The model the training steps run, with `model`'s weights: compiled, in DDP under torchrun
-    (FSDP: `model` itself, its blocks sharded and compiled by shard_model)."""
+    """The model the training steps run: compiled, in DDP under torchrun (FSDP: `model` itself,
+    sharded and compiled by shard_model)."""
     if compile_model:
-        # Why compile: it fuses the elementwise work around the matmuls (casts, GELU, LayerNorm,
-        # the loss's softmax) into kernels that read memory once, not once per operation
-        torch._dynamo.config.suppress_errors = cfg.compile == "auto"  # no C++ compiler? eagerly
+        # Why compile: it fuses the elementwise work (casts, GELU, LayerNorm, softmax) into
+        # kernels that read memory once, not once per operation
         model = model if cfg.fsdp else torch.compile(model)  # FSDP: each block is compiled
     if rt.ddp and not cfg.fsdp:
         # DDP averages the gradients over the ranks in backward, bucket by bucket, overlapped
@@ -587,14 +576,14 @@ def wrap_model(model, cfg, rt, compile_model):
 
 @torch.no_grad()
 def evaluate_loss(model, val_shards, n_tokens, batch_size, seq_len, rt, fsdp=False):
-    """Mean cross-entropy over the fixed val set, split over the ranks and summed back."""
+    """Mean cross-entropy over the fixed val set, split over ranks."""
     loss_sum, count = 0.0, 0
-    # the first n_tokens // seq_len sequences of the val split, the same at every evaluation;
-    # under FSDP a rank with fewer batches runs idle ones (y None), as each forward needs all ranks
+    # the first n_tokens // seq_len sequences of the val split, the same at every evaluation
+    # (FSDP: a rank with fewer batches runs idle ones, y None, as each forward needs all ranks)
     batches = token_files.val_batches(val_shards, n_tokens, batch_size, seq_len, rt, fsdp)
     with runtime.eval_mode(model):  # no dropout
         for x, y in batches:
-            with rt.autocast():  # with targets: the training loss without its gradients
+            with rt.autocast():  # the training loss, without gradients
                 _, loss = model(x.to(rt.device), None if y is None else y.to(rt.device))
             if y is not None:
                 loss_sum += loss.item() * y.numel()
@@ -603,9 +592,8 @@ def evaluate_loss(model, val_shards, n_tokens, batch_size, seq_len, rt, fsdp=Fal
     return loss_sum / count
 
 
-# HellaSwag (Zellers et al. 2019; --hellaswag_every): a context and 4 endings, one right. The
-# model's answer is the ending it finds least surprising: the lowest summed cross-entropy of its
-# tokens (acc), or the lowest mean per token (acc_norm, fair to long endings), as GPT-3 scored it.
+# HellaSwag (Zellers et al. 2019): of 4 endings the model picks the least surprising, by the sum
+# (acc) or the mean per token (acc_norm) of its tokens' cross-entropy, as GPT-3 scored it.
 
 
 class KVCache:
@@ -619,7 +607,7 @@ class KVCache:
         return 0 if self.kv[0] is None else self.kv[0][0].size(2)
 
     def update(self, k, v):
-        if self.kv[self.layer] is not None:  # the past's, then this one's: (B, nh, T_past + T, hs)
+        if self.kv[self.layer] is not None:  # the past's, then these: (B, nh, T_past + T, hs)
             k, v = (torch.cat([past, new], dim=2) for past, new in zip(self.kv[self.layer], (k, v)))
         self.kv[self.layer] = (k, v)
         self.layer = (self.layer + 1) % len(self.kv)
@@ -630,7 +618,7 @@ class KVCache:
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
              use_cache=True):
     """Continues idx (B, T) by max_new_tokens tokens; temperature 0 is greedy. With the KV cache a
-    new token costs one position's forward; a full cache is rebuilt from the last block_size."""
+    new token costs one position's forward (a full cache restarts from the last block_size)."""
     model.eval()
     block_size = model.config.block_size
     cache = None
@@ -642,7 +630,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=
             logits, _ = model(idx[:, -block_size:], cache=cache)
         else:
             logits, _ = model(idx[:, -1:], cache=cache)
-        logits = logits[:, -1, :].float()  # (B, vocab): only the last position predicts the next
+        logits = logits[:, -1, :].float()  # (B, vocab): the last position predicts the next
         if temperature == 0:
             next_tok = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
         else:
@@ -659,9 +647,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=
 def sample_texts(model, enc, prompt, num_samples, max_new_tokens, rt, temperature=1.0, top_k=50,
                  seed=0):
     """num_samples continuations of prompt, as text, from a seeded generator of their own."""
-    tokens = enc.encode(prompt, allowed_special="all")
-    if not tokens:
-        raise errors.UserError("the prompt is empty; give some text to continue")
+    tokens = enc.encode(prompt, allowed_special="all")  # not empty: the commands refuse ""
     idx = torch.tensor([tokens] * num_samples, dtype=torch.long, device=rt.device)  # (n, T)
     gen = torch.Generator(device=rt.device).manual_seed(seed)  # training's stays untouched
     with rt.autocast():
@@ -676,25 +662,22 @@ def sample_texts(model, enc, prompt, num_samples, max_new_tokens, rt, temperatur
 def check_config(cfg, world_size):
     """The flags, before any device or process-group setup: a typo costs nothing."""
     train_flags.check(cfg)  # each flag's domain, and the pairs that exclude each other
-    if not cfg.resume and not cfg.init_from:  # the shape flags (a checkpoint's: once it is read)
+    if not cfg.resume and not cfg.init_from:  # the shape flags (a checkpoint's: once read)
         model_config(cfg)
     batch_size = None if cfg.batch_size == "auto" else cfg.batch_size
     grad_accum_steps(cfg.total_batch_size, batch_size, cfg.seq_len, world_size)
-    runlog.check_run_outputs(cfg)  # the prompt, the log directory, wandb: last, they read files
+    runlog.check_run_outputs(cfg)  # the prompt, the log directory, wandb: they read files
 
 
 def model_config(cfg, ckpt=None, init_model=None):
     """The model shape: the checkpoint's (resuming), the weights' (fine-tuning) or the preset's."""
-    shape = ("n_layer", "n_head", "n_embd")
-    overrides = {k: getattr(cfg, k) for k in shape if getattr(cfg, k) is not None}
-    config = GPTConfig(**{**PRESETS[cfg.model], **overrides})
-    if ckpt is not None or init_model is not None:
-        given = GPTConfig(**ckpt["config"]) if ckpt is not None else init_model.config
-        if overrides and any(getattr(given, k) != v for k, v in overrides.items()):
-            raise errors.UserError(f"the checkpoint holds a model of shape "
-                                   f"{dataclasses.asdict(given)}, not the {overrides} asked for; "
-                                   "drop the shape flags or start a new --log_dir")
-        config = given
+    overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
+    given = GPTConfig(**ckpt["config"]) if ckpt else init_model and init_model.config
+    if given and any(getattr(given, k) != v for k, v in overrides.items()):
+        raise errors.UserError(f"the checkpoint holds a model of shape {vars(given)}, not the "
+                               f"{overrides} asked for; drop the shape flags or start a new "
+                               "--log_dir")
+    config = given or GPTConfig(**{**PRESETS[cfg.model], **overrides})
     if config.n_embd % config.n_head:
         raise errors.UserError(f"n_embd {config.n_embd} is not divisible by n_head "
                                f"{config.n_head}; change one of them")
@@ -703,8 +686,8 @@ def model_config(cfg, ckpt=None, init_model=None):
 
 
 def load_model(path, report=False):
-    """A model from a checkpoint file (ours, build-nanogpt's, nanoGPT's, llm.c's: checkpoints.load
-    reads them all) or Hugging Face GPT-2 weights (name or directory). report: say what was read."""
+    """A model from a checkpoint file (ours, build-nanogpt's, nanoGPT's, llm.c's) or Hugging Face
+    GPT-2 weights (name or directory). report: say what was read."""
     if not os.path.isfile(path):
         return GPT.from_pretrained(path)
     ckpt = checkpoints.load(path)
@@ -727,14 +710,14 @@ def train_main(argv):
     try:
         train(train_flags.parse(argv))
     finally:
-        runtime.end_process_group()  # torchrun: the ranks leave the process group together
+        runtime.end_process_group()  # torchrun: ranks leave together
 
 
 def sample_main(argv):
     args = commands.sample_args(argv, PRESETS)
     rt = runtime.setup(args.device, args.dtype)
     model, enc = load_model(args.checkpoint).to(rt.device), token_files.get_encoding()
-    for prompt in commands.prompts(args):  # --prompt, or with --interactive each line of stdin
+    for prompt in commands.prompts(args):  # --prompt, or (--interactive) each line of stdin
         texts = sample_texts(model, enc, prompt, args.num_samples, args.max_new_tokens, rt,
                              args.temperature, args.top_k, args.seed)
         print("".join(f"--- sample {i}\n{text}\n" for i, text in enumerate(texts)), end="",
@@ -752,7 +735,7 @@ def evaluate_main(argv):
     evaluate.run(load_model(args.checkpoint).to(rt.device), args, rt)
 
 
-@errors.cli  # a mistake as one line and exit 2, a signal as its exit code, Ctrl-C before as 130
+@errors.cli  # a mistake as one line and exit 2, a signal as its exit code
 def main(argv):
     subcommands = {"sample": sample_main, "export": export_main, "evaluate": evaluate_main,
                    "plot": plot.main}

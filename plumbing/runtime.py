@@ -274,13 +274,12 @@ def use_compile(flag, rt):
         )
     if old_gpu and flag == "auto":
         if rt.master:
-            print(
-                f"compile: off: the {torch.cuda.get_device_name(rt.device)} is older than compute "
-                "capability "
-                f"{TRITON_MIN_CAPABILITY[0]}.0, which Triton (torch.compile on GPUs) needs; "
-                "training runs eagerly"
-            )
+            print(f"compile: off: the {torch.cuda.get_device_name(rt.device)} is older than "
+                  f"compute capability {TRITON_MIN_CAPABILITY[0]}.0, which Triton (torch.compile "
+                  "on GPUs) needs; training runs eagerly")
         return False
+    # process-wide: with auto, a model that fails to compile (no C++ compiler) runs eagerly
+    torch._dynamo.config.suppress_errors = flag == "auto"
     return flag == "on" or (flag == "auto" and rt.device_type in ("cuda", "cpu"))
 
 

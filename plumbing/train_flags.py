@@ -19,8 +19,9 @@ class TrainConfig:
     type= or choices=), its help."""
 
     data: str = flags.arg(
-        "input.txt", flags.path("exists", hint="; give a text file or a directory of .npy shards"),
-        "a text file (last 10%% is val) or a directory of uint16 .npy shards from fineweb.py")
+        "input.txt", flags.path("exists", hint="; give a text file or a directory of token shards"),
+        "a text file (last 10%% is val) or a directory of token shards: fineweb.py's .npy, llm.c's "
+        ".bin, nanoGPT's train.bin and val.bin")
     log_dir: str = flags.arg(
         "log", flags.path("out_dir"), "where log.txt and the model_<step>.pt checkpoints go")
     model: str = flags.arg("gpt2", MODELS, "model shape preset: " + ", ".join(MODELS))
@@ -152,6 +153,17 @@ def check(cfg):
     for wrong, message in problems:
         if wrong:
             raise errors.UserError(message)
+
+
+def indivisible_batch(total, batch_size, seq_len, world_size):
+    """The line for a --total_batch_size that micro-steps of batch_size (None: --batch_size auto,
+    whole sequences) * seq_len * world_size tokens do not make up exactly."""
+    per_micro = (batch_size or 1) * seq_len * world_size
+    what, fix = ("batch_size * ", f"{batch_size} * ") if batch_size else ("", "")
+    return (f"--total_batch_size {total} is not a multiple of {what}seq_len * world_size = {fix}"
+            f"{seq_len} * {world_size} = {per_micro}; change --total_batch_size (e.g. to "
+            f"{max(1, total // per_micro) * per_micro}) or "
+            f"{'--batch_size' if batch_size else '--seq_len'}")
 
 
 def parser():
