@@ -397,6 +397,7 @@ def grad_accum_steps(total_batch_size, batch_size, seq_len, world_size):
 # weight decay 0.1, gradients clipped to norm 1.0.
 
 
+@runlog.holds_log_dir  # one run a --log_dir: a second one there is refused until train() ends
 @signals.keeps_signal_handlers  # a caller's Ctrl-C handler is back when train() returns or raises
 def train(cfg):
     """Pretraining: set up the machine; build (or restore) the model, optimizer and data; wrap the
