@@ -376,18 +376,18 @@ def main(argv=None):
                   "shard_size": args.shard_size, "prefix": args.prefix}
         out = Path(args.out)
         state = load_progress(out, params)
-        # the shards an interrupted run was writing are written again: their temporaries go
         if not state["done"]:
-            files.report_abandoned_temporaries(out, own_files(args.prefix))
             enc = tiktoken.get_encoding(ENCODING)
             if enc.max_token_value >= 2**16:  # shards are uint16
                 raise errors.UserError(
                     f"{ENCODING} has token ids up to {enc.max_token_value}, more than uint16 "
                     "holds; use a wider dtype"
                 )
-            state = write_shards(
-                open_source(source, name, args.text_field), out, state, args.workers
-            )
+            texts = open_source(source, name, args.text_field)
+            # one run an --out, once the inputs are checked: the temporaries of the shards an
+            # interrupted run was writing go (they are written again)
+            with files.DirLock(out, "--out", own_files(args.prefix)):
+                state = write_shards(texts, out, state, args.workers)
     except errors.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -48,7 +48,7 @@ class GPTConfig:
     @property
     def padded_vocab_size(self):
         # Why: matmul kernels are faster on a multiple of 128 (50304) than on 50257. The extra
-        # rows are never targets, and their logits are -inf (head(), the loss): they never win.
+        # rows are never targets; their logits are -inf (head(), the loss): they never win.
         return (self.vocab_size + 127) // 128 * 128
 
 
@@ -178,7 +178,7 @@ class GPT(nn.Module):
         x = maybe_dropout(self.transformer.wte(idx) + self.transformer.wpe(pos), p)  # (B, T, C)
         for block in self.transformer.h:
             if self.grad_checkpoint and self.training and cache is None:
-                # keep only the block's input; backward runs the block again (same dropout masks)
+                # keep only the block's input; backward runs it again (same dropout masks)
                 x = torch.utils.checkpoint.checkpoint(block, x, None, p, use_reentrant=False)
             else:
                 x = block(x, cache, p)
@@ -248,7 +248,7 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, mu = group["lr"], group["momentum"]
             for p in group["params"]:
-                if not self.state[p]:  # the first step
+                if not self.state[p]:  # first step
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
                 buf = self.state[p]["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)  # the gradients' moving average
@@ -286,7 +286,7 @@ class DataLoader:
         self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
         self.shuffle, self.seed = shuffle, seed
         self.epoch, self.shard, self.pos = 0, 0, 0  # pos: tokens of the shard read
-        self._cached = (None, None)  # ((epoch, shard), its block order)
+        self._cached = (None, None)  # ((epoch, shard), block order)
 
     def state_dict(self):
         return {"epoch": self.epoch, "shard": self.shard, "pos": self.pos,
@@ -306,7 +306,7 @@ class DataLoader:
     def _blocks(self, i):  # the start of each block of shard file i, in this epoch's order
         if self._cached[0] != (self.epoch, i):
             starts = np.arange((len(self.shards[i]) - 1) // self.T) * self.T  # T+1 tokens a block
-            if self.shuffle:  # seeded by the epoch and the file, not by where it is read
+            if self.shuffle:  # seeded by the epoch and the file, not where it is read
                 starts = np.random.default_rng([self.seed, self.epoch, i]).permutation(starts)
             self._cached = ((self.epoch, i), starts)
         return self._cached[1]
@@ -328,7 +328,7 @@ class DataLoader:
                 rows = [self.shards[i][s: s + self.T + 1] for s in starts]
                 # uint16 on disk (50257 ids fit), int64 for the embedding lookup
                 buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T + 1)
-        # the targets are the inputs shifted by one: every position is an example
+        # targets: the inputs shifted by one, so every position is an example
         x = buf[:, :-1].contiguous()  # (B, T) inputs
         y = buf[:, 1:].contiguous()  # (B, T) targets: the next token at every position
         return x, y
@@ -349,7 +349,7 @@ def get_lr(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
     if step >= max_steps:
         return min_lr
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
-    # Why decay: late in training, smaller steps settle into the valley, not bounce across it
+    # Why decay: late in training smaller steps settle into the valley, not bounce across it
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
@@ -369,7 +369,8 @@ def grad_accum_steps(total_batch_size, batch_size, seq_len, world_size):
 # step, max_lr 6e-4, 715 warmup steps, 19,073 steps (10B tokens), weight decay 0.1, clip 1.0.
 
 
-@signals.keeps_signal_handlers  # a caller's Ctrl-C handler is back when train() ends
+@runlog.holds_log_dir  # one run a --log_dir, held until train() ends
+@signals.keeps_signal_handlers  # a caller's Ctrl-C handler is back after train()
 def train(cfg):
     """Pretraining: set up the machine; build (or restore) the model, optimizer and data; wrap the
     model for speed; then loop: now and then evaluate, sample, checkpoint; always one step."""
@@ -377,13 +378,13 @@ def train(cfg):
                        dist_timeout=cfg.dist_timeout)
     s = build_state(cfg, rt)  # new, or a checkpoint's step, weights and data position
     # train_model runs the steps (compiled; DDP or FSDP); s.model, the same weights, evaluates,
-    # samples and is saved, eagerly
+    # samples, is saved, eagerly
     train_model = wrap_model(s.model, cfg, rt, s.compile)
     log = runlog.RunLog(cfg, rt, s)  # log.txt, W&B, console
     hella = hellaswag_eval.for_training(cfg, rt) if cfg.hellaswag_every else None
     enc = token_files.get_encoding() if cfg.sample_every or hella else None
     flops, peak = mfu.flops_per_token(s.model.config, cfg.seq_len), mfu.peak_flops(rt)
-    stop = signals.StopSignal(rt.ddp)  # SIGTERM/SIGINT: finish the step, checkpoint, exit
+    stop = signals.StopSignal(rt.ddp)  # SIGTERM/SIGINT: end the step, checkpoint, exit
     stop_for, new_ckpt = 0, None  # the signal all ranks stop for (0: none); the last checkpoint
 
     def checkpoint(path, step):  # every rank (FSDP gathers); rank 0 writes, then prunes
@@ -414,7 +415,7 @@ def train(cfg):
             break
 
         t0 = time.perf_counter()  # one optimizer step
-        # the learning rate is a function of the step: a resumed run goes on exactly (no state)
+        # the learning rate is a function of the step: a resumed run goes on exactly
         lr = get_lr(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         try:
             loss, norm = train_step(train_model, s, lr, cfg.grad_clip, rt, cfg.fsdp)
@@ -490,7 +491,7 @@ def train_step(model, s, lr, grad_clip, rt, fsdp=False):
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     for group in s.optimizer.param_groups:  # Muon's: at its own peak, on the same schedule
         group["lr"] = lr * group.get("lr_ratio", 1)
-    s.scaler.step(s.optimizer)  # (fp16) skips the step if any gradient overflowed to inf
+    s.scaler.step(s.optimizer)  # (fp16) skips the step if a gradient overflowed to inf
     s.scaler.update()
     s.optimizer.zero_grad(set_to_none=True)
     return loss_accum, norm
@@ -499,7 +500,7 @@ def train_step(model, s, lr, grad_clip, rt, fsdp=False):
 @dataclass
 class TrainState:
     """What the loop starts from (build_state) and carries."""
-    model: nn.Module  # the plain GPT (blocks sharded under FSDP): evaluation, sampling, saving
+    model: nn.Module  # the plain GPT (FSDP: blocks sharded): evaluation, sampling, saving
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     loader: DataLoader
@@ -508,7 +509,7 @@ class TrainState:
     grad_accum: int  # micro-steps per optimizer step
     compile: bool  # whether to torch.compile the model
     sync_once: bool = True  # FSDP: gradients reduced once a step, not every micro-step
-    step: int = 0  # optimizer steps taken: where the loop starts
+    step: int = 0  # steps taken: where the loop starts
     last_good: str = None  # the newest checkpoint known to give a finite loss (never pruned)
     wandb_id: str = None  # the W&B run a resumed run continues
 
@@ -558,8 +559,8 @@ def wrap_model(model, cfg, rt, compile_model):
     """The model the training steps run: compiled, in DDP under torchrun (FSDP: `model` itself,
     sharded and compiled by shard_model)."""
     if compile_model:
-        # Why compile: it fuses the elementwise work (casts, GELU, LayerNorm, softmax) into
-        # kernels that read memory once, not once per operation
+        # Why compile: it fuses elementwise work (casts, GELU, LayerNorm, softmax) into kernels
+        # that read memory once, not once per operation
         model = model if cfg.fsdp else torch.compile(model)  # FSDP: each block is compiled
     if rt.ddp and not cfg.fsdp:
         # DDP averages the gradients over the ranks in backward, bucket by bucket, overlapped
@@ -579,7 +580,7 @@ def evaluate_loss(model, val_shards, n_tokens, batch_size, seq_len, rt, fsdp=Fal
     """Mean cross-entropy over the fixed val set, split over ranks."""
     loss_sum, count = 0.0, 0
     # the first n_tokens // seq_len sequences of the val split, the same at every evaluation
-    # (FSDP: a rank with fewer batches runs idle ones, y None, as each forward needs all ranks)
+    # (FSDP: a rank with fewer batches runs idle ones, y None: each forward needs all ranks)
     batches = token_files.val_batches(val_shards, n_tokens, batch_size, seq_len, rt, fsdp)
     with runtime.eval_mode(model):  # no dropout
         for x, y in batches:

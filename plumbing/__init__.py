@@ -6,7 +6,7 @@ days on machines that fail. One module a job, each imported by its name and call
 above it in this list, and never train_gpt2.py, hellaswag.py or fineweb.py.
 
     errors          UserError (one line, exit 2), Stopped (a signal's exit code), cli()
-    files           atomic writes, and the leftovers of interrupted ones
+    files           atomic writes; one run a folder (DirLock), which removes interrupted writes
     flags           what each flag accepts (argparse type=), argparse with one-line errors (Parser)
     formats         other programs' files: build-nanogpt's, nanoGPT's, llm.c's
     runtime         the device, dtype and ranks (resolve), the process settings (configure_process)
@@ -17,7 +17,7 @@ above it in this list, and never train_gpt2.py, hellaswag.py or fineweb.py.
     optimizers      several optimizers stepping as one (--optimizer muon: Muon and AdamW)
     checkpoints     model_<step>.pt: save, load (ours or another program's), find, prune
     resume          --resume: which checkpoint, what may change, the exact restore
-    runlog          log.txt, Weights & Biases, the console; the checks of what a run writes
+    runlog          log.txt, W&B, the console; the checks of what a run writes; --log_dir held
     signals         SIGTERM/SIGINT: finish the step, checkpoint, exit on every rank
     mfu             FLOPs per token and each device's peak
     memory          --batch_size auto (what fits in memory), the out-of-memory line

@@ -78,9 +78,6 @@ def save(path, model, optimizer, scaler, step, loader, train_config, wandb_id=No
         },
         path,
     )
-    # the temporaries no write will finish, also another machine's once an hour old (a job
-    # preempted, moved here)
-    files.report_abandoned_temporaries(os.path.dirname(path) or ".", LOG_DIR_FILES)
 
 
 def rng_state(device):

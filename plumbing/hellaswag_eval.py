@@ -74,6 +74,16 @@ def verify(path, split):
         parse(path, need_label=(split != "test"))
 
 
+def cached(path, split):
+    """Whether path holds a verified copy: a partial or corrupted one is never used (it is fetched
+    again)."""
+    try:
+        verify(path, split)
+        return True
+    except (errors.UserError, OSError):
+        return False
+
+
 def download(split="val", cache_dir=CACHE_DIR, base_url=None):
     """Path to a verified local copy of hellaswag_{split}.jsonl, downloaded into cache_dir if needed
     from base_url (None: URL, read at the call)."""
@@ -81,18 +91,13 @@ def download(split="val", cache_dir=CACHE_DIR, base_url=None):
 
     base_url = base_url or URL
     path = Path(cache_dir) / f"hellaswag_{split}.jsonl"
-    if path.exists():
-        try:
-            verify(path, split)
-            return path
-        except errors.UserError:
-            # a partial or corrupted copy is never used: fetch it again
-            path.unlink(missing_ok=True)
+    if cached(path, split):
+        return path
     url = f"{base_url}/hellaswag_{split}.jsonl"
 
     # into write_atomic's temporary file, verified before it is renamed: the final name always
+    # means "a good file", even to a concurrent reader
     def fetch(f):
-        # means "a good file", even to a concurrent reader
         with requests.get(url, stream=True, timeout=60) as r:
             r.raise_for_status()
             for chunk in r.iter_content(1 << 20):
@@ -106,10 +111,11 @@ def download(split="val", cache_dir=CACHE_DIR, base_url=None):
             ) from None
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # a killed download's half file
-        files.report_abandoned_temporaries(str(path.parent), re.escape(path.name))
-        files.write_atomic(str(path), fetch)
+        # one download at a time: another process's (a rank of another node sharing the cache, a
+        # second run) is waited for, then used; a killed download's half file goes
+        with files.DirLock(path.parent, "the HellaSwag cache", re.escape(path.name), wait=True):
+            if not cached(path, split):
+                files.write_atomic(str(path), fetch)
     except (requests.RequestException, OSError) as e:
         raise errors.UserError(
             f"could not download {url} to {path}: {type(e).__name__}: {e}"

@@ -1,15 +1,16 @@
 """
 The run's log: log.txt (one "<step> <kind> <value>" line per event, the format `plot` and users'
-scripts read), Weights & Biases with --wandb_project, and the console, all from rank 0; and the
-checks of what a run will write, made before it starts."""
+scripts read), Weights & Biases with --wandb_project, and the console, all from rank 0; the
+checks of what a run will write, made before it starts; and one run a --log_dir."""
 
 import dataclasses
+import functools
 import os
 
 import numpy as np
 import torch
 
-from plumbing import checkpoints, errors, files, token_files
+from plumbing import checkpoints, errors, files, runtime, token_files
 
 
 def check_run_outputs(cfg):
@@ -27,10 +28,32 @@ def check_run_outputs(cfg):
         import_wandb()
 
 
+# the files.DirLock that rank 0 holds on --log_dir while train() runs (check_log_dir, holds_log_dir)
+_held = []
+
+
+def holds_log_dir(train):
+    """train(cfg), whose hold on --log_dir (check_log_dir) ends when it returns or raises: a second
+    train() in this process may use the folder again."""
+    @functools.wraps(train)
+    def wrapper(cfg):
+        held = len(_held)  # (a train() inside train() ends only its own)
+        try:
+            return train(cfg)
+        finally:
+            while len(_held) > held:
+                _held.pop().release()
+    return wrapper
+
+
 def check_log_dir(cfg):
-    """A new run never overwrites an earlier run's log.txt. Where the earlier run wrote checkpoints,
-    a new run is refused (resume.to_resume); where it wrote none (stopped before its first),
-    too, unless it is --resume auto, which keeps the log under another name (RunLog, set_aside)."""
+    """One run a --log_dir: rank 0 holds it (created if need be) until train() ends, a second run
+    there is refused, and the temporaries an interrupted run left go (files.DirLock). A new run
+    never overwrites an earlier run's log.txt. Where the earlier run wrote checkpoints, a new run is
+    refused (resume.to_resume); where it wrote none (stopped before its first), too, unless it is
+    --resume auto, which keeps the log under another name (RunLog, set_aside)."""
+    if runtime.launched_rank() == 0:
+        _held.append(files.DirLock(cfg.log_dir, "--log_dir", checkpoints.LOG_DIR_FILES))
     log_file = os.path.join(cfg.log_dir, "log.txt")
     if (
         not cfg.resume
@@ -54,10 +77,7 @@ class RunLog:
         self.first_step, self.step_times = s.step, []  # the recent steps' seconds: the time left
         if not rt.master:
             return
-        try:
-            os.makedirs(cfg.log_dir, exist_ok=True)
-            # a kill -9's leftovers
-            files.report_abandoned_temporaries(cfg.log_dir, checkpoints.LOG_DIR_FILES)
+        try:  # the folder exists: check_log_dir holds it
             if not s.step and os.path.isfile(self.file) and os.path.getsize(self.file):
                 # --resume auto found nothing to resume: the earlier run's log is kept, not
                 # overwritten

@@ -54,12 +54,18 @@ def setup(device="auto", dtype="auto", check=None, dist_timeout=60):
     return rt
 
 
+def launched_rank():
+    """torchrun's rank of this process (0 alone), known before any setup: rank 0 holds --log_dir
+    from the checks of the flags on (runlog.check_log_dir)."""
+    return int(os.environ.get("RANK", 0))
+
+
 def resolve(device="auto", dtype="auto", check=None):
     """The one place that reads the environment: rank and world size from torchrun, the device, the
     dtype. check(world_size), if given, validates the flags first. It changes nothing in the
     process, so a notebook or a library user can call it (and then configure_process, or not)."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # set by torchrun
-    rank = int(os.environ.get("RANK", 0))
+    rank = launched_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))

@@ -4,6 +4,7 @@ The reference tokens are computed here directly with tiktoken, not through finew
 """
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import tiktoken
 
 import fineweb
 from conftest import DATA, ROOT
-from plumbing import errors
+from plumbing import errors, files
 
 EOT = 50256
 SHARD = 40_000
@@ -246,6 +247,7 @@ BAD = [  # (case, extra args, words the one error line must contain)
     ("shards without progress", ["--source", "ok.jsonl", "--out", "stray"], ["stray", "no edufineweb_progress.json"]),
     ("not our progress file", ["--source", "ok.jsonl", "--out", "junkprogress"], ["not a progress file"]),
     ("out is a file", ["--source", "ok.jsonl", "--out", "ok.jsonl"], ["is a file"]),
+    ("out cannot be created", ["--source", "ok.jsonl", "--out", "ok.jsonl/sub"], ["--out", "ok.jsonl/sub"]),
     ("shard_size 0", ["--source", "ok.jsonl", "--shard_size", 0], ["--shard_size"]),
     ("negative shard_size", ["--source", "ok.jsonl", "--shard_size", -5], ["--shard_size"]),
     ("zero workers", ["--source", "ok.jsonl", "--workers", 0], ["--workers"]),
@@ -284,3 +286,24 @@ def test_import_does_nothing_and_local_sources_skip_datasets(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert r.stdout.splitlines()[-2:] == ["done: 1 documents, 5 tokens, 1 shards in out", "False"]
+
+
+def test_a_second_run_on_an_out_in_use_is_refused_and_touches_nothing(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("A tiny document.")
+    out = tmp_path / "out"
+    argv = ["--source", str(tmp_path / "a.txt"), "--out", str(out), "--workers", "1"]
+    # a run in progress, with the shard it is writing (in this process: flock locks belong to the open file, so it
+    # contends with itself as another process would)
+    with files.DirLock(out, "--out", fineweb.own_files("edufineweb")):
+        half = out / "edufineweb_val_000000.npy.0123456789ab.tmp"
+        half.write_bytes(b"half")
+        with pytest.raises(SystemExit) as e:
+            fineweb.main(argv)
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"error: {out} is in use by another run (pid {os.getpid()} on host {socket.gethostname()}); wait for it "
+            "to finish or choose another --out\n")
+        assert sorted(p.name for p in out.iterdir()) == [".lock", half.name]
+    fineweb.main(argv)  # the first one gone: the folder is free, and the shard it was writing is a leftover
+    assert f"removed 1 temporary file that interrupted writes left in {out} (4 bytes): {half.name}" in (
+        capsys.readouterr().out)
+    assert sorted(p.name for p in out.iterdir()) == ["edufineweb_progress.json", "edufineweb_val_000000.npy"]

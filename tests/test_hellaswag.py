@@ -4,6 +4,8 @@ verified download, and the CLI. Run: python -m pytest tests/test_hellaswag.py"""
 import hashlib
 import http.server
 import json
+import os
+import socket
 import subprocess
 import sys
 import threading
@@ -185,7 +187,7 @@ def test_download_verifies_and_refetches(server, tmp_path, monkeypatch):
         server["body"] = bad
         with pytest.raises(errors.UserError, match="corrupted or incomplete"):
             download()
-        assert not final.exists() and list(cache.iterdir()) == []  # nothing cached, no temp file left
+        assert not cache.exists()  # nothing cached, no temp file left, not even the folder it made
 
     server["body"] = good
     assert download() == final
@@ -194,13 +196,42 @@ def test_download_verifies_and_refetches(server, tmp_path, monkeypatch):
     assert download() == final and server["requests"] == n  # a good cached file: no request
 
     final.write_bytes(good[:-10])  # a partial file in the cache is detected and fetched again
-    # and the half file of a download that was killed (no process holds its lock any more) is removed
-    (cache / f"hellaswag_val.jsonl.{files.this_machine()}.0123456789ab.tmp").write_bytes(good[:100])
+    # and the half files of downloads that were killed (this version's name, and an earlier one's that named
+    # the machine) are removed
+    for name in ("0123456789ab", "a-machine.0123456789ab"):
+        (cache / f"hellaswag_val.jsonl.{name}.tmp").write_bytes(good[:100])
     assert download() == final and server["requests"] == n + 1
     assert final.read_bytes() == good and list(cache.iterdir()) == [final]
 
     with pytest.raises(errors.UserError, match="could not download"):  # HTTP 404
         hellaswag_eval.download("train", cache_dir=cache, base_url=server["url"])
+
+
+def test_a_second_download_waits_for_the_first_and_uses_its_file(server, tmp_path, monkeypatch, capsys):
+    # several ranks or runs sharing one cache: one downloads, the others wait for the folder, then read its file
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    good = VAL.read_bytes()
+    monkeypatch.setitem(hellaswag_eval.SHA256, "val", hashlib.sha256(good).hexdigest())
+    server["body"], cache, got = good, tmp_path / "cache", []
+    waiting, real_flock = threading.Event(), files.fcntl.flock
+
+    def flock(fd, how):
+        if not how & files.fcntl.LOCK_NB:
+            waiting.set()  # the second downloader waits
+        return real_flock(fd, how)
+    monkeypatch.setattr(files.fcntl, "flock", flock)
+    # the first download, in progress (flock locks belong to the open file: one process contends with itself)
+    with files.DirLock(cache, "the HellaSwag cache", r"hellaswag_val\.jsonl"):
+        second = threading.Thread(target=lambda: got.append(
+            hellaswag_eval.download("val", cache_dir=cache, base_url=server["url"])))
+        second.start()
+        assert waiting.wait(timeout=60)
+        (cache / "hellaswag_val.jsonl").write_bytes(good)  # the first one's file lands
+    second.join(timeout=60)
+    assert got == [cache / "hellaswag_val.jsonl"] and server["requests"] == 0
+    assert capsys.readouterr().out == (f"{cache} is in use by another process (pid {os.getpid()} on host "
+                                       f"{socket.gethostname()}); waiting for it\n")
+    assert list(cache.iterdir()) == [cache / "hellaswag_val.jsonl"]
 
 
 # -----------------------------------------------------------------------------

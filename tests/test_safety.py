@@ -5,9 +5,9 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +15,7 @@ import torch
 
 import train_gpt2 as tg
 from conftest import ROOT
-from plumbing import checkpoints, errors, files, mfu, token_files, train_flags
+from plumbing import checkpoints, errors, files, mfu, runlog, token_files, train_flags
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "32",
         "--total_batch_size", "128", "--warmup_steps", "2", "--max_lr", "1e-3", "--val_tokens", "256",
@@ -158,7 +158,7 @@ def test_a_log_without_checkpoint_is_never_overwritten(text, tmp_path, capsys):
     assert [ln.split()[:2] for ln in (log_dir / "log.txt").read_text().splitlines()] == [["0", "train"]]
 
 
-def test_train_puts_back_the_signal_handlers_and_leaves_by_an_exception(text, tmp_path, monkeypatch, capsys):
+def test_train_puts_back_the_signal_handlers_and_the_log_dir_and_leaves_by_an_exception(text, tmp_path, monkeypatch, capsys):
     mine = {s: (lambda *a: None) for s in (signal.SIGTERM, signal.SIGINT)}  # a notebook's or a sweep's own
     before = {s: signal.getsignal(s) for s in mine}
     for s, handler in mine.items():
@@ -177,11 +177,40 @@ def test_train_puts_back_the_signal_handlers_and_leaves_by_an_exception(text, tm
             tg.train(cfg)
         assert stopped.value.exit_code == 143 and (tmp_path / "log" / "model_00001.pt").exists()
         assert {s: signal.getsignal(s) for s in mine} == mine
-        code, out, err = run([*TINY, "--data", text, "--log_dir", tmp_path / "log2", "--max_steps", "5"], capsys)
-        assert code == 143 and {s: signal.getsignal(s) for s in mine} == mine
+        # its hold on --log_dir ended with it: a second train() in this process continues there
+        code, out, err = run([*TINY, "--data", text, "--log_dir", tmp_path / "log", "--max_steps", "5", "--resume",
+                              "auto"], capsys)
+        assert code == 143 and {s: signal.getsignal(s) for s in mine} == mine, err
+        assert sorted(p.name for p in (tmp_path / "log").iterdir()) == ["log.txt", "model_00001.pt", "model_00002.pt"]
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+def test_a_second_run_on_a_log_dir_in_use_is_refused_in_one_line_and_touches_nothing(text, tmp_path, monkeypatch,
+                                                                                      capsys):
+    log_dir, second = tmp_path / "log", []
+    real_step = tg.train_step
+
+    def step_while_a_second_run_starts(*args, **kwargs):  # the same command started again, by hand or a scheduler
+        if not second:
+            (log_dir / "model_00009.pt.0123456789ab.tmp").write_bytes(b"a leftover the second run must not remove")
+            before = {p.name: p.read_bytes() for p in log_dir.iterdir()}
+            # in this process (flock locks belong to the open file: it contends with itself as another would)
+            second.append(run([*TINY, "--data", text, "--log_dir", log_dir, "--max_steps", "2", "--resume", "auto"],
+                              capsys))
+            second.append(before == {p.name: p.read_bytes() for p in log_dir.iterdir()})
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(tg, "train_step", step_while_a_second_run_starts)
+    code, out, err = run([*TINY, "--data", text, "--log_dir", log_dir, "--max_steps", "2", "--checkpoint_every", "1"],
+                         capsys)
+    assert code == 0, err
+    (code, out, err), untouched = second
+    assert code == 2 and untouched and err == (f"error: {log_dir} is in use by another run (pid {os.getpid()} on "
+                                               f"host {socket.gethostname()}); wait for it to finish or choose "
+                                               "another --log_dir\n")
+    assert sorted(p.name for p in log_dir.iterdir()) == ["log.txt", "model_00001.pt", "model_00002.pt",
+                                                         "model_00009.pt.0123456789ab.tmp"]
 
 
 def test_write_atomic_gives_each_writer_its_own_temporary_file(tmp_path):
@@ -204,90 +233,78 @@ def test_write_atomic_gives_each_writer_its_own_temporary_file(tmp_path):
     assert target.read_text() == "first\n" and sorted(p.name for p in tmp_path.iterdir()) == ["log.txt"]
 
 
-HOLD_A_WRITE = """
+HOLD_AND_WRITE = """
 import sys
-from plumbing import files
-def write(f):  # holds the write open until the test says go on
-    f.write(b"complete")
+from plumbing import checkpoints, files
+files.DirLock(sys.argv[1], "--log_dir", checkpoints.LOG_DIR_FILES)  # held until this process ends
+def write(f):  # a checkpoint half written when the process is killed
+    f.write(b"half")
+    f.flush()
     print("writing", flush=True)
     sys.stdin.readline()
-files.write_atomic(sys.argv[1], write)
+files.write_atomic(sys.argv[1] + "/model_00007.pt", write)
 """
 TARGETS = checkpoints.LOG_DIR_FILES
 
 
-def test_abandoned_temporaries_go_and_writes_in_progress_stay(tmp_path):
-    old = time.time() - 2 * files.ABANDONED_AFTER
-    names = {  # name: (seconds since last touched or None for now, whether it should go)
-        f"model_00002.pt.{files.this_machine()}.0123456789ab.tmp": (None, True),  # ours, no lock held: a kill -9's
-        "model_00003.pt.other-node.0123456789ab.tmp": (None, False),  # another machine's, fresh: may be writing
-        "model_00004.pt.other-node.0123456789ab.tmp": (old, True),  # another machine's, untouched for long
-        "log.txt.0123456789ab.tmp": (old, True),  # an earlier version's name, untouched for long
-        "model_00005.pt.0123456789ab.tmp": (None, False),  # an earlier version's, fresh
-        "notes.txt.0123456789ab.tmp": (old, False),  # not a file this program writes there
-        "model_00006.pt.bak": (old, False),
+def test_a_held_folder_refuses_a_second_holder_and_its_next_holder_removes_the_leftovers(tmp_path, capsys):
+    names = {  # name: whether it is a temporary of ours that no write will finish
+        "model_00002.pt.0123456789ab.tmp": True,
+        "model_00003.pt.other-node.0123456789ab.tmp": True,  # an earlier version's name, which said the machine
+        "log.txt.0123456789ab.tmp": True,
+        "notes.txt.0123456789ab.tmp": False,  # not a file this program writes there
+        "model_00006.pt.bak": False,
+        "model_00004.pt": False,
     }
-    for name, (when, _) in names.items():
-        (tmp_path / name).write_bytes(b"x" * 10)
-        if when:
-            os.utime(tmp_path / name, (when, when))
-    (tmp_path / f"model_00008.pt.{files.this_machine()}.0123456789ab.tmp").mkdir()  # not a file: left alone
-    writer = subprocess.Popen([sys.executable, "-c", HOLD_A_WRITE, str(tmp_path / "model_00007.pt")],
-                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_WRITE, str(tmp_path)], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
     try:
-        assert writer.stdout.readline() == "writing\n"  # its temporary file exists, and it holds its lock
-        live = [p.name for p in tmp_path.glob("model_00007.pt.*.tmp")]
-        assert len(live) == 1
-        removed, size = files.remove_abandoned_temporaries(str(tmp_path), TARGETS)
-        assert sorted(removed) == sorted(n for n, (_, go) in names.items() if go) and size == 10 * len(removed)
-        assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == sorted(
-            [n for n, (_, go) in names.items() if not go] + live)
+        assert holder.stdout.readline() == "writing\n"
+        for name in names:  # (earlier runs' leftovers, as far as the next holder can tell)
+            (tmp_path / name).write_bytes(b"x" * 10)
+        (tmp_path / "model_00008.pt.0123456789ab.tmp").mkdir()  # not a file: left alone
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+        with pytest.raises(errors.UserError) as refused:
+            files.DirLock(str(tmp_path), "--log_dir", TARGETS)
+        assert str(refused.value) == (f"{tmp_path} is in use by another run (pid {holder.pid} on host "
+                                      f"{socket.gethostname()}); wait for it to finish or choose another --log_dir")
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # nothing touched
     finally:
-        writer.communicate("\n", timeout=60)
-    assert writer.returncode == 0 and (tmp_path / "model_00007.pt").read_bytes() == b"complete"
+        holder.kill()  # kill -9, mid-write: the kernel drops its lock, its half file stays
+        holder.wait()
+    gone = sorted([n for n, go in names.items() if go] + [p.name for p in tmp_path.glob("model_00007.pt.*.tmp")])
+    assert len(gone) == 4 and capsys.readouterr().out == ""
+    with files.DirLock(str(tmp_path), "--log_dir", TARGETS):
+        assert capsys.readouterr().out == (f"removed 4 temporary files that interrupted writes left in {tmp_path} "
+                                           f"(34 bytes): {', '.join(gone[:3])} and 1 more\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [n for n, go in names.items() if not go] + ["model_00008.pt.0123456789ab.tmp"])
 
 
-@pytest.mark.parametrize("when", ["before its lock", "at its rename"])
-def test_a_sweep_at_the_edges_of_a_write_loses_nothing(tmp_path, monkeypatch, when):
-    # A sweep that runs between the temporary file's creation and its lock, or while it is being renamed: the
-    # write still lands, complete, and nothing of it is left behind. (In one process: flock locks belong to the
-    # open file, so a second open() of the same file contends as another process would.)
-    target, sweeps = tmp_path / "model_00009.pt", []
-    real_lock, real_replace = files.lock, os.replace
-
-    def sweep():
-        sweeps.append(files.remove_abandoned_temporaries(str(tmp_path), TARGETS)[0])
-
-    def lock_after_a_sweep(f, wait=False):
-        if wait and not sweeps:
-            sweep()  # the new file is not locked yet: the sweep may take it (and the writer starts over)
-        return real_lock(f, wait)
-
-    def replace_after_a_sweep(src, dst):
-        sweep()  # the writer still holds its lock: the sweep must leave the file
-        return real_replace(src, dst)
-    if when == "before its lock":
-        monkeypatch.setattr(files, "lock", lock_after_a_sweep)
-    else:
-        monkeypatch.setattr(files.os, "replace", replace_after_a_sweep)
-    files.write_atomic(str(target), lambda f: f.write(b"complete"))
-    assert target.read_bytes() == b"complete" and [p.name for p in tmp_path.iterdir()] == [target.name]
-    assert len(sweeps) == 1 and len(sweeps[0]) == (when == "before its lock"), sweeps
-
-
-def test_writes_and_sweeps_work_where_the_file_system_has_no_locks(tmp_path, monkeypatch):
-    # Lustre's default mount, NFS without lockd: flock fails with ENOLCK. Writes go on unlocked; the sweep cannot
-    # tell a write in progress there, so it goes by age alone.
+@pytest.mark.parametrize("why", ["no fcntl (Windows)", "ENOLCK (a file system without locks)"])
+def test_without_locks_a_folder_is_used_unheld_and_nothing_is_removed(tmp_path, monkeypatch, capsys, why):
+    # whether a temporary is a write in progress cannot be known: it stays
     def no_locks(fd, how):
         raise OSError(errno.ENOLCK, "No locks available")
-    monkeypatch.setattr(files.fcntl, "flock", no_locks)
-    files.write_atomic(str(tmp_path / "log.txt"), lambda f: f.write("ok\n"), mode="w")
-    assert (tmp_path / "log.txt").read_text() == "ok\n"
-    fresh, old = (tmp_path / f"model_{i:05d}.pt.{files.this_machine()}.0123456789ab.tmp" for i in (1, 2))
-    fresh.write_bytes(b"x")
-    old.write_bytes(b"x")
-    os.utime(old, (time.time() - 2 * files.ABANDONED_AFTER,) * 2)
-    assert files.remove_abandoned_temporaries(str(tmp_path), TARGETS) == ([old.name], 1) and fresh.exists()
+    if why.startswith("ENOLCK"):
+        monkeypatch.setattr(files.fcntl, "flock", no_locks)
+    else:
+        monkeypatch.setattr(files, "fcntl", None)
+    leftover = tmp_path / "log" / "model_00002.pt.0123456789ab.tmp"
+    with files.DirLock(str(tmp_path / "log"), "--log_dir", TARGETS):
+        leftover.write_bytes(b"x")
+        with files.DirLock(str(tmp_path / "log"), "--log_dir", TARGETS):  # a second run is not refused
+            files.write_atomic(str(tmp_path / "log" / "log.txt"), lambda f: f.write("ok\n"), mode="w")
+    line = (f"cannot lock {tmp_path / 'log'} (no file locks here): a second run there is not refused, and the "
+            "temporaries of interrupted writes there are left\n")
+    assert capsys.readouterr().out == 2 * line
+    assert sorted(p.name for p in (tmp_path / "log").iterdir()) == ["log.txt", leftover.name]
+
+
+def test_only_rank_0_holds_the_log_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")  # torchrun's
+    runlog.check_log_dir(train_flags.TrainConfig(log_dir=str(tmp_path / "log")))
+    assert not (tmp_path / "log").exists()
 
 
 def test_a_text_file_is_tokenized_once(text, monkeypatch):

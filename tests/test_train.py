@@ -568,7 +568,7 @@ def test_keep_checkpoints_sigkill_around_a_deletion_then_resume(reference, small
     out = run_cli("-c", KILL_AT_DELETE, when, *train_args(small_text, log_dir, "--keep_checkpoints", "1")[1:])
     assert out.returncode == -signal.SIGKILL, out.stderr
     # the first deletion is model_00002.pt, once model_00004.pt is whole and its weights trained a finite step
-    assert "deleting model_00002.pt ['log.txt', 'model_00002.pt', 'model_00004.pt']" in out.stderr
+    assert "deleting model_00002.pt ['.lock', 'log.txt', 'model_00002.pt', 'model_00004.pt']" in out.stderr
     assert_same_weights(weights(reference / "model_00004.pt"), weights(log_dir / "model_00004.pt"))
     out = run_cli(*train_args(small_text, log_dir, "--resume", "auto", "--keep_checkpoints", "1"))
     assert out.returncode == 0, out.stderr
@@ -590,7 +590,8 @@ def test_keep_checkpoints_spares_the_resumed_one_until_a_newer_one_trained(refer
     assert out.returncode == -signal.SIGKILL, out.stderr
     # the resumed model_00004.pt goes only once model_00006.pt is whole and trained a finite step; the
     # truncated model_00008.pt (a later step) neither counts as newer nor gets deleted
-    assert "deleting model_00004.pt ['log.txt', 'model_00004.pt', 'model_00006.pt', 'model_00008.pt']" in out.stderr
+    assert ("deleting model_00004.pt ['.lock', 'log.txt', 'model_00004.pt', 'model_00006.pt', 'model_00008.pt']"
+            in out.stderr)
     assert_same_weights(weights(reference / "model_00006.pt"), weights(log_dir / "model_00006.pt"))
     out = run_cli(*args)
     assert out.returncode == 0, out.stderr
