@@ -1,5 +1,6 @@
 """train_gpt2.py as users run it: real subprocesses that train, get killed, resume, sample and export.
 The references are independent: an uninterrupted run, transformers' forward pass, brute-force hashes."""
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -361,7 +362,7 @@ def test_export_round_trip_through_transformers(reference, tmp_path):
 
 def test_export_tokenizer_max_length_is_the_models_block_size(tmp_path):
     config = tg.GPTConfig(block_size=256, n_layer=1, n_head=2, n_embd=32)
-    torch.save({"model": tg.GPT(config).state_dict(), "config": tg.dataclasses.asdict(config), "step": 0},
+    torch.save({"model": tg.GPT(config).state_dict(), "config": dataclasses.asdict(config), "step": 0},
                tmp_path / "small_context.pt")
     out = run_cli("train_gpt2.py", "export", "--checkpoint", tmp_path / "small_context.pt", "--out", tmp_path / "hf")
     assert out.returncode == 0, out.stderr
