@@ -67,8 +67,8 @@ def main(argv):
     model = train_gpt2.load_model(args.model).to(rt.device)
     enc = token_files.get_encoding()
     t0 = time.time()
-    counts = hellaswag_eval.score(model, examples, enc, rt.device, args.batch_size, rt.autocast,
-                                  progress=True)
+    counts = hellaswag_eval.score(
+        model, examples, enc, rt.device, args.batch_size, rt.autocast, progress=True)
     dt = time.time() - t0
     print(json.dumps(dict(hellaswag_eval.accuracies(counts), model=args.model, device=rt.device,
                           dtype=rt.dtype, examples_per_s=round(counts["n"] / dt, 2),

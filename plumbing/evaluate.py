@@ -32,8 +32,8 @@ def window_losses(model, tokens, seq_len, batch_size=8, device="cpu",
     bar = tqdm(total=len(tokens) - 1, desc="evaluate", unit="tok", file=sys.stderr,
                disable=not progress)
     for group in groups:
-        buf = torch.from_numpy(np.stack([np.asarray(tokens[i:i + seq_len + 1], dtype=np.int64)
-                                         for i in group]))
+        buf = torch.from_numpy(np.stack(
+            [np.asarray(tokens[i:i + seq_len + 1], dtype=np.int64) for i in group]))
         # (b, T) inputs, (b, T) their next tokens
         x, y = buf[:, :-1].to(device), buf[:, 1:].to(device)
         with autocast():
@@ -76,11 +76,11 @@ def run(model, args, rt):
     if len(tokens) < 2:
         raise errors.UserError(f"{args.data} has {len(tokens)} token; "
                                "give at least two (the first has no loss)")
-    batch_size, per_token, names = (args.batch_size, args.per_token,
-                                    dict(model=args.checkpoint, data=args.data))
+    batch_size, per_token, names = (
+        args.batch_size, args.per_token, dict(model=args.checkpoint, data=args.data))
     t0 = time.time()
-    loss_sum, n, losses = window_losses(model, tokens, seq_len, batch_size, rt.device,
-                                        rt.autocast, per_token, progress=True)
+    loss_sum, n, losses = window_losses(
+        model, tokens, seq_len, batch_size, rt.device, rt.autocast, per_token, progress=True)
     dt = time.time() - t0
     if per_token:
         print(format_text_losses(token_loss_pairs(enc, tokens, losses)))

@@ -63,8 +63,8 @@ def checkpoint_block(block):
         """The block, recomputed in backward when training (not when sampling with a cache or
         evaluating)."""
         if block.training and cache is None and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(forward, x, cache, dropout,
-                                                     use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(
+                forward, x, cache, dropout, use_reentrant=False)
         return forward(x, cache, dropout)
     block.forward = checkpointed
 
