@@ -32,15 +32,15 @@ from plumbing import errors, flags, hellaswag_eval, runtime, token_files
 
 
 def parser():
-    p = flags.Parser(
-        prog="hellaswag.py", description="HellaSwag accuracy of a GPT-2 (see the module docstring)."
-    )
+    p = flags.Parser(prog="hellaswag.py",
+                     description="HellaSwag accuracy of a GPT-2 (see the module docstring).")
     p.add_argument(
-        "--model", required=True, default=argparse.SUPPRESS, type=flags.path(
-            "exists", also=tuple(train_gpt2.PRESETS), hint="; give a Hugging Face GPT-2 name ("
-            + ", ".join(train_gpt2.PRESETS) + ") or directory, or a checkpoint file"),
-        help="required: Hugging Face GPT-2 name (gpt2, gpt2-xl, ...) or directory, or a checkpoint "
-        "file: ours, or build-nanogpt's, nanoGPT's or llm.c's")
+        "--model", required=True, default=argparse.SUPPRESS,
+        type=flags.path("exists", also=tuple(train_gpt2.PRESETS),
+                        hint="; give a Hugging Face GPT-2 name (" + ", ".join(train_gpt2.PRESETS)
+                        + ") or directory, or a checkpoint file"),
+        help="required: Hugging Face GPT-2 name (gpt2, gpt2-xl, ...) or directory, "
+        "or a checkpoint file: ours, or build-nanogpt's, nanoGPT's or llm.c's")
     p.add_argument("--data", type=flags.path("file"),
                    help="local HellaSwag .jsonl; None: download the official file once")
     p.add_argument("--split", choices=("val", "train"), default="val",
@@ -49,13 +49,12 @@ def parser():
                    help="score only the first N examples (0 = all)")
     p.add_argument("--device", choices=runtime.DEVICES, default="auto",
                    help="auto (cuda > mps > cpu), cpu, cuda or mps")
-    p.add_argument(
-        "--dtype", choices=runtime.DTYPES, default="fp32", help="fp32 (full precision, as the "
-        "published scores were taken; TF32 matmuls on CUDA), or autocast to bf16, fp16, or auto "
-        "(bf16 if native, fp16 on older CUDA): faster, but a few examples may flip")
-    p.add_argument(
-        "--batch_size", type=flags.POSITIVE, default=16,
-        help="examples per forward (x4 rows, one per ending): faster until memory runs out")
+    p.add_argument("--dtype", choices=runtime.DTYPES, default="fp32",
+                   help="fp32 (full precision, as the published scores were taken; TF32 matmuls "
+                   "on CUDA), or autocast to bf16, fp16, or auto (bf16 if native, fp16 on older "
+                   "CUDA): faster, but a few examples may flip")
+    p.add_argument("--batch_size", type=flags.POSITIVE, default=16, help="examples per forward "
+                   "(x4 rows, one per ending): faster until memory runs out")
     return p
 
 
@@ -69,21 +68,11 @@ def main(argv):
     enc = token_files.get_encoding()
     t0 = time.time()
     counts = hellaswag_eval.score(
-        model, examples, enc, rt.device, args.batch_size, rt.autocast, progress=True
-    )
+        model, examples, enc, rt.device, args.batch_size, rt.autocast, progress=True)
     dt = time.time() - t0
-    print(
-        json.dumps(
-            dict(
-                hellaswag_eval.accuracies(counts),
-                model=args.model,
-                device=rt.device,
-                dtype=rt.dtype,
-                examples_per_s=round(counts["n"] / dt, 2),
-                seconds=round(dt, 1),
-            )
-        )
-    )
+    print(json.dumps(dict(hellaswag_eval.accuracies(counts), model=args.model, device=rt.device,
+                          dtype=rt.dtype, examples_per_s=round(counts["n"] / dt, 2),
+                          seconds=round(dt, 1))))
 
 
 if __name__ == "__main__":

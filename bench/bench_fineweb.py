@@ -1,13 +1,15 @@
 """
-Benchmark: tokens/s of fineweb.py's tokenizing vs raw tiktoken, on real web pages (tests/data/c4_sample.jsonl).
+Benchmark: tokens/s of fineweb.py's tokenizing vs raw tiktoken, on real web pages
+(tests/data/c4_sample.jsonl).
 
     python bench/bench_fineweb.py [--repeat 50] [--rounds 5] [--workers N]
 
-Rows: raw tiktoken encode_ordinary_batch in one thread, and with tiktoken's own threads on all cores (over batches
-of fineweb.BATCH_DOCS documents, and over all documents at once); fineweb.py's tokenize() with 1 and with all
-worker processes (it also adds separators and builds uint16 arrays; timed from the first batch's arrival, so the
-~0.7 s process start-up is left out: it is nothing in a 10B-token run); fineweb.py's write_shards() end to end
-(shards written to a temp dir, start-up included). Each figure is the best of --rounds runs.
+Rows: raw tiktoken encode_ordinary_batch in one thread, and with tiktoken's own threads on all cores
+(over batches of fineweb.BATCH_DOCS documents, and over all documents at once); fineweb.py's
+tokenize() with 1 and with all worker processes (it also adds separators and builds uint16 arrays;
+timed from the first batch's arrival, so the ~0.7 s process start-up is left out: it is nothing in a
+10B-token run); fineweb.py's write_shards() end to end (shards written to a temp dir, start-up
+included). Each figure is the best of --rounds runs.
 """
 
 import contextlib
@@ -28,8 +30,8 @@ from plumbing import errors, flags  # noqa: E402
 
 
 def best_rates(rows, rounds):
-    """Best tokens/s of each fn(), which returns (tokens, seconds). Rounds interleave the rows, so a busy moment on
-    the machine hurts all rows alike instead of one."""
+    """Best tokens/s of each fn(), which returns (tokens, seconds). Rounds interleave the rows, so a
+    busy moment on the machine hurts all rows alike instead of one."""
     best = dict.fromkeys(rows, 0.0)
     for _ in range(rounds):
         for name, fn in rows.items():
@@ -46,12 +48,15 @@ def timed(fn):
 
 def main(argv=None):
     p = flags.Parser(prog="bench_fineweb.py")
-    p.add_argument("--data", type=flags.path("file"), default=str(ROOT / "tests" / "data" / "c4_sample.jsonl"),
+    p.add_argument("--data", type=flags.path("file"),
+                   default=str(ROOT / "tests" / "data" / "c4_sample.jsonl"),
                    help="a .jsonl of documents")
-    p.add_argument("--repeat", type=flags.number(int, 1, 10**6), default=50, help="times the documents are repeated")
+    p.add_argument("--repeat", type=flags.number(int, 1, 10**6), default=50,
+                   help="times the documents are repeated")
     p.add_argument("--rounds", type=flags.number(int, 1, 1000), default=5,
                    help="each figure is the best of this many runs")
-    p.add_argument("--workers", type=flags.number(int, 1, 4096), default=os.cpu_count(), help="tokenizer processes")
+    p.add_argument("--workers", type=flags.number(int, 1, 4096), default=os.cpu_count(),
+                   help="tokenizer processes")
     try:
         args = p.parse_args(sys.argv[1:] if argv is None else argv)
     except errors.UserError as e:
@@ -61,29 +66,36 @@ def main(argv=None):
     docs = [json.loads(line)["text"] for line in open(args.data, encoding="utf-8")] * args.repeat
     enc = tiktoken.get_encoding("gpt2")
     n_tok = sum(map(len, enc.encode_ordinary_batch(docs[:1000]))) * args.repeat + len(docs)
-    print(f"{len(docs):,} documents, {n_tok:,} tokens (separators included); {os.cpu_count()} cores, "
-          f"workers={args.workers}")
+    print(f"{len(docs):,} documents, {n_tok:,} tokens (separators included); "
+          f"{os.cpu_count()} cores, workers={args.workers}")
 
-    def fineweb_tokenize(workers):  # steady state: timed from the first batch's arrival (after pool start-up)
+    # steady state: timed from the first batch's arrival (after pool start-up)
+    def fineweb_tokenize(workers):
         results = fineweb.tokenize(fineweb.batched(docs, fineweb.BATCH_DOCS), workers)
         next(results)
         return timed(lambda: sum(len(t) for t, _ in results))
 
     def fineweb_write():
-        with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):  # no progress bar
-            params = {"source": "bench", "name": None, "text_field": "text", "shard_size": 10_000_000, "prefix": "b"}
+        # no progress bar
+        with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
+            params = {"source": "bench", "name": None, "text_field": "text",
+                      "shard_size": 10_000_000, "prefix": "b"}
             state = fineweb.load_progress(Path(out), params)
-            return timed(lambda: fineweb.write_shards(iter(docs), out, state, args.workers)["tokens"])
+            return timed(
+                lambda: fineweb.write_shards(iter(docs), out, state, args.workers)["tokens"])
 
-    def raw(threads, batch=fineweb.BATCH_DOCS):  # a loop over batches, like fineweb.py (no separators)
-        return timed(lambda: sum(sum(map(len, enc.encode_ordinary_batch(docs[i:i + batch], num_threads=threads)))
-                                 for i in range(0, len(docs), batch)))
+    # a loop over batches, like fineweb.py (no separators)
+    def raw(threads, batch=fineweb.BATCH_DOCS):
+        return timed(lambda: sum(
+            sum(map(len, enc.encode_ordinary_batch(docs[i:i + batch], num_threads=threads)))
+            for i in range(0, len(docs), batch)))
 
     cores = os.cpu_count()
     rows = {
         "tiktoken encode_ordinary_batch loop, num_threads=1": lambda: raw(1),
         f"tiktoken encode_ordinary_batch loop, num_threads={cores}": lambda: raw(cores),
-        f"tiktoken encode_ordinary_batch all docs, num_threads={cores}": lambda: raw(cores, batch=len(docs)),
+        f"tiktoken encode_ordinary_batch all docs, num_threads={cores}":
+            lambda: raw(cores, batch=len(docs)),
         "fineweb.tokenize, workers=1": lambda: fineweb_tokenize(1),
         f"fineweb.tokenize, workers={args.workers}": lambda: fineweb_tokenize(args.workers),
         f"fineweb.write_shards end to end, workers={args.workers} (incl. start-up)": fineweb_write,

@@ -21,10 +21,12 @@ from plumbing import errors, flags
 
 TOK_RE = re.compile(r"\| ([\d,]+) tok/s \|")
 MODELS = {
-    "tiny (2L, 32 wide, T=64)": ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "4",
-                                 "--seq_len", "64", "--total_batch_size", "2048", "--max_steps", "30"],  # 4 micro
-    "small (4L, 256 wide, T=256)": ["--n_layer", "4", "--n_head", "4", "--n_embd", "256", "--batch_size", "8",
-                                    "--seq_len", "256", "--total_batch_size", "16384", "--max_steps", "8"],  # 4 micro
+    "tiny (2L, 32 wide, T=64)": ["--n_layer", "2", "--n_head", "2", "--n_embd", "32",
+                                 "--batch_size", "4", "--seq_len", "64",
+                                 "--total_batch_size", "2048", "--max_steps", "30"],  # 4 micro
+    "small (4L, 256 wide, T=256)": ["--n_layer", "4", "--n_head", "4", "--n_embd", "256",
+                                    "--batch_size", "8", "--seq_len", "256",
+                                    "--total_batch_size", "16384", "--max_steps", "8"],  # 4 micro
 }
 MODES = {"DDP": [], "FSDP, sync once per step": ["--fsdp", "1", "--fsdp_sync", "step"],
          "FSDP, sync every micro-step": ["--fsdp", "1", "--fsdp_sync", "micro"]}
@@ -33,9 +35,10 @@ MODES = {"DDP": [], "FSDP, sync once per step": ["--fsdp", "1", "--fsdp_sync", "
 def run(model_args, mode_args):
     """(median tok/s, peak RSS of one rank in MiB) of one 2-rank run."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train_gpt2.py"), "--data", str(ROOT / "input.txt"), "--device", "cpu", "--dtype", "fp32",
-           "--compile", "off", "--warmup_steps", "2", "--eval_every", "0", "--sample_every", "0",
-           "--checkpoint_every", "0", "--log_dir", str(ROOT / "bench_out" / "fsdp"), *model_args, *mode_args]
+           str(ROOT / "train_gpt2.py"), "--data", str(ROOT / "input.txt"), "--device", "cpu",
+           "--dtype", "fp32", "--compile", "off", "--warmup_steps", "2", "--eval_every", "0",
+           "--sample_every", "0", "--checkpoint_every", "0",
+           "--log_dir", str(ROOT / "bench_out" / "fsdp"), *model_args, *mode_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)  # ru_maxrss: the largest of torchrun and its ranks
@@ -50,8 +53,8 @@ def main(argv):
     p = flags.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=flags.number(int, 1, 1000), default=2,
                    help="runs of each configuration (default: %(default)s)")
-    p.add_argument("--model", choices=("", "tiny", "small"), default="", help="only the models whose names start "
-                   "with this (tiny, small; empty: both)")
+    p.add_argument("--model", choices=("", "tiny", "small"), default="",
+                   help="only the models whose names start with this (tiny, small; empty: both)")
     args = p.parse_args(argv)
     print("| model | mode | tok/s (each repeat) | peak RSS of a rank |")
     print("|---|---|---|---|")
@@ -60,7 +63,8 @@ def main(argv):
             continue
         results = {mode: [] for mode in MODES}
         for _ in range(args.repeats):
-            for mode, mode_args in MODES.items():  # alternating, so that load from elsewhere hits all alike
+            # alternating, so that load from elsewhere hits all alike
+            for mode, mode_args in MODES.items():
                 results[mode].append(run(model_args, mode_args))
         for mode, rs in results.items():
             toks = ", ".join(f"{t:,.0f}" if t else "failed" for t, _ in rs)

@@ -56,26 +56,34 @@ def main(argv):
                    help="examples for the small model; 0 skips it (default 200)")
     p.add_argument("--big_n", type=flags.number(int, 0, 10042), default=32,
                    help="examples for the 124M-shaped model; 0 skips it (default 32)")
-    p.add_argument("--batch_size", type=flags.POSITIVE, default=16, help="examples per forward, batched run (default 16)")
-    p.add_argument("--device", choices=runtime.DEVICES, default="auto", help="auto, cpu, cuda or mps (default auto)")
-    p.add_argument("--dtype", choices=runtime.DTYPES, default="fp32", help="auto, bf16, fp16 or fp32 (default fp32)")
+    p.add_argument("--batch_size", type=flags.POSITIVE, default=16,
+                   help="examples per forward, batched run (default 16)")
+    p.add_argument("--device", choices=runtime.DEVICES, default="auto",
+                   help="auto, cpu, cuda or mps (default auto)")
+    p.add_argument("--dtype", choices=runtime.DTYPES, default="fp32",
+                   help="auto, bf16, fp16 or fp32 (default fp32)")
     args = p.parse_args(argv)
 
     rt = runtime.setup(args.device, args.dtype)
     enc = tiktoken.get_encoding("gpt2")
-    sample = ROOT / "tests" / "data" / "hellaswag_val_300.jsonl"  # the first 300 validation examples
-    examples = hellaswag_eval.load_examples(sample if max(args.n, args.big_n) <= 300 else None, limit=max(args.n, args.big_n))
+    sample = ROOT / "tests" / "data" / "hellaswag_val_300.jsonl"  # the first 300 val examples
+    examples = hellaswag_eval.load_examples(sample if max(args.n, args.big_n) <= 300 else None,
+                                            limit=max(args.n, args.big_n))
     rendered = [hellaswag_eval.render_example(e, enc) for e in examples]
-    print(f"device {rt.device} ({torch.cuda.get_device_name() if rt.device_type == 'cuda' else os.cpu_count()} "
-          f"{'GPU' if rt.device_type == 'cuda' else 'CPU cores'}), dtype {rt.dtype}, torch threads "
-          f"{torch.get_num_threads()}, batch_size {args.batch_size} examples = {4 * args.batch_size} rows")
-    print(f"{'model':<22} {'n':>5} {'1 ex/fwd ex/s':>12} {'batched ex/s':>16} {'speedup':>9} {'same':>9} "
-          f"{'max |dloss|':>10}")
+    print(f"device {rt.device} "
+          f"({torch.cuda.get_device_name() if rt.device_type == 'cuda' else os.cpu_count()} "
+          f"{'GPU' if rt.device_type == 'cuda' else 'CPU cores'}), dtype {rt.dtype}, "
+          f"torch threads {torch.get_num_threads()}, "
+          f"batch_size {args.batch_size} examples = {4 * args.batch_size} rows")
+    print(f"{'model':<22} {'n':>5} {'1 ex/fwd ex/s':>12} {'batched ex/s':>16} {'speedup':>9} "
+          f"{'same':>9} {'max |dloss|':>10}")
     if args.n:
-        bench("small (2L, 64d)", train_gpt2.GPTConfig(block_size=256, n_layer=2, n_head=4, n_embd=64),
+        bench("small (2L, 64d)",
+              train_gpt2.GPTConfig(block_size=256, n_layer=2, n_head=4, n_embd=64),
               rendered[:args.n], args.batch_size, rt)
     if args.big_n:
-        bench("124M-shaped (12L,768d)", train_gpt2.GPTConfig(), rendered[:args.big_n], args.batch_size, rt)
+        bench("124M-shaped (12L,768d)", train_gpt2.GPTConfig(), rendered[:args.big_n],
+              args.batch_size, rt)
 
 
 if __name__ == "__main__":

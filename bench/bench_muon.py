@@ -138,11 +138,13 @@ def bench(shape, steps, device, variants):
 def main(argv):
     p = flags.Parser(prog="bench_muon.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=("both", *SHAPES), default="both",
-                   help="quickstart, blocks (most weights in the blocks), 124M (a GPU), or both CPU shapes")
+                   help="quickstart, blocks (most weights in the blocks), 124M (a GPU), "
+                   "or both CPU shapes")
     p.add_argument("--steps", type=flags.COUNT, default=0,
                    help="optimizer steps of every run (0: the shape's own)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu or cuda")
-    p.add_argument("--variants", choices=("lr", "qkv"), default="lr", help="lr: the learning-rate sweeps; "
+    p.add_argument("--variants", choices=("lr", "qkv"), default="lr",
+                   help="lr: the learning-rate sweeps; "
                    "qkv: Muon at its default lr with the fused qkv against its three parts")
     args = p.parse_args(argv)
     for shape in ("quickstart", "blocks") if args.shape == "both" else (args.shape,):

@@ -26,11 +26,8 @@ def loss_block_budget(device, grad=True, base=None):
     rows were 0.90x), 1024 on a 24 GB one, 256 on a 4 GB GTX 960. base: the training budget instead
     of the device's (GPT.loss_block_bytes)."""
     if base is None:
-        base = (
-            min(1 << 30, torch.cuda.get_device_properties(device).total_memory // 64)
-            if device.type == "cuda"
-            else 64 << 20
-        )
+        base = (min(1 << 30, torch.cuda.get_device_properties(device).total_memory // 64)
+                if device.type == "cuda" else 64 << 20)
     return base * (NO_GRAD_BLOCK if not grad and device.type == "cpu" else 1)
 
 
@@ -86,16 +83,15 @@ def exp_logits(xi, weight, yi, vocab_size):
     padding columns 0; each row's loss (n,); and the rows' sums of e, s (n, 1). In place: one fp32
     (n, V) tensor holds the logits, then z - max, then e (the logits' own when they are fp32), so a
     block holds 1.5 fp32 copies at most."""
-    # (n, V) fp32: the softmax is always taken in fp32 (under autocast a copy of the 16-bit product,
-    # freed at once)
+    # (n, V) fp32: the softmax is always taken in fp32 (under autocast a copy of the 16-bit
+    # product, freed at once)
     z = (xi @ weight.t()).float()
     # padding never counts. Compiled: a mask fused into the block's one pass, on an int32 column
     # index (an int64 one costs twice the vector work: bf16 loss path 243 -> 201 ms). Eager: only
     # the padding columns are written.
     if torch.compiler.is_compiling():
-        z.masked_fill_(
-            torch.arange(z.size(1), dtype=torch.int32, device=z.device) >= vocab_size, float("-inf")
-        )
+        z.masked_fill_(torch.arange(z.size(1), dtype=torch.int32, device=z.device) >= vocab_size,
+                       float("-inf"))
     else:
         z[:, vocab_size:] = float("-inf")
     # softmax(z) = e / sum(e) with e = exp(z - max): subtracting the max keeps exp from overflowing.

@@ -10,12 +10,12 @@ from plumbing import errors, flags, runtime
 def model_flag(parser, presets, default, required=False):
     """--checkpoint: what sample and evaluate read a model from."""
     parser.add_argument(
-        "--checkpoint", default=default, required=required, type=flags.path(
-            "exists", also=tuple(presets), hint="; give a checkpoint file, a Hugging Face GPT-2 "
-            "directory or one of " + ", ".join(presets)),
+        "--checkpoint", default=default, required=required,
+        type=flags.path("exists", also=tuple(presets), hint="; give a checkpoint file, "
+                        "a Hugging Face GPT-2 directory or one of " + ", ".join(presets)),
         help=("required: " if required else "") + "a checkpoint file (ours, build-nanogpt's, "
-        "nanoGPT's or llm.c's), or Hugging Face GPT-2 weights: a name (" + ", ".join(presets)
-        + ") or a directory")
+        "nanoGPT's or llm.c's), or Hugging Face GPT-2 weights: a name ("
+        + ", ".join(presets) + ") or a directory")
 
 
 def sample_args(argv, presets):
@@ -44,8 +44,8 @@ def sample_args(argv, presets):
 
 
 def prompts(args):
-    """sample's prompts: --prompt, or with --interactive the non-empty lines of stdin until its end.
-    """
+    """sample's prompts: --prompt, or with --interactive the non-empty lines of stdin until its
+    end."""
     if not args.interactive:
         yield args.prompt
         return
@@ -63,8 +63,8 @@ def export_args(argv):
     """The flags of `train_gpt2.py export`, checked."""
     p = flags.Parser(prog="train_gpt2.py export",
                      description="Write a checkpoint as a Hugging Face GPT-2 directory.")
-    p.add_argument("--checkpoint", type=flags.path("file"), required=True, help="a checkpoint "
-                   "file (required): ours, or build-nanogpt's, nanoGPT's or llm.c's")
+    p.add_argument("--checkpoint", type=flags.path("file"), required=True, help="a checkpoint file "
+                   "(required): ours, or build-nanogpt's, nanoGPT's or llm.c's")
     p.add_argument("--out", type=flags.path("out_dir"), required=True,
                    help="output directory (required)")
     return p.parse_args(argv)
@@ -75,8 +75,8 @@ def evaluate_args(argv, presets):
     p = flags.Parser(prog="train_gpt2.py evaluate", description="A model's mean loss, perplexity "
                      "and bits per byte on a text file or a shard directory's val split.")
     model_flag(p, presets, None, required=True)
-    p.add_argument("--data", type=flags.path("exists"), required=True, help="required: a text "
-                   "file (all of it), or a directory of token shards (its val split)")
+    p.add_argument("--data", type=flags.path("exists"), required=True, help="required: a text file "
+                   "(all of it), or a directory of token shards (its val split)")
     p.add_argument("--tokens", type=flags.COUNT, default=0,
                    help="evaluate only the first N tokens (0 = all)")
     p.add_argument("--seq_len", type=flags.COUNT, default=0,

@@ -25,19 +25,15 @@ def window_losses(model, tokens, seq_len, batch_size=8, device="cpu",
     model.eval()
     starts = list(range(0, len(tokens) - 1, seq_len))
     full = [i for i in starts if i + seq_len < len(tokens)]  # the windows of seq_len + 1 tokens
-    groups = [full[j : j + batch_size] for j in range(0, len(full), batch_size)] + [
-        [i] for i in starts[len(full) :]
-    ]
+    groups = ([full[j:j + batch_size] for j in range(0, len(full), batch_size)]
+              + [[i] for i in starts[len(full):]])
     loss_sum, count, losses = 0.0, 0, []
     from tqdm import tqdm  # a progress bar over the tokens, on stderr
-
-    bar = tqdm(
-        total=len(tokens) - 1, desc="evaluate", unit="tok", file=sys.stderr, disable=not progress
-    )
+    bar = tqdm(total=len(tokens) - 1, desc="evaluate", unit="tok", file=sys.stderr,
+               disable=not progress)
     for group in groups:
-        buf = torch.from_numpy(
-            np.stack([np.asarray(tokens[i : i + seq_len + 1], dtype=np.int64) for i in group])
-        )
+        buf = torch.from_numpy(np.stack(
+            [np.asarray(tokens[i:i + seq_len + 1], dtype=np.int64) for i in group]))
         # (b, T) inputs, (b, T) their next tokens
         x, y = buf[:, :-1].to(device), buf[:, 1:].to(device)
         with autocast():
@@ -57,10 +53,8 @@ def window_losses(model, tokens, seq_len, batch_size=8, device="cpu",
 
 def token_loss_pairs(enc, tokens, losses):
     """[(token text, its loss, or None for the first token, which nothing predicts)]."""
-    return [
-        (enc.decode([int(t)]), None if i == 0 else float(losses[i - 1]))
-        for i, t in enumerate(tokens)
-    ]
+    return [(enc.decode([int(t)]), None if i == 0 else float(losses[i - 1]))
+            for i, t in enumerate(tokens)]
 
 
 def format_text_losses(pairs):
@@ -80,18 +74,13 @@ def run(model, args, rt):
     else:
         tokens = token_files.text_tokens(args.data)[:end]
     if len(tokens) < 2:
-        raise errors.UserError(
-            f"{args.data} has {len(tokens)} token; give at least two (the first has no loss)"
-        )
+        raise errors.UserError(f"{args.data} has {len(tokens)} token; "
+                               "give at least two (the first has no loss)")
     batch_size, per_token, names = (
-        args.batch_size,
-        args.per_token,
-        dict(model=args.checkpoint, data=args.data),
-    )
+        args.batch_size, args.per_token, dict(model=args.checkpoint, data=args.data))
     t0 = time.time()
     loss_sum, n, losses = window_losses(
-        model, tokens, seq_len, batch_size, rt.device, rt.autocast, per_token, progress=True
-    )
+        model, tokens, seq_len, batch_size, rt.device, rt.autocast, per_token, progress=True)
     dt = time.time() - t0
     if per_token:
         print(format_text_losses(token_loss_pairs(enc, tokens, losses)))
@@ -100,19 +89,9 @@ def run(model, args, rt):
     token_bytes = np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)])
     n_bytes = int(token_bytes[np.asarray(tokens[1:], dtype=np.int64)].sum())
     loss = loss_sum / n
-    result = dict(
-        **names,
-        tokens=n,
-        loss=round(loss, 6),
-        perplexity=round(math.exp(loss), 4),
-        bits_per_byte=round(loss_sum / math.log(2) / n_bytes, 6),
-        seq_len=seq_len,
-        device=rt.device,
-        dtype=rt.dtype,
-        seconds=round(dt, 1),
-    )
-    print(
-        f"{n} tokens: loss {loss:.4f} | perplexity {math.exp(loss):.2f} | "
-        f"{result['bits_per_byte']:.4f} bits per byte"
-    )
+    result = dict(**names, tokens=n, loss=round(loss, 6), perplexity=round(math.exp(loss), 4),
+                  bits_per_byte=round(loss_sum / math.log(2) / n_bytes, 6), seq_len=seq_len,
+                  device=rt.device, dtype=rt.dtype, seconds=round(dt, 1))
+    print(f"{n} tokens: loss {loss:.4f} | perplexity {math.exp(loss):.2f} | "
+          f"{result['bits_per_byte']:.4f} bits per byte")
     print(json.dumps(result))

@@ -17,8 +17,8 @@ INT64_MAX = 2**63 - 1  # every integer flag ends up in a tensor or a C long some
 
 def number(kind, lo, hi=math.inf, lo_open=False, hi_open=False, also=(), hint=""):
     """The type of an int or a (finite) float in [lo, hi] (lo_open/hi_open: without that bound; an
-    int is at most INT64_MAX), or one of the words `also` ("auto") as it is; hint ends its errors.
-    """
+    int is at most INT64_MAX), or one of the words `also` ("auto") as it is; hint ends its
+    errors."""
     hi = min(hi, INT64_MAX) if kind is int else hi
     alt = "".join(f" or {word}" for word in also)
     if kind is int and (lo, hi) == (0, 1):
@@ -84,11 +84,8 @@ def path_problem(path, kind):
             return f"{path} is not a directory"
         return None
     if kind == "name":  # a part of a file name: no folders in it
-        return (
-            f"{path} must be a plain name, without / or .."
-            if os.sep in path or path in (".", "..")
-            else None
-        )
+        return (f"{path} must be a plain name, without / or .."
+                if os.sep in path or path in (".", "..") else None)
     folder = path if kind == "out_dir" else os.path.dirname(os.path.abspath(path))
     if kind == "out_file" and os.path.isdir(path):
         return f"{path} is a directory; give a file name"
@@ -138,7 +135,5 @@ def arg(default, accepts, help):
 def check_seq_len(seq_len, block_size):
     """--seq_len against the model's block size (its position table has no row past it)."""
     if seq_len > block_size:
-        raise errors.UserError(
-            f"--seq_len {seq_len} is larger than the model's block size {block_size}; use "
-            f"--seq_len {block_size} or less"
-        )
+        raise errors.UserError(f"--seq_len {seq_len} is larger than the model's block size "
+                               f"{block_size}; use --seq_len {block_size} or less")

@@ -50,16 +50,13 @@ def read_foreign_checkpoint(ckpt, path):
     else:
         source, shape, step = "nanoGPT", ckpt["model_args"], ckpt.get("iter_num")
     try:
-        shape = {
-            k: int(shape[k]) for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
-        }
+        shape = {k: int(shape[k])
+                 for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")}
     except (KeyError, TypeError, ValueError) as e:
-        raise errors.UserError(
-            f"{path} looks like a {source} checkpoint but its config lacks {e}; point to another "
-            "one"
-        ) from None
-    return foreign_checkpoint(path, source, shape, dict(ckpt["model"]), step, ckpt.get("config") if
-                              source == "nanoGPT" else None)
+        raise errors.UserError(f"{path} looks like a {source} checkpoint but its config lacks {e}; "
+                               "point to another one") from None
+    return foreign_checkpoint(path, source, shape, dict(ckpt["model"]), step,
+                              ckpt.get("config") if source == "nanoGPT" else None)
 
 
 def foreign_checkpoint(path, source, shape, sd, step, recipe=None):
@@ -70,9 +67,8 @@ def foreign_checkpoint(path, source, shape, sd, step, recipe=None):
     vocab = shape["vocab_size"]
     if not GPT2_VOCAB <= vocab <= 50304:
         raise errors.UserError(
-            f"{path} ({source}) has a vocabulary of {vocab} tokens, not GPT-2's {GPT2_VOCAB} (a "
-            "character-level model uses its own tokenizer); this program reads GPT-2 BPE models"
-        )
+            f"{path} ({source}) has a vocabulary of {vocab} tokens, not GPT-2's {GPT2_VOCAB} "
+            "(a character-level model uses its own tokenizer); this program reads GPT-2 BPE models")
     # rows past 50257 are padding: never a token (see GPTConfig)
     config = {**shape, "vocab_size": GPT2_VOCAB}
     out = {}
@@ -80,24 +76,16 @@ def foreign_checkpoint(path, source, shape, sd, step, recipe=None):
         k = k.removeprefix("_orig_mod.").removeprefix("module.")
         if not k.endswith((".attn.bias", ".attn.masked_bias")):
             out[k] = v
-    for k in [
-        k for k in out if k.endswith(".weight") and not k.startswith(("transformer.w", "lm_head"))
-    ]:
+    for k in [k for k in out
+              if k.endswith(".weight") and not k.startswith(("transformer.w", "lm_head"))]:
         out.setdefault(k.removesuffix(".weight") + ".bias", out[k].new_zeros(out[k].size(0)))
     if "transformer.wte.weight" in out:
         wte, rows = out["transformer.wte.weight"], 50304  # (rows in the file, C) -> (50304, C)
         out["transformer.wte.weight"] = torch.cat(
-            [wte[:rows], wte.new_zeros(max(0, rows - len(wte)), wte.size(1))]
-        )
+            [wte[:rows], wte.new_zeros(max(0, rows - len(wte)), wte.size(1))])
         out["lm_head.weight"] = out["transformer.wte.weight"]
-    return {
-        "model": out,
-        "config": config,
-        "step": step,
-        "source": source,
-        "recipe": recipe,
-        "path": path,
-    }
+    return {"model": out, "config": config, "step": step, "source": source, "recipe": recipe,
+            "path": path}
 
 
 def schedule_flags(ckpt):
@@ -110,11 +98,9 @@ def schedule_flags(ckpt):
                 "and the defaults here)")
     # nanoGPT's config
     if all(k in c for k in ("learning_rate", "warmup_iters", "lr_decay_iters", "min_lr")):
-        return (
-            f"--max_lr {c['learning_rate']} --warmup_steps {c['warmup_iters']} --max_steps "
-            f"{c['lr_decay_iters']} "
-            f"--min_lr_ratio {c['min_lr'] / c['learning_rate']:.4g} (from its config)"
-        )
+        return (f"--max_lr {c['learning_rate']} --warmup_steps {c['warmup_iters']} "
+                f"--max_steps {c['lr_decay_iters']} "
+                f"--min_lr_ratio {c['min_lr'] / c['learning_rate']:.4g} (from its config)")
     return "its --max_steps and --warmup_steps"
 
 
@@ -122,16 +108,12 @@ def init_report(path, ckpt):
     """What --init_from read: whose checkpoint, at which step, and the flags that continue its
     schedule."""
     step = ckpt.get("step")
-    return (
-        f"--init_from {path}: the weights of a {ckpt.get('source', 'train_gpt2.py')} checkpoint "
-        "at step "
-        f"{'?' if step is None else step}, with a new AdamW optimizer and the data from its start; "
-        + (
-            f"--init_step {step} with {schedule_flags(ckpt)} continues its learning-rate schedule"
-            if step
-            else "the learning-rate schedule starts at --init_step"
-        )
-    )
+    return (f"--init_from {path}: the weights of a {ckpt.get('source', 'train_gpt2.py')} "
+            f"checkpoint at step {'?' if step is None else step}, with a new AdamW optimizer "
+            "and the data from its start; "
+            + (f"--init_step {step} with {schedule_flags(ckpt)} continues its "
+               "learning-rate schedule" if step
+               else "the learning-rate schedule starts at --init_step"))
 
 
 def read_llmc_model(path):
@@ -142,42 +124,32 @@ def read_llmc_model(path):
     version = int(header[1]) if len(header) == 256 else -1
     if version not in LLMC_MODEL_DTYPES:
         raise errors.UserError(
-            f"{path} is an llm.c model file of version {version}, which is not read here (versions "
-            "1, 3: fp32; 5: bf16); write it again with llm.c's current train_gpt2.py"
-        )
+            f"{path} is an llm.c model file of version {version}, which is not read here "
+            "(versions 1, 3: fp32; 5: bf16); write it again with llm.c's current train_gpt2.py")
     maxT, V, L, nh, C = (int(x) for x in header[2:7])
     dtype = LLMC_MODEL_DTYPES[version]
     data = np.memmap(path, dtype=dtype, mode="r", offset=1024)
-    per_layer = [
-        ("ln_1.weight", (C,)),
-        ("ln_1.bias", (C,)),
-        ("attn.c_attn.weight", (3 * C, C)),
-        ("attn.c_attn.bias", (3 * C,)),
-        ("attn.c_proj.weight", (C, C)),
-        ("attn.c_proj.bias", (C,)),
-        ("ln_2.weight", (C,)),
-        ("ln_2.bias", (C,)),
-        ("mlp.c_fc.weight", (4 * C, C)),
-        ("mlp.c_fc.bias", (4 * C,)),
-        ("mlp.c_proj.weight", (C, 4 * C)),
-        ("mlp.c_proj.bias", (C,)),
-    ]
+    per_layer = [("ln_1.weight", (C,)), ("ln_1.bias", (C,)),
+                 ("attn.c_attn.weight", (3 * C, C)), ("attn.c_attn.bias", (3 * C,)),
+                 ("attn.c_proj.weight", (C, C)), ("attn.c_proj.bias", (C,)),
+                 ("ln_2.weight", (C,)), ("ln_2.bias", (C,)),
+                 ("mlp.c_fc.weight", (4 * C, C)), ("mlp.c_fc.bias", (4 * C,)),
+                 ("mlp.c_proj.weight", (C, 4 * C)), ("mlp.c_proj.bias", (C,))]
     rest = maxT * C + L * sum(math.prod(s) for _, s in per_layer) + 2 * C
     # the padded vocabulary: whatever the file size leaves
     Vp = (len(data) - rest) // C if C > 0 else 0
     if C <= 0 or L <= 0 or Vp < V or Vp * C + rest != len(data) or int(header[7]) not in (0, Vp):
         raise errors.UserError(
             f"{path} has an llm.c header (version {version}) that does not match its size; "
-            "it is truncated or was written by another program; point to another checkpoint"
-        )
-    # llm.c stores each kind of tensor for all layers together: wte, wpe, then (L, ...) stacks, then
-    # ln_f
+            "it is truncated or was written by another program; point to another checkpoint")
+    # llm.c stores each kind of tensor for all layers together: wte, wpe, then (L, ...) stacks,
+    # then ln_f
     order = [("transformer.wte.weight", (Vp, C)), ("transformer.wpe.weight", (maxT, C))]
     order += [(f"transformer.h.*.{name}", (L, *s)) for name, s in per_layer]
     order += [("transformer.ln_f.weight", (C,)), ("transformer.ln_f.bias", (C,))]
     sd, at = {}, 0
     for name, s in order:
-        t = torch.from_numpy(np.array(data[at: at + math.prod(s)])).view(s)
+        t = torch.from_numpy(np.array(data[at:at + math.prod(s)])).view(s)
         at += math.prod(s)
         # bf16: the upper 16 bits of an fp32
         t = t.view(torch.bfloat16).float() if dtype == "<i2" else t
@@ -185,13 +157,9 @@ def read_llmc_model(path):
             sd[name.replace("*", str(i))] = part.clone()
     # llm.c names its files by step
     step = re.search(r"model_0*(\d+)\.bin$", os.path.basename(path))
-    return foreign_checkpoint(
-        path,
-        "llm.c",
-        dict(block_size=maxT, vocab_size=V, n_layer=L, n_head=nh, n_embd=C),
-        sd,
-        int(step[1]) if step else None,
-    )
+    return foreign_checkpoint(path, "llm.c",
+                              dict(block_size=maxT, vocab_size=V, n_layer=L, n_head=nh, n_embd=C),
+                              sd, int(step[1]) if step else None)
 
 
 def read_llmc_tokens(path):
@@ -203,10 +171,8 @@ def read_llmc_tokens(path):
             os.path.getsize(path) != 1024 + 2 * n:
         raise errors.UserError(
             f"{path} is not an llm.c GPT-2 token shard (magic {LLMC_TOKENS_MAGIC}, version 1, "
-            "uint16 "
-            "tokens, of the size its header says); give .npy shards of fineweb.py or llm.c's "
-            "GPT-2 .bin"
-        )
+            "uint16 tokens, of the size its header says); "
+            "give .npy shards of fineweb.py or llm.c's GPT-2 .bin")
     return np.memmap(path, dtype=np.uint16, mode="r", offset=1024, shape=(n,))
 
 
@@ -220,11 +186,9 @@ def read_nanogpt_tokens(path):
     if os.path.exists(os.path.join(os.path.dirname(path), "meta.pkl")):
         raise errors.UserError(
             f"{path} has a meta.pkl beside it: nanoGPT's character-level tokens, not GPT-2's BPE; "
-            "give the text itself (its input.txt) as --data"
-        )
+            "give the text itself (its input.txt) as --data")
     if size == 0 or size % 2:
-        raise errors.UserError(
-            f"{path} holds {size} bytes, {'no' if size == 0 else 'not a whole number of'} uint16 "
-            "tokens; run nanoGPT's prepare.py again"
-        )
+        raise errors.UserError(f"{path} holds {size} bytes, "
+                               f"{'no' if size == 0 else 'not a whole number of'} uint16 tokens; "
+                               "run nanoGPT's prepare.py again")
     return np.memmap(path, dtype=np.uint16, mode="r")

@@ -20,18 +20,13 @@ def auto_batch_size(model, cfg, rt):
     # compiled or eager (use_compile's rule; a GPU's trial runs eagerly, which keeps the more; under
     # FSDP the loss, in the root, runs eagerly)
     sharded = bool(getattr(cfg, "fsdp", 0))
-    compiled = (
-        cfg.compile == "on" or (cfg.compile == "auto" and rt.device_type == "cpu")
-    ) and not sharded
+    compiled = (cfg.compile == "on"
+                or (cfg.compile == "auto" and rt.device_type == "cpu")) and not sharded
     # FSDP: the whole gradient and weights between micro-steps, or not (fsdp_sync_once; asked
     # without its report)
     fsdp = (rt.world_size, sharding.fsdp_sync_once(cfg, model, rt, 1)) if sharded else None
-    batch_size = pick_batch_size(
-        max_batch,
-        lambda b: batch_fits(
-            model, b, cfg.seq_len, rt, cfg.grad_checkpoint, compiled, hellaswag, fsdp
-        ),
-    )
+    batch_size = pick_batch_size(max_batch, lambda b: batch_fits(
+        model, b, cfg.seq_len, rt, cfg.grad_checkpoint, compiled, hellaswag, fsdp))
     if rt.ddp:  # every rank must use the same: the smallest that fits everywhere
         agreed = torch.tensor(batch_size, device=rt.device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
@@ -45,10 +40,8 @@ def pick_batch_size(max_batch, fits):
     for b in range(min(max_batch, 64), 0, -1):
         if max_batch % b == 0 and fits(b):
             return b
-    raise errors.UserError(
-        "not even --batch_size 1 fits in memory; use --grad_checkpoint 1, a smaller --seq_len or a "
-        "smaller model"
-    )
+    raise errors.UserError("not even --batch_size 1 fits in memory; "
+                           "use --grad_checkpoint 1, a smaller --seq_len or a smaller model")
 
 
 # HellaSwag's longest row, context and ending (hellaswag.py's validation set: 166 tokens), and its
@@ -68,11 +61,8 @@ def activation_bytes_per_token(config, dtype, grad_checkpoint=False):
     token: see loss_bytes."""
     scale = 1 if dtype in ("bf16", "fp16") else 2
     per_layer = 34 * config.n_embd * scale
-    layers = (
-        config.n_layer * 2 * config.n_embd * scale + per_layer
-        if grad_checkpoint
-        else config.n_layer * per_layer
-    )
+    layers = (config.n_layer * 2 * config.n_embd * scale + per_layer if grad_checkpoint
+              else config.n_layer * per_layer)
     return layers + 4 * config.n_embd
 
 
@@ -163,9 +153,8 @@ def batch_fits(model, b, seq_len, rt, grad_checkpoint, compiled=False, hellaswag
     if rt.device_type == "cuda" and fsdp is not None:
         # net of the shards, the CUDA context and other processes
         free, _ = torch.cuda.mem_get_info(rt.device)
-        needs = memory_needs(
-            model, b, seq_len, rt.dtype, rt.device, grad_checkpoint, False, hellaswag, fsdp
-        )
+        needs = memory_needs(model, b, seq_len, rt.dtype, rt.device, grad_checkpoint, False,
+                             hellaswag, fsdp)
         return max(needs.values()) < free - cuda_margin(free, True)
     if rt.device_type == "cuda":
         torch.cuda.empty_cache()
@@ -174,12 +163,9 @@ def batch_fits(model, b, seq_len, rt, grad_checkpoint, compiled=False, hellaswag
         base = torch.cuda.memory_reserved(rt.device)  # the weights, already on the card
         torch.cuda.reset_peak_memory_stats(rt.device)
         shapes = [(b, seq_len)] + (
-            [(HELLASWAG_ROWS * b, min(model.config.block_size, HELLASWAG_TOKENS))]
-            if hellaswag
-            else []
-        )
-        # the eager model: compiled training keeps fewer intermediates, so this errs on the safe
-        # side
+            [(HELLASWAG_ROWS * b, min(model.config.block_size, HELLASWAG_TOKENS))] if hellaswag
+            else [])
+        # the eager model: compiled training keeps fewer intermediates: this errs on the safe side
         try:
             x = torch.randint(0, model.config.vocab_size, (b, seq_len), device=rt.device)
             with rt.autocast():
@@ -198,9 +184,8 @@ def batch_fits(model, b, seq_len, rt, grad_checkpoint, compiled=False, hellaswag
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
         return cuda_batch_fits(peak, n_params, free, rt.ddp)
-    needs = memory_needs(
-        model, b, seq_len, rt.dtype, rt.device, grad_checkpoint, compiled, hellaswag, fsdp
-    )
+    needs = memory_needs(model, b, seq_len, rt.dtype, rt.device, grad_checkpoint, compiled,
+                         hellaswag, fsdp)
     return max(needs.values()) < CPU_FREE_SHARE * available_memory(rt)
 
 
@@ -221,12 +206,9 @@ def cuda_margin(free, ddp):
 def out_of_memory_error(step, s, cfg, rt):
     """The one-line error for an out-of-memory step, naming the fixes."""
     max_batch = cfg.total_batch_size // (cfg.seq_len * rt.world_size)
-    smaller = next(
-        (f"--batch_size {b}, " for b in range(s.batch_size - 1, 0, -1) if max_batch % b == 0), ""
-    )
+    smaller = next((f"--batch_size {b}, " for b in range(s.batch_size - 1, 0, -1)
+                    if max_batch % b == 0), "")
     return errors.UserError(
         f"out of memory on {rt.device} at step {step} with --batch_size {s.batch_size} and "
-        "--seq_len "
-        f"{cfg.seq_len}; use {smaller}--grad_checkpoint 1 or a smaller --seq_len (gradient "
-        "accumulation keeps --total_batch_size)"
-    )
+        f"--seq_len {cfg.seq_len}; use {smaller}--grad_checkpoint 1 or a smaller --seq_len "
+        "(gradient accumulation keeps --total_batch_size)")

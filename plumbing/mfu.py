@@ -20,26 +20,14 @@ def flops_per_token(config, T):
 # torch.cuda.get_device_name() reports them without the vendor words, so that "L4" is not "L40" and
 # a MIG slice ("... MIG 1g.10gb"), which has a fraction of the card, has no entry.
 GPU_PEAK_TFLOPS = {
-    "H100 80GB HBM3": (989, 495),
-    "H100 PCIe": (756, 378),
-    "H100 NVL": (835, 418),  # SXM, PCIe, NVL
-    "H200": (989, 495),
-    "H200 NVL": (835, 418),
-    "A100-SXM4-80GB": (312, 156),
-    "A100-SXM4-40GB": (312, 156),
-    "A100-PCIE-40GB": (312, 156),
-    "A100 80GB PCIe": (312, 156),
-    "A10": (125, 62.5),
-    "L40S": (362, 183),
-    "L40": (181, 90.5),
-    "L4": (121, 60),
-    "RTX 4090": (165, 82.6),
-    "RTX 3090": (71, 35.6),
-    "V100-SXM2-16GB": (125, 15.7),
-    "V100-SXM2-32GB": (125, 15.7),
-    "V100-PCIE-16GB": (112, 14),
-    "V100-PCIE-32GB": (112, 14),
-    "T4": (65, 8.1),  # Volta and Turing: fp16 tensor cores, no bf16
+    "H100 80GB HBM3": (989, 495), "H100 PCIe": (756, 378), "H100 NVL": (835, 418),  # SXM, PCIe, NVL
+    "H200": (989, 495), "H200 NVL": (835, 418),
+    "A100-SXM4-80GB": (312, 156), "A100-SXM4-40GB": (312, 156), "A100-PCIE-40GB": (312, 156),
+    "A100 80GB PCIe": (312, 156), "A10": (125, 62.5),
+    "L40S": (362, 183), "L40": (181, 90.5), "L4": (121, 60),
+    "RTX 4090": (165, 82.6), "RTX 3090": (71, 35.6),
+    "V100-SXM2-16GB": (125, 15.7), "V100-SXM2-32GB": (125, 15.7), "V100-PCIE-16GB": (112, 14),
+    "V100-PCIE-32GB": (112, 14), "T4": (65, 8.1),  # Volta and Turing: fp16 tensor cores, no bf16
     "GTX 960": (2.4, 2.4),  # Maxwell: no tensor cores, fp16 at the fp32 rate
 }
 
@@ -55,9 +43,8 @@ def peak_flops(rt):
         return None if peaks is None else peaks[0 if rt.dtype in ("bf16", "fp16") else 1] * 1e12
     if rt.device_type != "cpu":
         return None
-    # the fastest of a few large square matmuls in the training dtype: what the cores can do at
-    # best. Its own generator: drawing from the global one would shift dropout's masks after a
-    # resume.
+    # the fastest of a few large square matmuls in the training dtype: the cores' best. Its own
+    # generator: drawing from the global one would shift dropout's masks after a resume.
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(2048, 2048, generator=gen), torch.randn(2048, 2048, generator=gen)
     times = []

@@ -15,8 +15,7 @@ def text_losses(model, enc, text, device="cpu"):
     prints."""
     tokens = enc.encode_ordinary(text)
     _, _, losses = evaluate.window_losses(
-        model, tokens, model.config.block_size, device=device, per_token=True
-    )
+        model, tokens, model.config.block_size, device=device, per_token=True)
     return evaluate.token_loss_pairs(enc, tokens, losses)
 
 
@@ -53,6 +52,5 @@ def attention_of_head(model, enc, prompt, layer, head, device="cpu"):
     q, k = q[:, head * hs: (head + 1) * hs], k[:, head * hs: (head + 1) * hs]  # (T, hs) each
     scores = (q @ k.T).float() / math.sqrt(hs)  # (T, T)
     scores = scores.masked_fill(
-        torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf")
-    )
+        torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
     return [enc.decode([t]) for t in tokens], F.softmax(scores, dim=-1).cpu()

@@ -38,8 +38,8 @@ def figure(log_dir, compare=None):
         ax1.plot(*series["train"], label=f"{name}train loss", alpha=0.6)
         ax1.plot(*series["val"], label=f"{name}val loss", marker="o", markersize=3)
         ax2.plot(*series["hella"], label=name[:-2] or "ours", marker="o", markersize=3)
-    # reference: OpenAI's GPT-2 124M on the FineWeb-Edu val shard, as measured in Karpathy's
-    # build-nanogpt
+    # reference: OpenAI's GPT-2 124M on the FineWeb-Edu val shard, as measured in
+    # Karpathy's build-nanogpt
     ax1.axhline(3.2924, color="r", linestyle="--", label="OpenAI GPT-2 124M val (3.2924)")
     ax1.set(xlabel="step", ylabel="loss", title="loss")
     ax1.legend()
@@ -60,9 +60,8 @@ def main(argv):
                    help="directory holding log.txt")
     p.add_argument("--out", type=flags.path("out_file"),
                    help="PNG to write (None: <log_dir>/plot.png)")
-    p.add_argument(
-        "--compare", type=flags.path("dir"),
-        help="another run's log directory, drawn on the same chart (muon beside adamw, say)")
+    p.add_argument("--compare", type=flags.path("dir"), help="another run's log directory, "
+                   "drawn on the same chart (muon beside adamw, say)")
     args = p.parse_args(argv)
     out = args.out or os.path.join(args.log_dir, "plot.png")
     if problem := flags.path_problem(out, "out_file"):

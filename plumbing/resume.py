@@ -27,18 +27,8 @@ KEEP = {  # flag: why it must stay
 }
 
 
-APPLIED = (
-    "max_lr",
-    "min_lr_ratio",
-    "warmup_steps",
-    "max_steps",
-    "weight_decay",
-    "muon_lr",
-    "muon_momentum",
-    "grad_clip",
-    "dropout",
-    "total_batch_size",
-)
+APPLIED = ("max_lr", "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay", "muon_lr",
+           "muon_momentum", "grad_clip", "dropout", "total_batch_size")
 
 
 def check(cfg, ckpt, master):
@@ -48,42 +38,34 @@ def check(cfg, ckpt, master):
     for it."""
     path, saved, step = ckpt["path"], ckpt.get("train_config") or {}, ckpt["step"]
     saved = {"optimizer": "adamw", **saved}  # from before --optimizer: AdamW's
-    keep = ("resume with --{0} {1}, or start a new run from its weights: --init_from {2} and "
-            "another --log_dir")
+    keep = ("resume with --{0} {1}, or start a new run from its weights: "
+            "--init_from {2} and another --log_dir")
     for name, why in KEEP.items():
         # by content: the same files elsewhere are the same data
         if name == "data" and "data_files" in ckpt:
             if checkpoints.data_files(cfg.data) != ckpt["data_files"]:
                 raise errors.UserError(
                     f"{path} was trained on --data {saved.get('data')}, and --data {cfg.data} "
-                    "holds other "
-                    f"files ({why}); " + keep.format(name, saved.get("data"), path)
-                )
+                    f"holds other files ({why}); " + keep.format(name, saved.get("data"), path))
             continue
         if name not in saved or saved[name] == getattr(cfg, name):
             continue
         # from before data_files: the path is all there is, and it may have moved
         if name == "data":
             if master:
-                print(
-                    f"note: {path} does not record its data files; continuing on --data {cfg.data}"
-                )
+                print(f"note: {path} does not record its data files; "
+                      f"continuing on --data {cfg.data}")
             continue
         raise errors.UserError(
             f"{path} was trained with --{name} {saved[name]}, not {getattr(cfg, name)} ({why}); "
-            + keep.format(name, saved[name], path)
-        )
+            + keep.format(name, saved[name], path))
     if cfg.max_steps < step:
-        raise errors.UserError(
-            f"{path} is at step {step}, past --max_steps {cfg.max_steps}; give --max_steps {step} "
-            "or more"
-        )
+        raise errors.UserError(f"{path} is at step {step}, past --max_steps {cfg.max_steps}; "
+                               f"give --max_steps {step} or more")
     for name in APPLIED:
         if name in saved and saved[name] != getattr(cfg, name) and master:
-            print(
-                f"resume: --{name} {getattr(cfg, name)} (the checkpoint's was {saved[name]}) "
-                f"applies from step {step}"
-            )
+            print(f"resume: --{name} {getattr(cfg, name)} (the checkpoint's was {saved[name]}) "
+                  f"applies from step {step}")
 
 
 def check_data_order(cfg, ckpt, master):
@@ -91,10 +73,8 @@ def check_data_order(cfg, ckpt, master):
     skip data."""
     was = int(ckpt["loader"].get("shuffle", 0))
     if cfg.shuffle is not None and cfg.shuffle != was:
-        raise errors.UserError(
-            f"{ckpt['path']} was trained with --shuffle {was}; resume with --shuffle {was} or "
-            "without the flag"
-        )
+        raise errors.UserError(f"{ckpt['path']} was trained with --shuffle {was}; "
+                               f"resume with --shuffle {was} or without the flag")
     if master and "shuffle" not in ckpt["loader"] and token_files.data_shuffle(cfg):
         print(f"{ckpt['path']} is from before --shuffle: the data continues in file order")
 
@@ -103,20 +83,16 @@ def to_resume(cfg, rt):
     """The checkpoint dict that --resume names (None: a new run), checked against the flags (check).
     Rank 0 chooses; every rank loads that one."""
     if not cfg.resume and checkpoints.find(cfg.log_dir):
-        raise errors.UserError(
-            f"{cfg.log_dir} already holds checkpoints of a run; continue it with --resume auto, or "
-            "start a new run with another --log_dir"
-        )
+        raise errors.UserError(f"{cfg.log_dir} already holds checkpoints of a run; continue it "
+                               "with --resume auto, or start a new run with another --log_dir")
     ckpt = resume_checkpoint(cfg.resume, cfg.log_dir) if cfg.resume and rt.master else None
     if cfg.resume and rt.ddp:
         chosen = [ckpt["path"] if ckpt else None]
         dist.broadcast_object_list(chosen, src=0)
         if not rt.master and chosen[0]:
             if not os.path.isfile(chosen[0]):
-                raise errors.UserError(
-                    f"rank {rt.rank} cannot see {chosen[0]}; put --log_dir on storage every node "
-                    "shares"
-                )
+                raise errors.UserError(f"rank {rt.rank} cannot see {chosen[0]}; "
+                                       "put --log_dir on storage every node shares")
             ckpt = checkpoints.load(chosen[0], mmap=bool(cfg.fsdp))
     if ckpt is not None:
         check(cfg, ckpt, rt.master)
@@ -133,8 +109,7 @@ def resume_checkpoint(resume, log_dir):
         if missing:
             raise errors.UserError(
                 f"{path} holds weights but not the training state ({', '.join(sorted(missing))}); "
-                "start a new run from it with --init_from instead"
-            )
+                "start a new run from it with --init_from instead")
         return ckpt
 
     if resume != "auto":
@@ -148,8 +123,7 @@ def resume_checkpoint(resume, log_dir):
     if paths:
         raise errors.UserError(
             f"--resume auto: none of the {len(paths)} checkpoints in {log_dir} is valid; "
-            "move them away to start fresh, or --resume a good checkpoint"
-        )
+            "move them away to start fresh, or --resume a good checkpoint")
     return None
 
 
@@ -166,10 +140,8 @@ def restore(s, ckpt, cfg, rt):
     if s.scaler.is_enabled() and ckpt["scaler"]:
         s.scaler.load_state_dict(ckpt["scaler"])
     if ckpt["loader"]["shard"] >= len(s.loader.shards):
-        raise errors.UserError(
-            f"{ckpt['path']} was trained on more shards than --data {cfg.data} has; resume with "
-            "the same --data"
-        )
+        raise errors.UserError(f"{ckpt['path']} was trained on more shards than --data {cfg.data} "
+                               "has; resume with the same --data")
     check_data_order(cfg, ckpt, rt.master)
     s.loader.load_state_dict(ckpt["loader"])
     set_rng_state(ckpt["rng"], rt.rank, rt.device, cfg.seed, ckpt["step"])
@@ -193,18 +165,13 @@ def load_training_state(model, optimizer, ckpt, fsdp, device_type):
     model_sd, optim_sd = {}, {}
     if dist.get_rank() == 0:
         model_sd, sd = ckpt["model"], ckpt["optimizer"]
-        optim_sd = {
-            "state": {names[i]: v for i, v in sd["state"].items()},
-            "param_groups": [
-                {**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]
-            ],
-        }
-    set_model_state_dict(
-        model, model_sd, options=checkpoints.dcp_options(broadcast_from_rank0=True)
-    )
-    set_optimizer_state_dict(
-        model, optimizer, optim_sd, options=checkpoints.dcp_options(broadcast_from_rank0=True)
-    )
+        optim_sd = {"state": {names[i]: v for i, v in sd["state"].items()},
+                    "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                                     for g in sd["param_groups"]]}
+    set_model_state_dict(model, model_sd,
+                         options=checkpoints.dcp_options(broadcast_from_rank0=True))
+    set_optimizer_state_dict(model, optimizer, optim_sd,
+                             options=checkpoints.dcp_options(broadcast_from_rank0=True))
 
 
 def load_optimizer_state(optimizer, state, device_type):
@@ -217,10 +184,8 @@ def load_optimizer_state(optimizer, state, device_type):
             load_optimizer_state(part, state[name], device_type)
         return
     # before loading: load_state_dict also moves AdamW's step counters by the groups' flag
-    groups = [
-        {**saved, **{k: v for k, v in group.items() if k != "params"}}
-        for saved, group in zip(state["param_groups"], optimizer.param_groups)
-    ]
+    groups = [{**saved, **{k: v for k, v in group.items() if k != "params"}}
+              for saved, group in zip(state["param_groups"], optimizer.param_groups)]
     optimizer.load_state_dict({**state, "param_groups": groups})
 
 
@@ -230,9 +195,8 @@ def set_rng_state(state, rank, device, seed, step):
     checkpoint from before per-rank streams, which held rank 0's alone, and whose Python and NumPy
     states are ignored); ranks from N up start new streams, rank_seed(seed, rank, step); the streams
     of ranks from M up end with the checkpoint."""
-    saved = state.get("ranks") or [
-        {"torch": state["torch"], "cuda": state["cuda"][0] if state["cuda"] else None}
-    ]
+    saved = state.get("ranks") or [{"torch": state["torch"],
+                                    "cuda": state["cuda"][0] if state["cuda"] else None}]
     device = torch.device(device)
     if rank >= len(saved):
         # the CPU's generator and every GPU's

@@ -35,9 +35,8 @@ class Runtime:
         """A context for the forward pass: bf16/fp16 autocast, or nothing in fp32."""
         if self.dtype == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(
-            self.device_type, dtype=torch.bfloat16 if self.dtype == "bf16" else torch.float16
-        )
+        return torch.autocast(self.device_type,
+                              dtype=torch.bfloat16 if self.dtype == "bf16" else torch.float16)
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -75,54 +74,37 @@ def resolve(device="auto", dtype="auto", check=None):
     if check is not None:
         check(world_size)
     if device == "auto":
-        device = (
-            "cuda"
-            if torch.cuda.is_available()
-            else "mps"
-            if torch.backends.mps.is_available()
-            else "cpu"
-        )
+        device = ("cuda" if torch.cuda.is_available()
+                  else "mps" if torch.backends.mps.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise errors.UserError(
-            "--device cuda but PyTorch sees no CUDA GPU; use --device cpu (or auto)"
-        )
+        raise errors.UserError("--device cuda but PyTorch sees no CUDA GPU; "
+                               "use --device cpu (or auto)")
     if device == "mps" and not torch.backends.mps.is_available():
-        raise errors.UserError(
-            "--device mps but MPS is not available here; use --device cpu (or auto)"
-        )
+        raise errors.UserError("--device mps but MPS is not available here; "
+                               "use --device cpu (or auto)")
     if device == "mps" and ddp:
-        raise errors.UserError(
-            "torchrun cannot train on MPS (its gloo backend does not carry MPS tensors); run one "
-            "process on MPS, or torchrun with --device cpu"
-        )
+        raise errors.UserError("torchrun cannot train on MPS (its gloo backend does not carry MPS "
+                               "tensors); run one process on MPS, or torchrun with --device cpu")
     device_type = device
     if device == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise errors.UserError(
-                f"local rank {local_rank} but only {torch.cuda.device_count()} GPUs; use "
-                f"--nproc_per_node={torch.cuda.device_count()} or fewer"
-            )
+                f"local rank {local_rank} but only {torch.cuda.device_count()} GPUs; "
+                f"use --nproc_per_node={torch.cuda.device_count()} or fewer")
         device = f"cuda:{local_rank}"
-        name, capability = (
-            torch.cuda.get_device_name(device),
-            torch.cuda.get_device_capability(device),
-        )
+        name, capability = (torch.cuda.get_device_name(device),
+                            torch.cuda.get_device_capability(device))
         arch_list = torch.cuda.get_arch_list()
         if not cuda_arch_supported(capability, arch_list):
-            # e.g. a GTX 960 (Maxwell, 5.2) with a CUDA 12.8+ build: it would die at the first
-            # kernel
-            fix = (
-                "a newer PyTorch built for a newer CUDA (pip install -U torch)"
-                if capability >= (7, 5)
-                else "a build for CUDA 12.6, the last with Maxwell, Pascal and Volta: pip install "
-                "'torch<2.15' --index-url https://download.pytorch.org/whl/cu126 (see "
-                "docs/speed-and-memory.md)"
-            )
+            # e.g. a GTX 960 (Maxwell, 5.2) with a CUDA 12.8+ build would die at the first kernel
+            fix = ("a newer PyTorch built for a newer CUDA (pip install -U torch)"
+                   if capability >= (7, 5) else "a build for CUDA 12.6, the last with Maxwell, "
+                   "Pascal and Volta: pip install 'torch<2.15' --index-url "
+                   "https://download.pytorch.org/whl/cu126 (see docs/speed-and-memory.md)")
             raise errors.UserError(
                 f"this PyTorch build has no kernels for the {name} (compute capability "
-                f"{capability[0]}.{capability[1]}; it has {' '.join(arch_list)}); install {fix}, "
-                "or use --device cpu"
-            )
+                f"{capability[0]}.{capability[1]}; it has {' '.join(arch_list)}); "
+                f"install {fix}, or use --device cpu")
     # native bf16: CUDA GPUs from Ampere (compute capability 8.0) on, as
     # torch.cuda.is_bf16_supported says of the current GPU (asked of this rank's here: nothing is
     # made current yet); CPUs with AVX512-BF16 or AMX
@@ -133,21 +115,18 @@ def resolve(device="auto", dtype="auto", check=None):
         # the GTX 960 this project started on; fp32 everywhere else.
         dtype = "bf16" if bf16_ok else "fp16" if device_type == "cuda" else "fp32"
     if dtype == "bf16" and device_type == "cuda" and not bf16_ok:
-        raise errors.UserError(
-            "--dtype bf16 but this GPU has no bf16 support; use --dtype fp16 (or auto)"
-        )
+        raise errors.UserError("--dtype bf16 but this GPU has no bf16 support; "
+                               "use --dtype fp16 (or auto)")
     if dtype == "fp16" and device_type == "cpu":
-        raise errors.UserError(
-            "--dtype fp16 is not supported for training on CPU; use --dtype bf16 or fp32 (or auto)"
-        )
-    return Runtime(
-        ddp, rank, local_rank, world_size, rank == 0, device, device_type, dtype, local_world_size
-    )
+        raise errors.UserError("--dtype fp16 is not supported for training on CPU; "
+                               "use --dtype bf16 or fp32 (or auto)")
+    return Runtime(ddp, rank, local_rank, world_size, rank == 0, device, device_type, dtype,
+                   local_world_size)
 
 
 def configure_process(rt, dist_timeout=60):
-    """The process-wide settings a training program makes for its runtime (opt-in: setup
-    calls this), and what each costs:
+    """The process-wide settings a training program makes for its runtime (opt-in: setup calls
+    this), and what each costs:
     - CUDA: this rank's GPU as the current one; with fp32, matmuls on TF32 tensor cores (Ampere and
       newer): ~8x the fp32 speed, products rounded to 10 mantissa bits (results differ from strict
       fp32 at ~1e-3).
@@ -174,8 +153,7 @@ def configure_process(rt, dist_timeout=60):
         # that mode, to catch reads of uninitialized memory) only costs time, so it is off.
         torch.use_deterministic_algorithms(True)
         torch.utils.deterministic.fill_uninitialized_memory = False
-        # torchrun sets OMP_NUM_THREADS=1 per process; share the cores between the local ranks
-        # instead.
+        # torchrun sets OMP_NUM_THREADS=1 per process; share the cores among the local ranks instead
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, cores // rt.local_world_size))
         keep_freed_memory()
@@ -222,9 +200,8 @@ def keep_freed_memory():
 def autocast_dtype(device_type, default):
     """The dtype autocast runs matmuls in on this device type where it is on, else default (no
     autocast)."""
-    return (
-        torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
-    )
+    return (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+            else default)
 
 
 def cpu_has_bf16():
@@ -268,16 +245,13 @@ def torch_version():
 def use_compile(flag, rt):
     """--compile on/off/auto -> whether to torch.compile. auto: on CPU and CUDA, except GPUs older
     than Volta."""
-    old_gpu = (
-        rt.device_type == "cuda"
-        and torch.cuda.get_device_capability(rt.device) < TRITON_MIN_CAPABILITY
-    )
+    old_gpu = (rt.device_type == "cuda"
+               and torch.cuda.get_device_capability(rt.device) < TRITON_MIN_CAPABILITY)
     if old_gpu and flag == "on":
         raise errors.UserError(
             f"--compile on needs a GPU of compute capability {TRITON_MIN_CAPABILITY[0]}.0 or newer "
-            f"(Triton); the {torch.cuda.get_device_name(rt.device)} is older: use --compile off "
-            "or auto"
-        )
+            f"(Triton); the {torch.cuda.get_device_name(rt.device)} is older: "
+            "use --compile off or auto")
     if old_gpu and flag == "auto":
         if rt.master:
             print(f"compile: off: the {torch.cuda.get_device_name(rt.device)} is older than "

@@ -14,20 +14,14 @@ from plumbing import errors, runtime
 def check_fsdp(cfg, rt):
     """--fsdp against the runtime that runtime.setup chose (world and dtype)."""
     if cfg.fsdp and not rt.ddp:
-        raise errors.UserError(
-            "--fsdp 1 shards over the ranks that torchrun starts: launch with torchrun "
-            "--nproc_per_node=N (in one process, leave --fsdp off)"
-        )
+        raise errors.UserError("--fsdp 1 shards over the ranks that torchrun starts: launch with "
+                               "torchrun --nproc_per_node=N (in one process, leave --fsdp off)")
     if cfg.fsdp and rt.dtype == "fp16":
-        raise errors.UserError(
-            "--fsdp 1 trains in bf16 or fp32, not fp16 (no loss scaling for shards here); use "
-            "--dtype fp32, or DDP"
-        )
+        raise errors.UserError("--fsdp 1 trains in bf16 or fp32, not fp16 (no loss scaling for "
+                               "shards here); use --dtype fp32, or DDP")
     if cfg.fsdp and runtime.torch_version() < (2, 6):
-        raise errors.UserError(
-            "--fsdp 1 needs PyTorch 2.6 or newer (FSDP2's fully_shard), this is "
-            f"{torch.__version__}; pip install -U torch (requirements.txt)"
-        )
+        raise errors.UserError("--fsdp 1 needs PyTorch 2.6 or newer (FSDP2's fully_shard), this is "
+                               f"{torch.__version__}; pip install -U torch (requirements.txt)")
 
 
 def shard_model(model, rt, compile_blocks):
@@ -45,11 +39,8 @@ def shard_model(model, rt, compile_blocks):
     code."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if rt.dtype == "bf16"
-        else MixedPrecisionPolicy()
-    )
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if rt.dtype == "bf16" else MixedPrecisionPolicy())
     for block in model.transformer.h:
         if model.grad_checkpoint:
             checkpoint_block(block)
@@ -73,8 +64,7 @@ def checkpoint_block(block):
         evaluating)."""
         if block.training and cache is None and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(
-                forward, x, cache, dropout, use_reentrant=False
-            )
+                forward, x, cache, dropout, use_reentrant=False)
         return forward(x, cache, dropout)
     block.forward = checkpointed
 
@@ -89,20 +79,14 @@ def fsdp_sync_once(cfg, model, rt, grad_accum):
     micro-step on 24 GB cards), and always on a CPU."""
     n = sum(p.numel() for p in model.parameters())  # a DTensor's numel() is the whole tensor's
     need = n * (4 + (2 if rt.dtype == "bf16" else 4))
-    once = cfg.fsdp_sync == "step" or (
-        cfg.fsdp_sync == "auto"
-        and (
-            rt.device_type != "cuda"
-            or need <= torch.cuda.get_device_properties(rt.device).total_memory / 4
-        )
-    )
+    once = cfg.fsdp_sync == "step" or (cfg.fsdp_sync == "auto" and (
+        rt.device_type != "cuda"
+        or need <= torch.cuda.get_device_properties(rt.device).total_memory / 4))
     if rt.master and grad_accum > 1:
-        print(
-            "fsdp: gradients reduced "
-            f"{'once per optimizer step' if once else 'in every micro-step'} "
-            f"(--fsdp_sync {cfg.fsdp_sync}; whole gradient and weights per rank: "
-            f"{need / 2**30:.2f} GiB)"
-        )
+        print("fsdp: gradients reduced "
+              f"{'once per optimizer step' if once else 'in every micro-step'} "
+              f"(--fsdp_sync {cfg.fsdp_sync}; whole gradient and weights per rank: "
+              f"{need / 2**30:.2f} GiB)")
     return once
 
 

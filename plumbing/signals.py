@@ -31,11 +31,8 @@ class StopSignal:
         for s in (signal.SIGINT,) if self.ddp else (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, signal.SIG_DFL)
         # os.write, not print: a handler may interrupt a print in progress
-        os.write(
-            2,
-            f"{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
-            "(signal again to exit at once)\n".encode(),
-        )
+        os.write(2, f"{signal.Signals(signum).name}: finishing this step, then writing a "
+                    "checkpoint (signal again to exit at once)\n".encode())
 
 
 def keeps_signal_handlers(fn):

@@ -21,10 +21,9 @@ def get_encoding():
         return tiktoken.get_encoding("gpt2")
     except Exception as e:
         raise errors.UserError(
-            f"could not load the GPT-2 tokenizer ({type(e).__name__}); tiktoken downloads it "
-            "once, so "
-            "connect to the network or point TIKTOKEN_CACHE_DIR at a folder holding its files"
-        ) from None
+            f"could not load the GPT-2 tokenizer ({type(e).__name__}); "
+            "tiktoken downloads it once, so connect to the network "
+            "or point TIKTOKEN_CACHE_DIR at a folder holding its files") from None
 
 
 def load_tokens(path):
@@ -39,21 +38,17 @@ def load_tokens(path):
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as e:
-            raise errors.UserError(
-                f"{path} is not a readable .npy token shard ({e}); re-create it with fineweb.py"
-            ) from None
+            raise errors.UserError(f"{path} is not a readable .npy token shard ({e}); "
+                                   "re-create it with fineweb.py") from None
         if arr.dtype != np.uint16 or arr.ndim != 1:
-            raise errors.UserError(
-                f"{path} holds {arr.dtype} of shape {arr.shape}, expected a 1-D uint16 token "
-                "array; re-create it with fineweb.py"
-            )
+            raise errors.UserError(f"{path} holds {arr.dtype} of shape {arr.shape}, expected a "
+                                   "1-D uint16 token array; re-create it with fineweb.py")
     # one pass over the shard (~0.1 s per 100M tokens): another tokenizer's ids would be an infinite
     # loss, or on a GPU a device-side assert, much later
     if len(arr) and (top := int(arr.max())) >= formats.GPT2_VOCAB:
         raise errors.UserError(
-            f"{path} holds token id {top}, but GPT-2's ids end at {formats.GPT2_VOCAB - 1}: it "
-            "was made with another tokenizer; re-create it with fineweb.py"
-        )
+            f"{path} holds token id {top}, but GPT-2's ids end at {formats.GPT2_VOCAB - 1}: "
+            "it was made with another tokenizer; re-create it with fineweb.py")
     return arr
 
 
@@ -61,15 +56,11 @@ def shard_paths(data_dir, split):
     """The shards of one split ("train"/"val") in a directory: the .npy (or .bin) files with that
     word in their name (edufineweb_val_000000.npy, fineweb_val_000000.bin, nanoGPT's val.bin),
     ordered by the number in their name."""
-    paths = [
-        p
-        for p in glob.glob(os.path.join(data_dir, "*.npy"))
-        + glob.glob(os.path.join(data_dir, "*.bin"))
-        if split in re.split(r"[^a-z]+", os.path.basename(p).lower())
-    ]
-    return sorted(
-        paths, key=lambda p: [int(n) for n in re.findall(r"\d+", os.path.basename(p))] or [0]
-    )
+    paths = [p for p in (glob.glob(os.path.join(data_dir, "*.npy"))
+                         + glob.glob(os.path.join(data_dir, "*.bin")))
+             if split in re.split(r"[^a-z]+", os.path.basename(p).lower())]
+    return sorted(paths,
+                  key=lambda p: [int(n) for n in re.findall(r"\d+", os.path.basename(p))] or [0])
 
 
 def load_splits(data, splits=("train", "val")):
@@ -79,17 +70,13 @@ def load_splits(data, splits=("train", "val")):
         paths = {split: shard_paths(data, split) for split in splits}
         for split in splits:
             if not paths[split]:
-                raise errors.UserError(
-                    f"{data} has no {split} shards (*{split}*.npy or .bin); create them with "
-                    "fineweb.py"
-                )
+                raise errors.UserError(f"{data} has no {split} shards (*{split}*.npy or .bin); "
+                                       "create them with fineweb.py")
         return [[load_tokens(p) for p in paths[split]] for split in splits]
     tokens = text_tokens(data)  # read and tokenized once, for both splits
     n_val = len(tokens) // 10  # the val split is the end of the text: no sentence is in both
-    return [
-        [tokens[: len(tokens) - n_val]] if split == "train" else [tokens[len(tokens) - n_val :]]
-        for split in splits
-    ]
+    return [[tokens[:len(tokens) - n_val]] if split == "train" else [tokens[len(tokens) - n_val:]]
+            for split in splits]
 
 
 def load_split(data, split):
@@ -100,20 +87,18 @@ def load_split(data, split):
 def text_tokens(path):
     """The GPT-2 tokens of a UTF-8 text file, as uint16."""
     if not os.path.isfile(path):
-        raise errors.UserError(
-            f"--data {path} does not exist; give a text file or a directory of token shards"
-        )
+        raise errors.UserError(f"--data {path} does not exist; "
+                               "give a text file or a directory of token shards")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        raise errors.UserError(
-            f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8 first"
-        ) from None
+        raise errors.UserError(f"{path} is not UTF-8 text (byte {e.start}); "
+                               "convert it to UTF-8 first") from None
     if not text.strip():
         raise errors.UserError(f"{path} is empty; give a text file with some text in it")
-    # encode_ordinary: text that happens to contain "<|endoftext|>" is just text, not the special
-    # token
+    # encode_ordinary: text that happens to contain "<|endoftext|>" is just text, not the
+    # special token
     return np.array(get_encoding().encode_ordinary(text), dtype=np.uint16)
 
 
@@ -121,19 +106,15 @@ def shards_that_fill(shards, n, rank=0):
     """The shards with at least n tokens (one micro-batch); a shorter one is skipped with a warning,
     and none long enough is an error that says what to lower."""
     short = [s for s in shards if len(s) < n]
-    names = ", ".join(
-        f"{getattr(s, 'filename', None) or 'the text'} ({len(s)} tokens)" for s in short
-    )
+    names = ", ".join(f"{getattr(s, 'filename', None) or 'the text'} ({len(s)} tokens)"
+                      for s in short)
     if len(short) == len(shards):
         raise errors.UserError(
             f"no train data fills one micro-batch of batch_size*seq_len+1 = {n} tokens: {names}; "
-            "lower --batch_size or --seq_len, or use more data"
-        )
+            "lower --batch_size or --seq_len, or use more data")
     if short and rank == 0:
-        print(
-            f"warning: skipping train shards shorter than one micro-batch ({n} tokens): {names}",
-            file=sys.stderr,
-        )
+        print(f"warning: skipping train shards shorter than one micro-batch ({n} tokens): {names}",
+              file=sys.stderr)
     return [s for s in shards if len(s) >= n]
 
 
@@ -163,10 +144,8 @@ def val_batches(shards, n_tokens, B, T, rt, fsdp=False):
     n = -(-len(mine) // B)  # batches of this rank; fsdp: agreed on before any forward
     idle = runtime.most_on_any_rank(n, rt) - n if fsdp else 0
     for i in range(0, len(mine), B):
-        rows = [
-            torch.from_numpy(tokens[j * T : (j + 1) * T + 1].astype(np.int64))
-            for j in mine[i : i + B]
-        ]
+        rows = [torch.from_numpy(tokens[j * T:(j + 1) * T + 1].astype(np.int64))
+                for j in mine[i:i + B]]
         buf = torch.stack(rows)  # (b, T + 1)
         yield buf[:, :-1], buf[:, 1:]
     for _ in range(idle):

@@ -20,8 +20,8 @@ class TrainConfig:
 
     data: str = flags.arg(
         "input.txt", flags.path("exists", hint="; give a text file or a directory of token shards"),
-        "a text file (last 10%% is val) or a directory of token shards: fineweb.py's .npy, llm.c's "
-        ".bin, nanoGPT's train.bin and val.bin")
+        "a text file (last 10%% is val) or a directory of token shards: "
+        "fineweb.py's .npy, llm.c's .bin, nanoGPT's train.bin and val.bin")
     log_dir: str = flags.arg(
         "log", flags.path("out_dir"), "where log.txt and the model_<step>.pt checkpoints go")
     model: str = flags.arg("gpt2", MODELS, "model shape preset: " + ", ".join(MODELS))
@@ -30,8 +30,9 @@ class TrainConfig:
         None, flags.POSITIVE, "number of attention heads (overrides the preset)")
     n_embd: int = flags.arg(None, flags.POSITIVE, "embedding width (overrides the preset)")
     init_from: str = flags.arg(
-        None, flags.path("exists", also=MODELS, hint="; give a checkpoint, a Hugging Face GPT-2 "
-                         "directory or one of " + ", ".join(MODELS)),
+        None, flags.path("exists", also=MODELS,
+                         hint="; give a checkpoint, a Hugging Face GPT-2 directory or one of "
+                         + ", ".join(MODELS)),
         "start from these weights: a Hugging Face GPT-2 name/directory or a checkpoint "
         "(ours, build-nanogpt's, nanoGPT's or llm.c's), with a new optimizer")
     init_step: int = flags.arg(
@@ -62,29 +63,28 @@ class TrainConfig:
     # bench/bench_muon.py's sweeps, --muon_momentum Jordan's (docs/training.md)
     optimizer: str = flags.arg(
         "adamw", ("adamw", "muon"), "adamw (GPT-2's recipe), or muon: Muon for the matrices "
-        "inside the blocks, AdamW for the embeddings and 1-D tensors (fewer tokens to the same "
-        "loss: docs/training.md)")
+        "inside the blocks, AdamW for the embeddings and 1-D tensors "
+        "(fewer tokens to the same loss: docs/training.md)")
     muon_lr: float = flags.arg(
         0.02, flags.number(float, 0, lo_open=True), "--optimizer muon: Muon's peak learning rate, "
         "on the same warmup and cosine schedule as --max_lr")
-    muon_momentum: float = flags.arg(
-        0.95, flags.number(float, 0, 1, hi_open=True), "--optimizer muon: Muon's momentum "
-        "(Nesterov)")
+    muon_momentum: float = flags.arg(0.95, flags.number(float, 0, 1, hi_open=True),
+                                     "--optimizer muon: Muon's momentum (Nesterov)")
     grad_clip: float = flags.arg(
         1.0, flags.number(float, 0), "clip the global gradient norm to this (0 = no clipping)")
     grad_checkpoint: int = flags.arg(
         0, flags.BIT, "1: recompute blocks in backward (less memory, ~30%% slower)")
     dropout: float = flags.arg(
-        0.0, flags.number(float, 0, 1, hi_open=True, hint="; GPT-2 used 0.1"), "dropout on the "
-        "embeddings, attention weights, residual branches (GPT-2's config: 0.1; 0 on plenty of "
-        "data)")
+        0.0, flags.number(float, 0, 1, hi_open=True, hint="; GPT-2 used 0.1"),
+        "dropout on the embeddings, attention weights, residual branches "
+        "(GPT-2's config: 0.1; 0 on plenty of data)")
     # machine
     device: str = flags.arg("auto", runtime.DEVICES, "auto, cpu, cuda or mps")
     dtype: str = flags.arg(
         "auto", runtime.DTYPES, "auto (bf16 where native, fp16 on older GPUs, else fp32) or one")
     compile: str = flags.arg(
-        "auto", ("auto", "on", "off"), "torch.compile the model: on, off, or auto (on for CUDA "
-        "and CPU, falling back to eager if compilation fails)")
+        "auto", ("auto", "on", "off"), "torch.compile the model: on, off, or auto "
+        "(on for CUDA and CPU, falling back to eager if compilation fails)")
     seed: int = flags.arg(
         1337, flags.SEED, "random seed (model init, data order, dropout, sampling)")
     dist_timeout: int = flags.arg(
@@ -94,15 +94,14 @@ class TrainConfig:
     eval_every: int = flags.arg(250, flags.COUNT, "val loss every this many steps (0 = off)")
     val_tokens: int = flags.arg(
         20 * 65536, flags.POSITIVE, "val tokens per evaluation: always the val split's first")
-    sample_every: int = flags.arg(
-        250, flags.COUNT, "print samples every this many steps (0 = off)")
+    sample_every: int = flags.arg(250, flags.COUNT, "print samples every this many steps (0 = off)")
     prompt: str = flags.arg(
         "Hello, I'm a language model,", None, "prompt of the samples during training")
     hellaswag_every: int = flags.arg(
         0, flags.COUNT, "HellaSwag accuracy every this many steps (0 = off)")
     hellaswag_data: str = flags.arg(
-        None, flags.path("file", hint="; give a HellaSwag .jsonl, or drop the flag to download the "
-                         "official file"),
+        None, flags.path("file", hint="; give a HellaSwag .jsonl, "
+                         "or drop the flag to download the official file"),
         "local hellaswag_val.jsonl; None: download the official file once")
     hellaswag_limit: int = flags.arg(
         0, flags.COUNT, "score only the first N HellaSwag examples (0 = all 10,042)")
@@ -112,20 +111,20 @@ class TrainConfig:
         0, flags.COUNT, "keep only the newest K model_*.pt (and the newest one known to give a "
         "finite loss), deleting older ones once a newer one is written (0 = keep all)")
     shuffle: int = flags.arg(
-        None, flags.BIT, "1: a new seeded order of the shards, and of T-token blocks within "
-        "them, every epoch; 0: file order; None: 1 for a shard directory, 0 for a text file, and "
-        "a resumed run keeps its checkpoint's")
+        None, flags.BIT, "1: a new seeded order of the shards, and of T-token blocks within them, "
+        "every epoch; 0: file order; None: 1 for a shard directory, 0 for a text file, "
+        "and a resumed run keeps its checkpoint's")
     wandb_project: str = flags.arg(
-        None, flags.text, "also log to this Weights & Biases project, from rank 0 (pip install "
-        "wandb; WANDB_MODE=offline: no network); a resumed run continues its W&B run")
+        None, flags.text, "also log to this Weights & Biases project, from rank 0 "
+        "(pip install wandb; WANDB_MODE=offline: no network); a resumed run continues its W&B run")
     fsdp: int = flags.arg(
-        0, flags.BIT, "1: shard weights, gradients and AdamW state over the ranks (FSDP2), not a "
-        "full copy on each (DDP); checkpoints move freely between FSDP, DDP, one process")
+        0, flags.BIT, "1: shard weights, gradients and AdamW state over the ranks (FSDP2), "
+        "not a full copy on each (DDP); checkpoints move freely between FSDP, DDP, one process")
     fsdp_sync: str = flags.arg(
         "auto", ("auto", "step", "micro"), "--fsdp 1 with gradient accumulation: 'step' reduces "
         "the gradients once per optimizer step (each rank holds the whole gradient and weights "
-        "meanwhile), 'micro' in every micro-step (only shards, more communication); auto: step "
-        "where that fits (docs/scale.md)")
+        "meanwhile), 'micro' in every micro-step (only shards, more communication); "
+        "auto: step where that fits (docs/scale.md)")
 
 
 def check(cfg):
@@ -138,8 +137,8 @@ def check(cfg):
         if parsed[k] != v and (v is None or not isinstance(parsed[k], str)):
             raise errors.UserError(f"--{k} must be {type(parsed[k]).__name__}, got {v!r}")
     problems = [  # (is it wrong?, what to say)
-        (cfg.resume and cfg.init_from, "--resume and --init_from exclude each other: resume "
-         "continues a run, init_from starts one"),
+        (cfg.resume and cfg.init_from, "--resume and --init_from exclude each other: "
+         "resume continues a run, init_from starts one"),
         (cfg.init_step and not cfg.init_from,
          "--init_step needs --init_from: it is where the schedule starts for those weights"),
         (not 0 <= cfg.init_step < cfg.max_steps,
@@ -160,9 +159,9 @@ def indivisible_batch(total, batch_size, seq_len, world_size):
     whole sequences) * seq_len * world_size tokens do not make up exactly."""
     per_micro = (batch_size or 1) * seq_len * world_size
     what, fix = ("batch_size * ", f"{batch_size} * ") if batch_size else ("", "")
-    return (f"--total_batch_size {total} is not a multiple of {what}seq_len * world_size = {fix}"
-            f"{seq_len} * {world_size} = {per_micro}; change --total_batch_size (e.g. to "
-            f"{max(1, total // per_micro) * per_micro}) or "
+    return (f"--total_batch_size {total} is not a multiple of {what}seq_len * world_size = "
+            f"{fix}{seq_len} * {world_size} = {per_micro}; change --total_batch_size "
+            f"(e.g. to {max(1, total // per_micro) * per_micro}) or "
             f"{'--batch_size' if batch_size else '--seq_len'}")
 
 
