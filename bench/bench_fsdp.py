@@ -1,7 +1,8 @@
 """
-FSDP against DDP: 2 CPU ranks (gloo, fp32) under torchrun, the same run with DDP and with --fsdp 1, its
-gradients reduced once per optimizer step (--fsdp_sync step) or in each of the 4 micro-steps (micro), for a tiny
-and a small model; prints the median tokens/s (steps after the first two) and the peak RSS of one rank.
+FSDP against DDP: 2 CPU ranks (gloo, fp32) under torchrun, the same run with DDP and with --fsdp 1,
+its gradients reduced once per optimizer step (--fsdp_sync step) or in each of the 4 micro-steps
+(micro), for a tiny and a small model; prints the median tokens/s (steps after the first two) and
+the peak RSS of one rank.
 
     python bench/bench_fsdp.py              # 2 repeats of each, alternating the modes
     python bench/bench_fsdp.py --model small --repeats 1

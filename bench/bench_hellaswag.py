@@ -2,11 +2,11 @@
 HellaSwag scoring speed: batched (several examples per forward) vs one example (4 rows) per forward,
 same model, same examples; the two must choose the same endings.
 
-    python bench/bench_hellaswag.py                          # small random GPT-2 + 124M-shaped random GPT-2
+    python bench/bench_hellaswag.py       # a small random GPT-2 and a 124M-shaped random one
     python bench/bench_hellaswag.py --device cuda --n 2000 --big_n 2000 --batch_size 32
 
-Random weights: speed does not depend on them, and no download is needed. The examples are the first
---n of the validation set: the 300 shipped in tests/data if that is enough, else the official download.
+Random weights: speed does not depend on them, and no download is needed. The examples are the
+first --n of the validation set: the 300 in tests/data if that is enough, else the official file.
 """
 
 import argparse

@@ -1,19 +1,19 @@
 """
-Training and sampling speed: runs train_gpt2.py as a user would (no speed flags unless a row says so) and
-prints tokens/s, ms/step, MFU and peak memory per configuration, plus the KV-cache vs recompute ratio.
-Then our training step against the reference one (full logits + F.cross_entropy, the default AdamW: what
-train_gpt2.py did before the chunked loss), each in its own process, steps interleaved: the loss path's
-share of each step, the time of its three matmuls alone (the floor no loss code can go under), and the page
-faults of a step (memory the kernel had to hand out and zero again).
+Training and sampling speed: runs train_gpt2.py as a user would (no speed flags unless a row says
+so) and prints tokens/s, ms/step, MFU and peak memory per configuration, plus the KV-cache vs
+recompute ratio. Then our training step against the reference one (full logits + F.cross_entropy,
+the default AdamW: what train_gpt2.py did before the chunked loss), each in its own process, steps
+interleaved: the loss path's share of each step, the time of its three matmuls alone (the floor no
+loss code can go under), and the page faults of a step (memory the kernel handed out and zeroed).
 
-    python bench/bench_train.py                  # the CPU configurations of the table in docs/speed-and-memory.md
-    python bench/bench_train.py --device cuda    # the same on a GPU, plus the 124M T=1024 recipe row
-    python bench/bench_train.py --only compare   # only the reference comparison
-    python bench/bench_train.py --only compare --dtype fp32   # both sides in fp32 (an AVX2 laptop's dtype)
-    python bench/bench_train.py --only compare --compile both # compiled, then both sides eager
-    python bench/bench_train.py --only blocks    # the loss path at several block sizes (GPT.loss_block_rows)
-    python bench/bench_train.py --only eval      # the loss without gradients (evaluation) against the plain one
-    python bench/bench_train.py --device cuda --only compare --shape 4L-128,T1024   # some shapes only
+    python bench/bench_train.py                 # the CPU rows of docs/speed-and-memory.md's table
+    python bench/bench_train.py --device cuda   # the same on a GPU, plus the 124M T=1024 recipe row
+    python bench/bench_train.py --only compare  # only the reference comparison
+    python bench/bench_train.py --only compare --dtype fp32    # both in fp32 (an AVX2 laptop's)
+    python bench/bench_train.py --only compare --compile both  # compiled, then both eager
+    python bench/bench_train.py --only blocks   # the loss path at several block sizes
+    python bench/bench_train.py --only eval     # the loss without gradients against the plain one
+    python bench/bench_train.py --device cuda --only compare --shape 4L-128,T1024  # some shapes
 
 A benchmark prints figures; it asserts nothing. Machines are noisy: compare ratios from one run.
 """
