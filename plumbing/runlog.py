@@ -10,7 +10,7 @@ import os
 import numpy as np
 import torch
 
-from plumbing import checkpoints, errors, files, runtime, token_files
+from plumbing import checkpoints, errors, files, runtime, token_files, train_flags
 
 
 def check_run_outputs(cfg):
@@ -28,32 +28,25 @@ def check_run_outputs(cfg):
         import_wandb()
 
 
-# the files.DirLock that rank 0 holds on --log_dir while train() runs (check_log_dir, holds_log_dir)
-_held = []
-
-
 def holds_log_dir(train):
-    """train(cfg), whose hold on --log_dir (check_log_dir) ends when it returns or raises: a second
-    train() in this process may use the folder again."""
+    """train(cfg) with rank 0 holding --log_dir (files.DirLock: a second run there is refused, the
+    temporaries of an interrupted one go) until it returns or raises, from before anything in the
+    folder is read; the flags' own checks first, so that a bad --log_dir is said as such."""
     @functools.wraps(train)
     def wrapper(cfg):
-        held = len(_held)  # (a train() inside train() ends only its own)
-        try:
+        if runtime.launched_rank() != 0:
             return train(cfg)
-        finally:
-            while len(_held) > held:
-                _held.pop().release()
+        train_flags.check(cfg)
+        with files.DirLock(cfg.log_dir, "--log_dir", checkpoints.LOG_DIR_FILES):
+            return train(cfg)
     return wrapper
 
 
 def check_log_dir(cfg):
-    """One run a --log_dir: rank 0 holds it (created if need be) until train() ends, a second run
-    there is refused, and the temporaries an interrupted run left go (files.DirLock). A new run
-    never overwrites an earlier run's log.txt. Where the earlier run wrote checkpoints, a new run is
-    refused (resume.to_resume); where it wrote none (stopped before its first), too, unless it is
-    --resume auto, which keeps the log under another name (RunLog, set_aside)."""
-    if runtime.launched_rank() == 0:
-        _held.append(files.DirLock(cfg.log_dir, "--log_dir", checkpoints.LOG_DIR_FILES))
+    """A new run never overwrites an earlier run's log.txt (rank 0 holds the folder meanwhile:
+    holds_log_dir). Where the earlier run wrote checkpoints, a new run is refused (resume.to_resume);
+    where it wrote none (stopped before its first), too, unless it is --resume auto, which keeps the
+    log under another name (RunLog, set_aside)."""
     log_file = os.path.join(cfg.log_dir, "log.txt")
     if (
         not cfg.resume

@@ -301,10 +301,13 @@ def test_without_locks_a_folder_is_used_unheld_and_nothing_is_removed(tmp_path, 
     assert sorted(p.name for p in (tmp_path / "log").iterdir()) == ["log.txt", leftover.name]
 
 
-def test_only_rank_0_holds_the_log_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("RANK", "1")  # torchrun's
-    runlog.check_log_dir(train_flags.TrainConfig(log_dir=str(tmp_path / "log")))
-    assert not (tmp_path / "log").exists()
+def test_only_rank_0_holds_the_log_dir_and_only_while_train_runs(text, tmp_path, monkeypatch):
+    cfg, seen = train_flags.TrainConfig(data=str(text), log_dir=str(tmp_path / "log")), []
+    held = runlog.holds_log_dir(lambda c: seen.append((tmp_path / "log" / ".lock").exists()))
+    for rank in ("1", "0"):  # torchrun's RANK
+        monkeypatch.setenv("RANK", rank)
+        held(cfg)
+    assert seen == [False, True] and not (tmp_path / "log").exists()  # released; the folder it made, gone
 
 
 def test_a_text_file_is_tokenized_once(text, monkeypatch):
