@@ -132,10 +132,6 @@ def restore(s, ckpt, cfg, rt):
     position, every random generator and the step, so that training continues exactly as if it had
     never stopped."""
     load_training_state(s.model, s.optimizer, ckpt, cfg.fsdp, rt.device_type)
-    # under FSDP set_optimizer_state_dict restored the saved weight decay (load_optimizer_state
-    # keeps this run's); --weight_decay may change on resume (check). The first group is the
-    # decayed one (train_gpt2.configure_optimizer)
-    s.optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
     # a bf16/fp32 run's scaler holds nothing to restore
     if s.scaler.is_enabled() and ckpt["scaler"]:
         s.scaler.load_state_dict(ckpt["scaler"])
@@ -149,8 +145,9 @@ def restore(s, ckpt, cfg, rt):
 
 
 def load_training_state(model, optimizer, ckpt, fsdp, device_type):
-    """Loads a checkpoint's model and optimizer state (written in any mode). Under FSDP rank 0's
-    copy is broadcast and each rank keeps its shard."""
+    """Loads a checkpoint's model and optimizer state (written in any mode), the optimizer's
+    settings staying this run's (load_optimizer_state). Under FSDP rank 0's copy is broadcast and
+    each rank keeps its shard."""
     if not fsdp:
         model.load_state_dict(ckpt["model"])
         load_optimizer_state(optimizer, ckpt["optimizer"], device_type)
@@ -165,9 +162,11 @@ def load_training_state(model, optimizer, ckpt, fsdp, device_type):
     model_sd, optim_sd = {}, {}
     if dist.get_rank() == 0:
         model_sd, sd = ckpt["model"], ckpt["optimizer"]
+        groups = zip(sd["param_groups"], optimizer.param_groups)
         optim_sd = {"state": {names[i]: v for i, v in sd["state"].items()},
-                    "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
-                                     for g in sd["param_groups"]]}
+                    "param_groups": [
+                        {**g, **settings(mine), "params": [names[i] for i in g["params"]]}
+                        for g, mine in groups]}
     set_model_state_dict(model, model_sd,
                          options=checkpoints.dcp_options(broadcast_from_rank0=True))
     set_optimizer_state_dict(model, optimizer, optim_sd,
@@ -184,9 +183,14 @@ def load_optimizer_state(optimizer, state, device_type):
             load_optimizer_state(part, state[name], device_type)
         return
     # before loading: load_state_dict also moves AdamW's step counters by the groups' flag
-    groups = [{**saved, **{k: v for k, v in group.items() if k != "params"}}
+    groups = [{**saved, **settings(group)}
               for saved, group in zip(state["param_groups"], optimizer.param_groups)]
     optimizer.load_state_dict({**state, "param_groups": groups})
+
+
+def settings(group):
+    """An optimizer group's settings (lr, weight_decay, fused, ...): all but its parameters."""
+    return {k: v for k, v in group.items() if k != "params"}
 
 
 def set_rng_state(state, rank, device, seed, step):

@@ -214,6 +214,19 @@ def test_fsdp_resumes_its_own_checkpoint_bit_identically_with_grad_checkpoint(fs
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
+def test_fsdp_resume_keeps_this_runs_optimizer_settings(fsdp_run, small_text, tmp_path):
+    # set_optimizer_state_dict restores the saved groups' settings; --weight_decay may change on resume
+    run = tmp_path / "fsdp"
+    run.mkdir()
+    shutil.copy(fsdp_run / "model_00003.pt", run)
+    out = fsdp("--data", small_text, "--log_dir", run, *ARGS, "--resume", "auto", "--max_steps", "4",
+               "--checkpoint_every", "1", "--weight_decay", "0.5", "--eval_every", "0", "--hellaswag_every", "0")
+    assert out.returncode == 0, out.stderr
+    groups = torch.load(run / "model_00004.pt", weights_only=True)["optimizer"]["param_groups"]
+    saved = torch.load(fsdp_run / "model_00003.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0] and [g["weight_decay"] for g in saved] == [0.1, 0.0]
+
+
 # --fsdp 1 --compile on (Inductor): the blocks are compiled in place, and evaluation must not compile them again
 
 COUNTING = """
