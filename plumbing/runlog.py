@@ -44,9 +44,9 @@ def holds_log_dir(train):
 
 def check_log_dir(cfg):
     """A new run never overwrites an earlier run's log.txt (rank 0 holds the folder meanwhile:
-    holds_log_dir). Where the earlier run wrote checkpoints, a new run is refused (resume.to_resume);
-    where it wrote none (stopped before its first), too, unless it is --resume auto, which keeps the
-    log under another name (RunLog, set_aside)."""
+    holds_log_dir). Where the earlier run wrote checkpoints, a new run is refused
+    (resume.to_resume); where it wrote none (stopped before its first), too, unless it is --resume
+    auto, which keeps the log under another name (RunLog, set_aside)."""
     log_file = os.path.join(cfg.log_dir, "log.txt")
     if (
         not cfg.resume
