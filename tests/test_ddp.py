@@ -42,11 +42,9 @@ def max_diff(a, b):
 
 
 @pytest.fixture(scope="module")
-def runs(small_text, tmp_path_factory):
-    d = tmp_path_factory.mktemp("ddp")
-    one = run_cli("train_gpt2.py", "--data", small_text, "--log_dir", d / "one", *ARGS)
-    assert one.returncode == 0, one.stderr
-    assert "1 ranks x 4 accumulation steps" in one.stdout
+def runs(one_process, small_text):
+    """The folder of the 1-process run ("one", conftest.py), and of its 2-rank run ("two")."""
+    d = one_process.parent
     two = torchrun(2, "train_gpt2.py", "--data", small_text, "--log_dir", d / "two", *ARGS)
     assert two.returncode == 0, two.stderr
     assert "2 ranks x 2 accumulation steps" in two.stdout
@@ -112,20 +110,28 @@ sys.path.insert(0, sys.argv[1])
 import train_gpt2 as tg
 from plumbing import runtime, signals
 rt = runtime.setup("cpu", "fp32")
-got = [signals.agree_on_signal(int(sys.argv[2 + rt.rank]), rt) for _ in range(2)]
-print(f"rank {rt.rank} stops for {got[0]}")
+for case in sys.argv[2:]:  # "2,15": rank 0 got SIGINT, rank 1 SIGTERM
+    got = [signals.agree_on_signal(int(case.split(",")[rt.rank]), rt) for _ in range(2)]
+    print(f"{case}: rank {rt.rank} stops for {got[0]}")
 tg.dist.destroy_process_group()  # a group left to the interpreter's exit can abort in gloo's threads
 """
+SIGNALS = {"2,0": 2, "2,15": 15}  # the signals ranks 0 and 1 got: the one both stop for
 
 
-@pytest.mark.parametrize("signals, agreed", [((2, 0), 2), ((2, 15), 15)])
-def test_every_rank_stops_for_the_same_signal(tmp_path, signals, agreed):
-    # SIGINT (2) on rank 0 alone must make both ranks exit 130, not 130 and 143
-    script = tmp_path / "agree.py"
+@pytest.fixture(scope="module")
+def agreed(tmp_path_factory):
+    script = tmp_path_factory.mktemp("agree") / "agree.py"
     script.write_text(AGREE)
-    out = torchrun(2, script, ROOT, *signals)
+    out = torchrun(2, script, ROOT, *SIGNALS)  # every case in one process group
     assert out.returncode == 0, out.stderr
-    assert f"rank 0 stops for {agreed}" in out.stdout and f"rank 1 stops for {agreed}" in out.stdout
+    return out.stdout
+
+
+@pytest.mark.parametrize("signals", SIGNALS)
+def test_every_rank_stops_for_the_same_signal(agreed, signals):
+    # SIGINT (2) on rank 0 alone must make both ranks exit 130, not 130 and 143
+    for rank in (0, 1):
+        assert f"{signals}: rank {rank} stops for {SIGNALS[signals]}" in agreed
 
 
 def test_two_ranks_read_the_shuffled_shards_one_process_reads(tiny_shards, tmp_path):

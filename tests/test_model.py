@@ -1,6 +1,7 @@
 """The model is GPT-2: logits equal Hugging Face transformers' GPT2LMHeadModel on the same weights, in
 every checkpoint layout; the KV cache changes no token; the pure pieces (schedule, batch arithmetic,
 optimizer groups, data loader) against brute-force references."""
+import functools
 import json
 import math
 import subprocess
@@ -375,6 +376,7 @@ def test_loss_blocks_are_sized_by_bytes_and_stay_at_most_32(monkeypatch):
     """The loss's block size: the largest power of two of rows whose fp32 logits fit in the byte budget, and never
     more than 32 blocks (compiled, the loop over the blocks is unrolled). On a CPU 64 MiB: 256 rows at GPT-2's
     vocabulary at any width; on a GPU 1/64 of its memory, at most 1 GiB."""
+    @functools.cache  # one model of each shape (a 768-wide one takes seconds to build)
     def rows(C, vocab=50257):
         return tg.GPT(tg.GPTConfig(block_size=64, vocab_size=vocab, n_layer=1, n_head=1, n_embd=C)).loss_block_rows
     assert rows(64)(2048) == rows(768)(2048) == rows(768)(256) == 256

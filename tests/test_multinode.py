@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_ddp import ARGS, max_diff, read_log
 
-from conftest import HELLASWAG, ROOT, run_cli
+from conftest import HELLASWAG, ROOT
 
 # ARGS without its local HellaSwag file: the nodes download it
 NODE_ARGS = ARGS[:ARGS.index("--hellaswag_data")] + ARGS[ARGS.index("--hellaswag_data") + 2:]
@@ -88,9 +88,7 @@ def start_nodes(nodes, server, *args):
     return procs, os.fdopen(read)
 
 
-def test_two_nodes_of_two_ranks_log_what_one_process_logs(nodes, server, small_text, tmp_path):
-    one = run_cli("train_gpt2.py", "--data", small_text, "--log_dir", tmp_path / "one", *ARGS)
-    assert one.returncode == 0, one.stderr
+def test_two_nodes_of_two_ranks_log_what_one_process_logs(nodes, server, one_process, small_text, tmp_path):
     procs, out = start_nodes(nodes, server, "--data", small_text, "--log_dir", tmp_path / "four", *NODE_ARGS)
     text = out.read()
     assert [p.wait(timeout=600) for p in procs] == [0, 0], text
@@ -98,7 +96,7 @@ def test_two_nodes_of_two_ranks_log_what_one_process_logs(nodes, server, small_t
     assert server[2] == ["/hellaswag_val.jsonl"] * 2  # one download per node
     assert all((d / ".cache" / "hellaswag" / "hellaswag_val.jsonl").read_bytes() == HELLASWAG.read_bytes()
                for d in nodes)
-    ref, four = read_log(tmp_path / "one" / "log.txt"), read_log(tmp_path / "four" / "log.txt")
+    ref, four = read_log(one_process / "log.txt"), read_log(tmp_path / "four" / "log.txt")
     assert len(ref) == 6 + 4 + 3 and ref.keys() == four.keys()  # train, val and HellaSwag lines
     diff = max_diff(ref, four)
     print(f"max |diff| over {len(ref)} logged values, 1 process vs 2 nodes x 2 ranks: {diff:.2e}")

@@ -1,22 +1,18 @@
-"""notebooks/play.ipynb runs headless (nbclient) against a tiny model trained here, and shows what it promises."""
+"""notebooks/play.ipynb runs headless (nbclient) against a tiny model trained by the tests, and shows what it
+promises."""
 import base64
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 
-def test_play_notebook_runs_and_shows_everything(small_text, tmp_path, monkeypatch):
-    log_dir = tmp_path / "log"
-    out = run_cli("train_gpt2.py", "--data", small_text, "--log_dir", log_dir, "--n_layer", "2", "--n_head", "2",
-                  "--n_embd", "32", "--batch_size", "2", "--seq_len", "32", "--total_batch_size", "64",
-                  "--max_steps", "4", "--warmup_steps", "2", "--eval_every", "2", "--val_tokens", "64",
-                  "--sample_every", "0", "--checkpoint_every", "4", "--device", "cpu", "--compile", "off")
-    assert out.returncode == 0, out.stderr
-    monkeypatch.setenv("PLAY_CHECKPOINT", str(log_dir / "model_00004.pt"))  # the first cell reads it
+def test_play_notebook_runs_and_shows_everything(reference, monkeypatch):
+    # the tiny model test_train.py trains (conftest.py), and its log.txt beside it; the first cell reads it
+    monkeypatch.setenv("PLAY_CHECKPOINT", str(reference / "model_00008.pt"))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(ROOT / "notebooks" / "play.ipynb", as_version=4)
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
@@ -24,7 +20,7 @@ def test_play_notebook_runs_and_shows_everything(small_text, tmp_path, monkeypat
     code = [c for c in nb.cells if c.cell_type == "code"]
     text = ["".join(o.get("text", "") for o in c.outputs if o.output_type == "stream") for c in code]
     images = [[o for o in c.outputs if "image/png" in o.get("data", {})] for c in code]
-    assert "n_layer=2" in text[1] and "n_embd=32" in text[1]  # the tiny model trained above
+    assert "n_layer=2" in text[1] and "n_embd=32" in text[1]  # the tiny model
     samples = text[2]
     assert samples.count("=== temperature") == 3 and samples.count("Hello, I'm a language model,") == 6
     lines = text[3].splitlines()  # one line per token of TEXT: "-" for the first, then a loss each

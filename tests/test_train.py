@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train_gpt2 as tg
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_in_one_process
 from plumbing import checkpoints, errors, hellaswag_eval, train_flags
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "32",
@@ -43,11 +43,6 @@ def uninterrupted(tmp_path_factory, name, data, tiny=TINY):
     out = run_cli(*train_args(data, log_dir, tiny=tiny))
     assert out.returncode == 0, out.stderr
     return log_dir
-
-
-@pytest.fixture(scope="module")
-def reference(small_text, tmp_path_factory):
-    return uninterrupted(tmp_path_factory, "reference", small_text)
 
 
 def test_log_format_and_checkpoints(reference):
@@ -79,13 +74,19 @@ def run_until(args, pattern, sig, cwd=ROOT, env=None):
     return proc.returncode, "".join(seen) + rest, err
 
 
-@pytest.mark.parametrize("kill_after", ["step     1 | loss", "step     4 | loss", "step     6 | val"])
-def test_sigkill_then_resume_is_bit_identical(reference, small_text, tmp_path, kill_after):
+def test_sigkill_at_every_seam_then_resume_is_bit_identical(reference, small_text, tmp_path):
+    """One run's lives, each killed (-9) at another seam and resumed with --resume auto: at step 1, before
+    the first checkpoint or in its write (the next life finds none and starts over), right after a
+    checkpoint and a step (step 4's), and at an evaluation pass that writes one (step 6's val: the kill
+    lands in the write). The last life ends the run: the weights and log.txt are the uninterrupted run's,
+    bit for bit."""
     log_dir = tmp_path / "run"
-    rc, _, _ = run_until(train_args(small_text, log_dir), kill_after, signal.SIGKILL)
-    assert rc == -signal.SIGKILL
-    assert not [p for p in log_dir.iterdir() if p.name.startswith("model_") and not checkpoints.CHECKPOINT_RE.match(p.name)
-                and not p.name.endswith(".tmp")]
+    for i, kill_after in enumerate(["step     1 | loss", "step     4 | loss", "step     6 | val"]):
+        resume = ["--resume", "auto"] if i else []
+        rc, _, err = run_until(train_args(small_text, log_dir, *resume), kill_after, signal.SIGKILL)
+        assert rc == -signal.SIGKILL, (kill_after, err)
+        assert not [p for p in log_dir.iterdir() if p.name.startswith("model_")
+                    and not checkpoints.CHECKPOINT_RE.match(p.name) and not p.name.endswith(".tmp")]
     out = run_cli(*train_args(small_text, log_dir, "--resume", "auto"))
     assert out.returncode == 0, out.stderr
     assert_same_weights(weights(reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
@@ -103,68 +104,74 @@ def reference_defaults(small_text, tmp_path_factory):
     return uninterrupted(tmp_path_factory, "reference_defaults", small_text, tiny=DEFAULTS)
 
 
-def test_same_command_twice_gives_identical_checkpoints_with_default_flags(reference_defaults, small_text, tmp_path):
-    out = run_cli(*train_args(small_text, tmp_path, tiny=DEFAULTS))
-    assert out.returncode == 0, out.stderr
-    for name in ("model_00004.pt", "model_00008.pt"):
-        a = torch.load(reference_defaults / name, weights_only=True)
-        b = torch.load(tmp_path / name, weights_only=True)
+def assert_same_checkpoints(ref_dir, log_dir):
+    """Every checkpoint in log_dir is ref_dir's of its step: the weights and the optimizer's state (AdamW's
+    moments, Muon's momentum). Returns their names."""
+    names = sorted(p.name for p in log_dir.glob("model_*.pt"))
+    for name in names:
+        a, b = (torch.load(d / name, weights_only=True) for d in (ref_dir, log_dir))
         assert_same_weights(a["model"], b["model"])
-        for i, state in a["optimizer"]["state"].items():  # AdamW's moments too
-            assert all(torch.equal(state[k], b["optimizer"]["state"][i][k]) for k in state)
-    assert (tmp_path / "log.txt").read_text() == (reference_defaults / "log.txt").read_text()
+        parts = a["optimizer"] if "muon" in a["optimizer"] else {"adamw": a["optimizer"]}
+        theirs = b["optimizer"] if "muon" in b["optimizer"] else {"adamw": b["optimizer"]}
+        for part, opt in parts.items():
+            for i, state in opt["state"].items():
+                assert all(torch.equal(state[k], theirs[part]["state"][i][k]) for k in state), (name, part, i)
+    return names
 
 
 @pytest.mark.parametrize("kill_after", ["step     1 | loss", "step     6 | val"])
-def test_sigkill_then_resume_is_bit_identical_with_default_flags(reference_defaults, small_text, tmp_path,
-                                                                 kill_after):
+def test_same_command_twice_and_sigkill_then_resume_are_bit_identical_with_default_flags(
+        reference_defaults, small_text, tmp_path, kill_after):
+    """The killed run is the reference's command: what it wrote before the kill (its checkpoints, AdamW's
+    moments included, and its log) is the reference's, so the same command twice gives the same run. Then
+    --resume auto: after a kill at step 1 (before the first checkpoint, or in its write) it runs the whole
+    command again from nothing; after one at step 6's evaluation it continues from the newest whole
+    checkpoint. Either way every checkpoint and log.txt are the reference's."""
     log_dir = tmp_path / "run"
-    rc, _, _ = run_until(train_args(small_text, log_dir, tiny=DEFAULTS), kill_after, signal.SIGKILL)
-    assert rc == -signal.SIGKILL
+    ref_log = (reference_defaults / "log.txt").read_text()
+    rc, _, err = run_until(train_args(small_text, log_dir, tiny=DEFAULTS), kill_after, signal.SIGKILL)
+    assert rc == -signal.SIGKILL, err
+    first_life = (log_dir / "log.txt").read_text()
+    assert first_life and ref_log.startswith(first_life)
+    written = assert_same_checkpoints(reference_defaults, log_dir)
+    assert kill_after == "step     1 | loss" or written[:2] == ["model_00002.pt", "model_00004.pt"]
     out = run_cli(*train_args(small_text, log_dir, "--resume", "auto", tiny=DEFAULTS))
     assert out.returncode == 0, out.stderr
-    assert_same_weights(weights(reference_defaults / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
-    assert (log_dir / "log.txt").read_text() == (reference_defaults / "log.txt").read_text()
+    assert {"model_00004.pt", "model_00008.pt"} <= set(assert_same_checkpoints(reference_defaults, log_dir))
+    assert (log_dir / "log.txt").read_text() == ref_log
+
+
+MUON_DROPOUT = ["--optimizer", "muon", "--dropout", "0.1"]
 
 
 @pytest.fixture(scope="module")
 def muon_reference(small_text, tmp_path_factory):
+    """Muon, and dropout, with the flags users run: an uninterrupted 8-step run."""
     log_dir = tmp_path_factory.mktemp("muon_reference")
-    out = run_cli(*train_args(small_text, log_dir, "--optimizer", "muon", tiny=DEFAULTS))
+    out = run_cli(*train_args(small_text, log_dir, *MUON_DROPOUT, tiny=DEFAULTS))
     assert out.returncode == 0, out.stderr
     return log_dir
 
 
-def test_sigkill_then_resume_with_muon_is_bit_identical(muon_reference, reference_defaults, small_text, tmp_path):
-    # with the flags users run (compiled, --dtype auto); the checkpoint holds both optimizers' states:
-    # Muon's momentum and AdamW's moments
+def test_sigkill_then_resume_with_muon_and_dropout_is_bit_identical(muon_reference, small_text, tmp_path):
+    """With the flags users run (compiled, --dtype auto). The checkpoint holds both optimizers' states:
+    Muon's momentum and AdamW's moments. Dropout draws from the global random generator: the checkpoint's
+    random state must be the one the next step uses (nothing else may draw from it between the restore and
+    the step; the CPU's MFU peak once did)."""
     ckpt = torch.load(muon_reference / "model_00008.pt", weights_only=True)
     assert ckpt["optimizer"].keys() == {"adamw", "muon"} and ckpt["train_config"]["optimizer"] == "muon"
-    assert not torch.equal(weights(reference_defaults / "model_00008.pt")["transformer.h.0.mlp.c_fc.weight"],
-                           weights(muon_reference / "model_00008.pt")["transformer.h.0.mlp.c_fc.weight"])
-    log_dir = tmp_path / "run"
-    rc, _, _ = run_until(train_args(small_text, log_dir, "--optimizer", "muon", tiny=DEFAULTS),
-                         "step     4 | loss", signal.SIGKILL)
-    assert rc == -signal.SIGKILL
-    out = run_cli(*train_args(small_text, log_dir, "--optimizer", "muon", "--resume", "auto", tiny=DEFAULTS))
+    assert ckpt["train_config"]["dropout"] == 0.1
+    # Muon took the steps of the blocks' matrices: a momentum buffer each, not zero
+    muon = ckpt["optimizer"]["muon"]
+    assert len(muon["state"]) == sum(len(g["params"]) for g in muon["param_groups"]) > 0
+    assert all(s["momentum_buffer"].abs().sum() > 0 for s in muon["state"].values())
+    args = lambda *extra: train_args(small_text, tmp_path / "run", *MUON_DROPOUT, *extra, tiny=DEFAULTS)  # noqa: E731
+    rc, _, err = run_until(args(), "step     4 | loss", signal.SIGKILL)
+    assert rc == -signal.SIGKILL, err
+    out = run_cli(*args("--resume", "auto"))  # at step 4 (or 6), and 2 (or 4) steps to go
     assert out.returncode == 0, out.stderr
-    assert_same_weights(weights(muon_reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
-    assert (log_dir / "log.txt").read_text() == (muon_reference / "log.txt").read_text()
-
-
-def test_sigkill_then_resume_with_dropout_is_bit_identical_with_default_flags(small_text, tmp_path):
-    """Dropout draws from the global random generator: the checkpoint's random state must be the one the next
-    step uses (nothing else may draw from it between the restore and the step; the CPU's MFU peak once did)."""
-    args = lambda log_dir, *extra: train_args(small_text, log_dir, "--dropout", "0.1", *extra, steps=6,  # noqa: E731
-                                              tiny=DEFAULTS)
-    out = run_cli(*args(tmp_path / "reference"))
-    assert out.returncode == 0, out.stderr
-    rc, _, _ = run_until(args(tmp_path / "run"), "step     3 | loss", signal.SIGKILL)
-    assert rc == -signal.SIGKILL
-    out = run_cli(*args(tmp_path / "run", "--resume", "auto"))
-    assert out.returncode == 0, out.stderr
-    assert_same_weights(weights(tmp_path / "reference" / "model_00006.pt"), weights(tmp_path / "run" / "model_00006.pt"))
-    assert (tmp_path / "run" / "log.txt").read_text() == (tmp_path / "reference" / "log.txt").read_text()
+    assert "model_00008.pt" in assert_same_checkpoints(muon_reference, tmp_path / "run")
+    assert (tmp_path / "run" / "log.txt").read_text() == (muon_reference / "log.txt").read_text()
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_143(reference, small_text, tmp_path):
@@ -192,21 +199,6 @@ def test_resume_auto_skips_a_bad_newest_checkpoint(reference, small_text, tmp_pa
     # training passed step 6 again, so the truncated file was replaced by the checkpoint it should have been
     assert_same_weights(weights(reference / "model_00006.pt"), weights(log_dir / "model_00006.pt"))
     assert_same_weights(weights(reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
-
-
-def test_trains_on_build_nanogpt_shards(tmp_path):
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
-    text = (ROOT / "input.txt").read_text()
-    d = tmp_path / "shards"
-    d.mkdir()
-    for i, (split, chunk) in enumerate([("val", text[:20000]), ("train", text[20000:60000]),
-                                        ("train", text[60000:90000])]):
-        np.save(d / f"edufineweb_{split}_{i:06d}.npy", np.array(enc.encode_ordinary(chunk), dtype=np.uint16))
-    before = {p.name: p.read_bytes() for p in d.iterdir()}
-    out = run_cli(*train_args(d, tmp_path / "log", steps=4))
-    assert out.returncode == 0, out.stderr
-    assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # shards load unchanged
 
 
 def test_short_last_shard_is_skipped_with_a_warning(tmp_path):
@@ -313,68 +305,99 @@ BAD = {  # name: (extra args replacing defaults, words the one-line message must
 }
 
 
+@pytest.fixture(scope="module")
+def commands(bad_files, reference, small_text, tmp_path_factory):
+    """This file's commands that train nothing, in one process (conftest.run_in_one_process): the cases of BAD
+    (with bad_files' tree after each), a hostile pickle's, another data order's, sample, export and plot."""
+    d = tmp_path_factory.mktemp("commands")
+    runs = {case: [*train_args(small_text, d / f"log{i}", steps=2), *(a.format(d=bad_files) for a in extra)]
+            for i, (case, (extra, _)) in enumerate(BAD.items())}  # argparse: the last occurrence of a flag wins
+    (d / "hostile").mkdir()
+    torch.save({"model": Payload(str(d / "pwned")), "config": {}, "step": 1}, d / "hostile" / "model_00001.pt")
+    for name, resume in (("auto", "auto"), ("it", d / "hostile" / "model_00001.pt")):
+        runs[f"hostile, --resume {name}"] = train_args(small_text, d / "hostile", "--resume", resume, steps=2)
+    runs["hostile, sample"] = ["train_gpt2.py", "sample", "--checkpoint", d / "hostile" / "model_00001.pt"]
+    runs["another data order"] = train_args(small_text, d / "order", "--resume", reference / "model_00004.pt",
+                                            "--shuffle", "1")
+    last = reference / "model_00008.pt"
+    runs["sample"] = ["train_gpt2.py", "sample", "--checkpoint", last, "--prompt", "ROMEO:", "--max_new_tokens",
+                      "8", "--num_samples", "2", "--device", "cpu"]
+    runs["sample, interactive"] = {"argv": ["train_gpt2.py", "sample", "--checkpoint", str(last), "--interactive",
+                                            "--max_new_tokens", "4", "--num_samples", "1", "--temperature", "0"],
+                                   "stdin": "First prompt\nSecond prompt\n"}
+    runs["export"] = ["train_gpt2.py", "export", "--checkpoint", last, "--out", d / "hf"]
+    config = tg.GPTConfig(block_size=256, n_layer=1, n_head=2, n_embd=32)
+    torch.save({"model": tg.GPT(config).state_dict(), "config": dataclasses.asdict(config), "step": 0},
+               d / "small_context.pt")
+    runs["export, small context"] = ["train_gpt2.py", "export", "--checkpoint", d / "small_context.pt", "--out",
+                                     d / "hf_small_context"]
+    runs["plot"] = ["train_gpt2.py", "plot", "--log_dir", reference, "--out", d / "p.png"]
+    before = tree_hashes(bad_files)
+    results = run_in_one_process(runs, d, watched=bad_files)
+    for out in results.values():  # the tree before each command: the one after the command before it
+        out["tree before"], before = before, out["tree"]
+    return results, d
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda case expects a machine without a GPU")
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
-def test_bad_input_one_line_exit_2(bad_files, small_text, tmp_path, case):
-    extra, words = BAD[case]
-    extra = [a.format(d=bad_files) for a in extra]
-    args = train_args(small_text, tmp_path / "log", steps=2)
-    before = tree_hashes(bad_files)
-    out = run_cli(*args, *extra)  # argparse: the last occurrence of a flag wins
-    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
-    lines = [ln for ln in out.stderr.splitlines() if not ln.startswith("warning:")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
-    assert words in lines[0] and "Traceback" not in out.stderr
-    assert tree_hashes(bad_files) == before
+def test_bad_input_one_line_exit_2(commands, case):
+    out = commands[0][case]
+    assert out["code"] == 2, (out["code"], out["stderr"][-2000:])
+    lines = [ln for ln in out["stderr"].splitlines() if not ln.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), out["stderr"]
+    assert BAD[case][1] in lines[0] and "Traceback" not in out["stderr"]
+    assert out["tree"] == out["tree before"]
 
 
-def test_sample_cli_checkpoint_and_interactive(reference):
-    out = run_cli("train_gpt2.py", "sample", "--checkpoint", reference / "model_00008.pt", "--prompt", "ROMEO:",
-                  "--max_new_tokens", "8", "--num_samples", "2", "--device", "cpu")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.count("--- sample") == 2 and out.stdout.count("ROMEO:") == 2
-    proc = subprocess.run([sys.executable, "train_gpt2.py", "sample", "--checkpoint", str(reference / "model_00008.pt"),
-                           "--interactive", "--max_new_tokens", "4", "--num_samples", "1", "--temperature", "0"],
-                          cwd=ROOT, input="First prompt\nSecond prompt\n", capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "First prompt" in proc.stdout and "Second prompt" in proc.stdout and proc.stdout.count("--- sample") == 2
+def test_sample_cli_checkpoint_and_interactive(commands):
+    results, _ = commands
+    out = results["sample"]
+    assert out["code"] == 0, out["stderr"]
+    assert out["stdout"].count("--- sample") == 2 and out["stdout"].count("ROMEO:") == 2
+    out = results["sample, interactive"]  # the prompts come from stdin
+    assert out["code"] == 0, out["stderr"]
+    assert "First prompt" in out["stdout"] and "Second prompt" in out["stdout"]
+    assert out["stdout"].count("--- sample") == 2
 
 
-def test_export_round_trip_through_transformers(reference, tmp_path):
+@pytest.fixture(scope="module")
+def exported(commands):
+    """The reference's last checkpoint exported as a transformers GPT-2 directory."""
+    results, d = commands
+    assert results["export"]["code"] == 0, results["export"]["stderr"]
+    return d / "hf"
+
+
+def test_export_round_trip_through_transformers(reference, exported):
     import transformers
-    out = run_cli("train_gpt2.py", "export", "--checkpoint", reference / "model_00008.pt", "--out", tmp_path / "hf")
-    assert out.returncode == 0, out.stderr
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(exported).eval()
     ours = tg.load_model(str(reference / "model_00008.pt")).eval()
     idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (ours(idx)[0][..., :50257] - hf(idx).logits).abs().max().item()
     assert diff < 1e-4, diff
-    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(exported)
     import tiktoken
     text = "Hello, I'm a language model, and 2 + 2 = 4 <|endoftext|> ünïcödé"
     assert tok(text)["input_ids"] == tiktoken.get_encoding("gpt2").encode(text, allowed_special="all")
-    back = tg.GPT.from_pretrained(str(tmp_path / "hf"))
+    back = tg.GPT.from_pretrained(str(exported))
     real_vocab = lambda sd: {k: v[:50257] if k in ("transformer.wte.weight", "lm_head.weight") else v  # noqa: E731
                              for k, v in sd.items()}  # export drops the padding rows
     assert_same_weights(real_vocab(ours.state_dict()), real_vocab(back.state_dict()))
 
 
-def test_export_tokenizer_max_length_is_the_models_block_size(tmp_path):
-    config = tg.GPTConfig(block_size=256, n_layer=1, n_head=2, n_embd=32)
-    torch.save({"model": tg.GPT(config).state_dict(), "config": dataclasses.asdict(config), "step": 0},
-               tmp_path / "small_context.pt")
-    out = run_cli("train_gpt2.py", "export", "--checkpoint", tmp_path / "small_context.pt", "--out", tmp_path / "hf")
-    assert out.returncode == 0, out.stderr
+def test_export_tokenizer_max_length_is_the_models_block_size(commands):
+    results, d = commands
+    out = results["export, small context"]  # a model of block_size 256
+    assert out["code"] == 0, out["stderr"]
     import transformers
-    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").model_max_length == 256
-    assert transformers.GPT2Config.from_pretrained(tmp_path / "hf").n_positions == 256
+    assert transformers.AutoTokenizer.from_pretrained(d / "hf_small_context").model_max_length == 256
+    assert transformers.GPT2Config.from_pretrained(d / "hf_small_context").n_positions == 256
 
 
-def test_init_from_local_hf_directory(reference, small_text, tmp_path):
-    out = run_cli("train_gpt2.py", "export", "--checkpoint", reference / "model_00008.pt", "--out", tmp_path / "hf")
-    assert out.returncode == 0, out.stderr
-    args = train_args(small_text, tmp_path / "ft", "--init_from", tmp_path / "hf", "--eval_every", "1", steps=1)
+def test_init_from_local_hf_directory(reference, exported, small_text, tmp_path):
+    args = train_args(small_text, tmp_path / "ft", "--init_from", exported, "--eval_every", "1", steps=1)
     args.remove("--n_layer"), args.remove("2")  # shape comes from the weights; the flags are optional
     out = run_cli(*args)
     assert out.returncode == 0, out.stderr
@@ -383,11 +406,11 @@ def test_init_from_local_hf_directory(reference, small_text, tmp_path):
     assert abs(first_val - ref_val) < 1e-6  # step 0 of fine-tuning evaluates the exported weights
 
 
-def test_plot(reference, tmp_path):
+def test_plot(commands):
     pytest.importorskip("matplotlib")
-    out = run_cli("train_gpt2.py", "plot", "--log_dir", reference, "--out", tmp_path / "p.png")
-    assert out.returncode == 0, out.stderr
-    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results, d = commands
+    assert results["plot"]["code"] == 0, results["plot"]["stderr"]
+    assert (d / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_draws_two_runs_on_one_chart(reference, muon_reference, tmp_path):
@@ -416,18 +439,13 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
-def test_hostile_pickle_is_refused_and_never_run(small_text, tmp_path):
-    marker = tmp_path / "pwned"
-    log_dir = tmp_path / "log"
-    log_dir.mkdir()
-    torch.save({"model": Payload(str(marker)), "config": {}, "step": 1}, log_dir / "model_00001.pt")
-    for resume in ("auto", str(log_dir / "model_00001.pt")):
-        out = run_cli(*train_args(small_text, log_dir, "--resume", resume, steps=2))
-        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-        assert "not a valid checkpoint" in out.stderr
-    out = run_cli("train_gpt2.py", "sample", "--checkpoint", log_dir / "model_00001.pt")
-    assert out.returncode == 2 and "not a valid checkpoint" in out.stderr
-    assert not marker.exists()
+def test_hostile_pickle_is_refused_and_never_run(commands):
+    results, d = commands
+    for run in ("hostile, --resume auto", "hostile, --resume it", "hostile, sample"):
+        out = results[run]
+        assert out["code"] == 2 and "Traceback" not in out["stderr"], out["stderr"]
+        assert "not a valid checkpoint" in out["stderr"]
+    assert not (d / "pwned").exists()
 
 
 KILL_IN_SAVE = """
@@ -603,8 +621,12 @@ def test_keep_checkpoints_spares_the_resumed_one_until_a_newer_one_trained(refer
 
 @pytest.fixture(scope="module")
 def shuffled_reference(tiny_shards, tmp_path_factory):
-    """An uninterrupted run on a shard directory: shuffled by default, through several epochs."""
-    return uninterrupted(tmp_path_factory, "shuffled", tiny_shards)
+    """An uninterrupted run on a shard directory as build-nanogpt's fineweb.py writes it: shuffled by default,
+    through several epochs. The shards load unchanged."""
+    before = {p.name: p.read_bytes() for p in tiny_shards.iterdir()}
+    log_dir = uninterrupted(tmp_path_factory, "shuffled", tiny_shards)
+    assert {p.name: p.read_bytes() for p in tiny_shards.iterdir()} == before
+    return log_dir
 
 
 def test_shuffled_shards_sigkill_then_resume_is_bit_identical(shuffled_reference, tiny_shards, tmp_path):
@@ -631,8 +653,8 @@ def test_checkpoint_from_before_shuffle_resumes_in_file_order(reference, small_t
     assert_same_weights(weights(reference / "model_00008.pt"), weights(log_dir / "model_00008.pt"))
 
 
-def test_resume_refuses_another_data_order(reference, small_text, tmp_path):
-    out = run_cli(*train_args(small_text, tmp_path / "log", "--resume", reference / "model_00004.pt", "--shuffle", "1"))
-    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert out.stderr.strip() == f"error: {reference / 'model_00004.pt'} was trained with --shuffle 0; resume " \
-                                 "with --shuffle 0 or without the flag"
+def test_resume_refuses_another_data_order(reference, commands):
+    out = commands[0]["another data order"]
+    assert out["code"] == 2 and "Traceback" not in out["stderr"], out["stderr"]
+    assert out["stderr"].strip() == f"error: {reference / 'model_00004.pt'} was trained with --shuffle 0; resume " \
+                                    "with --shuffle 0 or without the flag"
