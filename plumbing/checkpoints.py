@@ -165,10 +165,12 @@ def prune(log_dir, keep, step, protect=None):
 
 
 def data_files(data):
-    """What --data holds, as checkpoints record it: [name, bytes] of a text file, or of each .npy in
-    a directory. Names and sizes, not paths: the same files moved to another disk or node still
-    resume."""
-    paths = sorted(glob.glob(os.path.join(data, "*.npy"))) if os.path.isdir(data) else [data]
+    """What --data holds, as checkpoints record it: [name, bytes] of a text file, or of each token
+    file in a directory (.npy, and llm.c's or nanoGPT's .bin). Names and sizes, not paths: the same
+    files moved to another disk or node still resume."""
+    paths = [data]
+    if os.path.isdir(data):
+        paths = sorted(p for ext in ("*.npy", "*.bin") for p in glob.glob(os.path.join(data, ext)))
     return [[os.path.basename(p), os.path.getsize(p)] for p in paths if os.path.isfile(p)]
 
 

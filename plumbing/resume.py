@@ -41,8 +41,9 @@ def check(cfg, ckpt, master):
     keep = ("resume with --{0} {1}, or start a new run from its weights: "
             "--init_from {2} and another --log_dir")
     for name, why in KEEP.items():
-        # by content: the same files elsewhere are the same data
-        if name == "data" and "data_files" in ckpt:
+        # by content: the same files elsewhere are the same data (a .bin directory recorded no
+        # files before the .bin files counted: its path is checked as an old checkpoint's)
+        if name == "data" and ckpt.get("data_files"):
             if checkpoints.data_files(cfg.data) != ckpt["data_files"]:
                 raise errors.UserError(
                     f"{path} was trained on --data {saved.get('data')}, and --data {cfg.data} "

@@ -98,6 +98,27 @@ def test_resume_refuses_a_change_that_repeats_or_skips_data_or_changes_the_model
     assert not (tmp_path / "log").exists()
 
 
+def test_resume_checks_the_bin_token_files_of_llmc_and_nanogpt(tmp_path, capsys):
+    """A directory of .bin token files (nanoGPT's train.bin and val.bin here) counts as its files do:
+    the same files continue, a rewritten one is refused. A checkpoint from before .bin files counted
+    recorded none: it continues on its path, as any checkpoint from before data_files."""
+    from plumbing import resume
+    d = tmp_path / "owt"
+    d.mkdir()
+    for split in ("train", "val"):  # nanoGPT's prepare.py: raw uint16 ids
+        np.arange(1000, dtype=np.uint16).tofile(d / f"{split}.bin")
+    cfg = train_flags.TrainConfig(data=str(d))
+    ckpt = dict(path="model_00002.pt", step=2, train_config=dict(data=str(d)),
+                data_files=checkpoints.data_files(str(d)))
+    resume.check(cfg, ckpt, master=True)
+    np.arange(999, dtype=np.uint16).tofile(d / "val.bin")  # rewritten in place since the checkpoint
+    with pytest.raises(errors.UserError, match=f"--data {d} holds other files"):
+        resume.check(cfg, ckpt, master=True)
+    old = dict(ckpt, data_files=[], train_config=dict(data="/elsewhere/owt"))
+    resume.check(cfg, old, master=True)
+    assert f"does not record its data files; continuing on --data {d}" in capsys.readouterr().out
+
+
 def test_resume_on_the_same_files_elsewhere_continues(run4, text, tmp_path, capsys):
     moved = tmp_path / "moved" / text.name
     moved.parent.mkdir()
