@@ -4,12 +4,14 @@ with a small learning-rate sweep (the best run of each side is compared, never a
 an untuned one), on Tiny Shakespeare with GPT-2's tokenizer (input.txt; its last 10% is the val
 split). Every run is `python train_gpt2.py` itself; the figures are its log.txt and step lines.
 Prints each run's val loss against tokens, the tokens each best run needs to reach the other's final
-val loss (interpolated on its curve), and the median time of a step.
+val loss (interpolated on its curve), and the median time of a step (--variants steptime: the
+two optimizers' steps in turn in one process, a ratio of one run).
 
     python bench/bench_muon.py                                   # the two CPU shapes, ~50 minutes
     python bench/bench_muon.py --shape blocks --steps 100
     python bench/bench_muon.py --shape 124M --device cuda        # bench/gpu_check.sh runs it
     python bench/bench_muon.py --shape quickstart --variants qkv # the fused qkv against its parts
+    python bench/bench_muon.py --variants steptime               # step times in one process
 
 A benchmark prints figures; it asserts nothing. Runs one at a time: never two benchmarks at once.
 """
@@ -97,7 +99,8 @@ def compare(best, budget):
         lines.append(f"{who} reaches {other}'s final val {target:.4f} at " +
                      (f"{t:,.0f} tokens: {budget / t:.2f}x {'fewer' if t < budget else 'more'} "
                       f"than {other}'s {budget:,}" if t else f"no point of its {budget:,} tokens"))
-    lines.append(f"step time: Muon {m_ms:.1f} ms, AdamW {a_ms:.1f} ms: {m_ms / a_ms:.2f}x")
+    lines.append(f"step time: Muon {m_ms:.1f} ms, AdamW {a_ms:.1f} ms: {m_ms / a_ms:.2f}x (each "
+                 "in its own process: --variants steptime compares them in one)")
     return lines
 
 
@@ -134,6 +137,46 @@ def bench(shape, steps, device, variants):
     print("\n".join(["", *compare(best, budget)]), flush=True)
 
 
+def step_times(shape, device, rounds=10):
+    """Muon's step against AdamW's in one process, a ratio of one run (a run's step time varies
+    from process to process): train_gpt2.py's own step (train_step) on the shape's model, compiled,
+    with the two optimizers stepping in turn on the same weights, at the shape's tokens a step and
+    at four times them (gradient accumulation). The median of each, and its optimizer step's."""
+    import dataclasses
+    import time
+
+    import torch
+
+    import train_gpt2 as tg
+    from plumbing import runtime, train_flags
+    shape_args, recipe = SHAPES[shape][:2]
+    tokens = int(shape_args[shape_args.index("--total_batch_size") + 1])
+    print(f"\n## {shape}: step time in one process, {device}\n", flush=True)
+    for n in (tokens, 4 * tokens):
+        cfg = train_flags.parse(["--data", str(ROOT / "input.txt"), "--device", device,
+                                 *shape_args, *recipe, "--total_batch_size", str(n),
+                                 "--optimizer", "muon", "--eval_every", "0"])
+        rt = runtime.setup(device, cfg.dtype)
+        muon = tg.build_state(cfg, rt)
+        adamw = dataclasses.replace(muon, optimizer=tg.configure_optimizer(
+            muon.model, cfg.max_lr, cfg.weight_decay, rt.device_type))
+        model = tg.wrap_model(muon.model, cfg, rt, muon.compile)
+        sync = torch.cuda.synchronize if rt.device_type == "cuda" else (lambda: None)
+        ms = {"adamw": [], "muon": []}
+        for i in range(rounds + 2):  # the first two: compiling, first allocations
+            for name, state in sorted((("adamw", adamw), ("muon", muon)), reverse=i % 2 == 1):
+                sync()
+                t0 = time.perf_counter()
+                tg.train_step(model, state, cfg.max_lr, cfg.grad_clip, rt)
+                sync()
+                if i >= 2:
+                    ms[name].append(1000 * (time.perf_counter() - t0))
+        a, m = (statistics.median(ms[k]) for k in ("adamw", "muon"))
+        micro = f"{muon.grad_accum} micro-step" + "s" * (muon.grad_accum > 1)
+        print(f"{n:,} tokens a step ({micro}): AdamW {a:.1f} ms, Muon {m:.1f} ms: {m / a:.3f}x",
+              flush=True)
+
+
 @errors.cli
 def main(argv):
     p = flags.Parser(prog="bench_muon.py", description=__doc__.split("\n\n")[0])
@@ -143,12 +186,16 @@ def main(argv):
     p.add_argument("--steps", type=flags.COUNT, default=0,
                    help="optimizer steps of every run (0: the shape's own)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu or cuda")
-    p.add_argument("--variants", choices=("lr", "qkv"), default="lr",
+    p.add_argument("--variants", choices=("lr", "qkv", "steptime"), default="lr",
                    help="lr: the learning-rate sweeps; "
-                   "qkv: Muon at its default lr with the fused qkv against its three parts")
+                   "qkv: Muon at its default lr with the fused qkv against its three parts; "
+                   "steptime: Muon's step time against AdamW's, in one process")
     args = p.parse_args(argv)
     for shape in ("quickstart", "blocks") if args.shape == "both" else (args.shape,):
-        bench(shape, args.steps, args.device, args.variants)
+        if args.variants == "steptime":
+            step_times(shape, args.device)
+        else:
+            bench(shape, args.steps, args.device, args.variants)
 
 if __name__ == "__main__":
     main()

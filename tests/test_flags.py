@@ -123,7 +123,8 @@ SPEC = {  # command: (module, how to call it, its flags' kinds, the functions th
                                                  "workers": "workers"}, ["bench_fineweb.best_rates"]),
     "bench_muon": ("bench_muon", "argv", {"shape": ("choice", ["both", "quickstart", "blocks", "124M"]),
                                            "steps": "nonneg_int", "device": ("choice", ["cpu", "cuda"]),
-                                           "variants": ("choice", ["lr", "qkv"])}, ["bench_muon.bench"]),
+                                           "variants": ("choice", ["lr", "qkv", "steptime"])},
+                   ["bench_muon.bench", "bench_muon.step_times"]),
 }
 CASES = [(cmd, flag) for cmd, (_, _, flags, _) in SPEC.items() for flag, kind in flags.items() if kind is not None]
 
