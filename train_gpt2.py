@@ -29,9 +29,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 # the plumbing (plumbing/__init__.py lists its modules)
-from plumbing import checkpoints, chunked_loss, commands, errors, evaluate, flags, formats
-from plumbing import hellaswag_eval, huggingface, memory, mfu, optimizers, plot, resume, runlog
-from plumbing import runtime, sharding, signals, token_files, train_flags
+from plumbing import checkpoints, chunked_loss, commands, compiling, errors, evaluate, flags
+from plumbing import formats, hellaswag_eval, huggingface, memory, mfu, optimizers, plot, resume
+from plumbing import runlog, runtime, sharding, signals, token_files, train_flags
 
 # =============================================================================
 # 1. The model: GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners")
@@ -140,7 +140,7 @@ class GPT(nn.Module):
         # are one matrix, a token's vector reads it and predicts it: 38M of 124M weights saved.
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
-        self.grad_checkpoint, self.dropout = False, 0.0  # set by training (dropout: train() only)
+        self.grad_checkpoint, self.dropout, self.compile_loss = False, 0.0, False  # by training
         self.loss_block_bytes = None  # fp32 logits per block of the loss (None: the device's)
 
     def _init_weights(self, module):
@@ -165,7 +165,8 @@ class GPT(nn.Module):
         # gradient take ~20 GB, one block of them 0.8 GB (plumbing/chunked_loss.py)
         rows = self.loss_block_rows(idx.numel(), idx.device, torch.is_grad_enabled())
         return None, chunked_loss.cross_entropy(x.flatten(0, 1), self.lm_head.weight,
-                                                targets.flatten(), self.config.vocab_size, rows)
+                                                targets.flatten(), self.config.vocab_size, rows,
+                                                self.compile_loss)
 
     def features(self, idx, cache=None):
         """The final hidden states (B, T, C): everything but the output projection."""
@@ -377,8 +378,7 @@ def train(cfg):
     rt = runtime.setup(cfg.device, cfg.dtype, check=lambda ranks: check_config(cfg, ranks),
                        dist_timeout=cfg.dist_timeout)
     s = build_state(cfg, rt)  # new, or a checkpoint's step, weights and data position
-    # train_model runs the steps (compiled; DDP or FSDP); s.model, the same weights, evaluates,
-    # samples, is saved, eagerly
+    # train_model runs the steps (DDP or FSDP); s.model, the same weights, evaluates and is saved
     train_model = wrap_model(s.model, cfg, rt, s.compile)
     log = runlog.RunLog(cfg, rt, s)  # log.txt, W&B, console
     hella = hellaswag_eval.for_training(cfg, rt) if cfg.hellaswag_every else None
@@ -556,12 +556,12 @@ def build_state(cfg, rt):
 
 
 def wrap_model(model, cfg, rt, compile_model):
-    """The model the training steps run: compiled, in DDP under torchrun (FSDP: `model` itself,
-    sharded and compiled by shard_model)."""
-    if compile_model:
+    """The model the training steps run: its blocks compiled (FSDP: by shard_model), in DDP
+    under torchrun."""
+    if compile_model and not cfg.fsdp:
         # Why compile: it fuses elementwise work (casts, GELU, LayerNorm, softmax) into kernels
         # that read memory once, not once per operation
-        model = model if cfg.fsdp else torch.compile(model)  # FSDP: each block is compiled
+        compiling.compile_blocks(model)
     if rt.ddp and not cfg.fsdp:
         # DDP averages the gradients over the ranks in backward, bucket by bucket, overlapped
         # with the rest of backward (gradient_as_bucket_view: the gradients live in the buckets)

@@ -13,6 +13,7 @@ above it in this list, and never train_gpt2.py, hellaswag.py or fineweb.py.
     train_flags     every flag of training (TrainConfig) and their checks against each other
     token_files     the GPT-2 tokenizer; token shards and text files as token arrays; the val set
     chunked_loss    the cross-entropy of the output layer, never holding all the logits
+    compiling       --compile: a block at a time (the transformer's, and the loss's)
     sharding        --fsdp 1: the model sharded over the ranks (FSDP2)
     optimizers      several optimizers stepping as one (--optimizer muon: Muon and AdamW)
     checkpoints     model_<step>.pt: save, load (ours or another program's), find, prune

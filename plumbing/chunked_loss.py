@@ -4,6 +4,8 @@ block of rows at a time, so that the (N, 50304) logits, the largest tensors of t
 whole. It equals F.cross_entropy((x @ weight.T)[:, :vocab_size].float(), targets), to which
 tests/test_model.py holds it; docs/speed-and-memory.md gives its memory and speed."""
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -34,23 +36,24 @@ def loss_block_budget(device, grad=True, base=None):
 def block_rows(n, padded_vocab, device, grad=True, base=None):
     """Rows per block of the loss for n rows in all (GPT.loss_block_rows): the largest power of
     two whose fp32 logits fit in the block's byte budget (loss_block_budget, larger without
-    gradients), and at most 32 blocks (compiled, the loop over the blocks is unrolled; eager, each
-    block is a dozen launches)."""
+    gradients), and at most 32 blocks (each block is a dozen launches, or a compiled call; a model
+    compiled whole unrolls the loop over the blocks)."""
     budget = loss_block_budget(device, grad, base)
     rows = 1 << max(0, int(budget // (4 * padded_vocab)).bit_length() - 1)  # 2**floor(log2)
     return max(1, min(n, max(rows, -(-n // 32))))
 
 
-def cross_entropy(x, weight, targets, vocab_size, rows):
+def cross_entropy(x, weight, targets, vocab_size, rows, compiled=False):
     """Mean cross-entropy of the logits x @ weight.T against targets, over the first vocab_size
     columns, `rows` rows at a time: F.cross_entropy((x @ weight.T)[:, :vocab_size].float(), targets)
-    without ever holding all the logits. With gradients it is ChunkedCrossEntropy; without
-    (evaluation) only the loss (token_losses): no gradient buffer."""
+    without ever holding all the logits. With gradients it is ChunkedCrossEntropy (compiled: each
+    block's pointwise work by one compiled function); without (evaluation) only the loss
+    (token_losses): no gradient buffer."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         if x.device.type == "cpu" and runtime.autocast_dtype("cpu", weight.dtype) == torch.float32:
             # fp32 on a CPU: see below
             return eager_chunked_cross_entropy(x, weight, targets, vocab_size, rows)
-        return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, rows)
+        return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, rows, compiled)
     return token_losses(x, weight, targets, vocab_size, rows).sum() / x.size(0)
 
 
@@ -103,6 +106,32 @@ def exp_logits(xi, weight, yi, vocab_size):
     return z, (s.log() + m - target).squeeze(1), s
 
 
+def block_gradient(xi, weight, yi, vocab_size, dtype):
+    """One block of the loss with gradients: the sum of its rows' losses, and the gradient of those
+    losses with respect to the block's logits, g = softmax - one_hot(target) (n, V), in dtype (the
+    matmuls'). Not yet divided by N: in fp16, p / N would underflow to 0 where the plain way
+    multiplies by the loss scale first."""
+    e, row_losses, s = exp_logits(xi, weight, yi, vocab_size)
+    e *= s.reciprocal()  # (n, V) p = softmax
+    # pointwise: fused with the cast, no fp32 (n, V) is written
+    if torch.compiler.is_compiling():
+        # int32: half the lanes of int64
+        cols = torch.arange(e.size(1), dtype=torch.int32, device=e.device)
+        return row_losses.sum(), torch.where(cols == yi.int(), e - 1, e).to(dtype)  # (n, V)
+    # eager: in place (a pointwise op would allocate a mask and, on a CPU, its fp32 copy); e is
+    # freed on return: a 16-bit g leaves 0.5 fp32 copies of the block during the matmuls
+    g = e.scatter_add_(1, yi, torch.full(yi.shape, -1.0, device=e.device))
+    return row_losses.sum(), g.to(dtype)
+
+
+@functools.cache
+def compiled_block_gradient():
+    """block_gradient compiled once (per process) and called for every block: compiling the model
+    whole would unroll the loop over the blocks into its graph, and take twice as long to compile
+    (docs/speed-and-memory.md)."""
+    return torch.compile(block_gradient)
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """cross_entropy with gradients. Why: the (N, 50304) logits are the largest tensors of
     training: the plain way keeps them, in 16 and 32 bits, until backward, and then writes their
@@ -115,31 +144,19 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     product; compiled, the compiler plans the buffers (tests/test_model.py measures both)."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size, rows):  # x (N, C), weight (V, C), targets (N,)
+    def forward(ctx, x, weight, targets, vocab_size, rows, compiled=False):  # (N, C), (V, C), (N,)
         loss = torch.zeros((), device=x.device)
         grad_x = torch.empty_like(x)  # (N, C)
         # The weight's gradient sums over all N rows: in fp32 whatever the weight's dtype (bf16
         # under FSDP's policy), as a 16-bit sum of many blocks would lose the small ones.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V, C)
         dtype = runtime.autocast_dtype(x.device.type, weight.dtype)  # the matmuls' dtype
+        block = compiled_block_gradient() if compiled else block_gradient
         for i in range(0, x.size(0), rows):
             xi, yi = x[i: i + rows], targets[i: i + rows, None]  # (n, C), (n, 1)
-            e, row_losses, s = exp_logits(xi, weight, yi, vocab_size)
-            loss = loss + row_losses.sum()
-            # d(loss of a row)/d(its logits) = softmax - one_hot(target), in place in e. Not yet
-            # divided by N: in fp16, p / N would underflow to 0 where the plain way multiplies by
-            # the loss scale first.
-            e *= s.reciprocal()  # (n, V) p = softmax
-            # pointwise: fused with the cast, no fp32 (n, V) is written
-            if torch.compiler.is_compiling():
-                # int32: half the lanes of int64
-                cols = torch.arange(e.size(1), dtype=torch.int32, device=e.device)
-                g = torch.where(cols == yi.int(), e - 1, e).to(dtype)  # (n, V)
-            # eager: in place (a pointwise op would allocate a mask and, on a CPU, its fp32 copy)
-            else:
-                # (n, V)
-                g = e.scatter_add_(1, yi, torch.full(yi.shape, -1.0, device=e.device)).to(dtype)
-            del e  # a 16-bit g leaves 0.5 fp32 copies of the block during the matmuls
+            # d(loss of a row)/d(its logits) = softmax - one_hot(target): g (n, V)
+            row_losses, g = block(xi, weight, yi, vocab_size, dtype)
+            loss = loss + row_losses
             grad_x[i: i + rows] = g @ weight  # (n, C)
             if g.dtype == grad_w.dtype and xi.dtype == grad_w.dtype:
                 grad_w.addmm_(g.t(), xi)  # (V, C), no temporary
@@ -155,4 +172,4 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_x, grad_w = ctx.saved_tensors
         # the mean's 1/N times 1/grad_accum (and the fp16 loss scale)
         scale = grad_loss / grad_x.size(0)
-        return grad_x * scale, (grad_w * scale).to(ctx.weight_dtype), None, None, None
+        return grad_x * scale, (grad_w * scale).to(ctx.weight_dtype), None, None, None, None

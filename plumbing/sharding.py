@@ -6,9 +6,8 @@ sharding."""
 import contextlib
 
 import torch
-import torch.utils.checkpoint
 
-from plumbing import errors, runtime
+from plumbing import compiling, errors, runtime
 
 
 def check_fsdp(cfg, rt):
@@ -43,7 +42,7 @@ def shard_model(model, rt, compile_blocks):
           if rt.dtype == "bf16" else MixedPrecisionPolicy())
     for block in model.transformer.h:
         if model.grad_checkpoint:
-            checkpoint_block(block)
+            compiling.checkpoint_block(block)
         if compile_blocks:
             block.compile()
         fully_shard(block, mp_policy=mp)
@@ -51,22 +50,6 @@ def shard_model(model, rt, compile_blocks):
     model.grad_checkpoint = False
     fully_shard(model, mp_policy=mp)
     assert model.transformer.wte.weight is model.lm_head.weight  # still tied
-
-
-def checkpoint_block(block):
-    """--grad_checkpoint inside the block: its forward keeps only its input and runs again in
-    backward (with the same dropout masks: the checkpoint restores the random state); as
-    GPT.features does from outside."""
-    forward = block.forward
-
-    def checkpointed(x, cache=None, dropout=0.0):
-        """The block, recomputed in backward when training (not when sampling with a cache or
-        evaluating)."""
-        if block.training and cache is None and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(
-                forward, x, cache, dropout, use_reentrant=False)
-        return forward(x, cache, dropout)
-    block.forward = checkpointed
 
 
 def fsdp_sync_once(cfg, model, rt, grad_accum):

@@ -1,6 +1,7 @@
 """The model is GPT-2: logits equal Hugging Face transformers' GPT2LMHeadModel on the same weights, in
 every checkpoint layout; the KV cache changes no token; the pure pieces (schedule, batch arithmetic,
 optimizer groups, data loader) against brute-force references."""
+import copy
 import functools
 import json
 import math
@@ -14,7 +15,7 @@ import torch
 
 import train_gpt2 as tg
 from conftest import ROOT
-from plumbing import checkpoints, chunked_loss, errors, memory, token_files, train_flags
+from plumbing import checkpoints, chunked_loss, errors, memory, runtime, token_files, train_flags
 
 SHAPES = [  # (n_layer, n_head, n_embd, vocab_size, n_positions)
     (1, 1, 16, 50257, 64),
@@ -127,26 +128,56 @@ def test_chunked_loss_and_gradients_equal_the_plain_computation(dtype, tol, rows
     assert gw[vocab:].abs().max() == 0  # the padding rows get no gradient: they never count
 
 
+def small_model(n_layer=2):
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=32, vocab_size=300, n_layer=n_layer, n_head=2, n_embd=32))
+    model.loss_block_bytes = 16 * 4 * 384  # 16 rows of the 384 padded columns: 60 rows in 16 + 16 + 16 + 12
+    return model
+
+
+def compiled_for_training(model):
+    """The model as training compiles it (--compile on, one process)."""
+    rt = runtime.Runtime(False, 0, 0, 1, True, "cpu", "cpu", "bf16")
+    return tg.wrap_model(model, SimpleNamespace(fsdp=0), rt, True)
+
+
 def test_chunked_loss_in_the_model_gives_the_plain_gradients_compiled_too():
     """The whole model, tied wte/lm_head included: the gradient of the shared matrix adds the output
-    layer's part to the embedding's, as the plain head + F.cross_entropy does; also under torch.compile."""
-    torch.manual_seed(0)
-    model = tg.GPT(tg.GPTConfig(block_size=32, vocab_size=300, n_layer=2, n_head=2, n_embd=32))
-    model.loss_block_bytes = 16 * 4 * 384  # 16 rows of the 384 padded columns: 60 rows in 16 + 16 + 16 + 12
+    layer's part to the embedding's, as the plain head + F.cross_entropy does; also under torch.compile of the
+    whole model, and compiled as training compiles it (a block at a time)."""
+    model = small_model()
     idx, tgt = torch.randint(0, 300, (3, 20)), torch.randint(0, 300, (3, 20))
+    blockwise = compiled_for_training(copy.deepcopy(model))
 
     def plain(idx, tgt):
         return torch.nn.functional.cross_entropy(model.head(model.features(idx)).float().flatten(0, 1), tgt.flatten())
     grads = []
-    for fn in (plain, lambda idx, tgt: model(idx, tgt)[1], torch.compile(lambda idx, tgt: model(idx, tgt)[1])):
-        model.zero_grad()
+    for m, fn in ((model, plain), (model, lambda idx, tgt: model(idx, tgt)[1]),
+                  (model, torch.compile(lambda idx, tgt: model(idx, tgt)[1])),
+                  (blockwise, lambda idx, tgt: blockwise(idx, tgt)[1])):
+        m.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = fn(idx, tgt)
         loss.backward()
-        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+        grads.append((loss.item(), [p.grad.clone() for p in m.parameters()]))
     for loss, g in grads[1:]:
         assert abs(loss - grads[0][0]) < 1e-5
         assert all(rel_err(a, b) < 1e-2 for a, b in zip(g, grads[0][1]))
+
+
+def test_training_compiles_a_block_at_a_time_whatever_the_depth():
+    """--compile: Dynamo captures as many operations for 3 layers as for 1 (one graph that every block reuses,
+    one for a block of the loss), where compiling the model whole captures each layer again."""
+    from torch._dynamo.utils import counters
+    captured = []
+    for n_layer in (1, 3):
+        torch._dynamo.reset()
+        counters.clear()
+        model = compiled_for_training(small_model(n_layer))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.randint(0, 300, (3, 20)), torch.randint(0, 300, (3, 20)))[1].backward()
+        captured.append(counters["stats"]["calls_captured"])
+    assert captured[0] == captured[1] > 0, captured
 
 
 def test_gpt2_124m_shape_and_init():
