@@ -15,7 +15,8 @@ export PYTHONUNBUFFERED=1
   python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count())"
 } 2>&1 | tee "$out/machine.txt"
 # the suite first: its verdict matters most if time runs out (about 4 minutes on one GPU)
-timeout 330 python -m pytest -m cuda tests -q -rs -s -n 0  # one test at a time on the GPU 2>&1 | tee "$out/pytest_cuda.txt"
+# -n 0: one test at a time on the one GPU (pyproject.toml runs two files at a time)
+timeout 330 python -m pytest -m cuda tests -q -rs -s -n 0 2>&1 | tee "$out/pytest_cuda.txt"
 echo "pytest -m cuda: exit ${PIPESTATUS[0]}" | tee -a "$out/pytest_cuda.txt"
 # the speed table (each row a short real run); what is left of the 8 minutes
 timeout 140 python bench/bench_train.py --device cuda --steps 6 --only table 2>&1 | tee "$out/bench_train.txt"
