@@ -9,17 +9,19 @@ import torch
 import torch.utils.checkpoint
 
 
-def compile_blocks(model):
+def compile_blocks(model, compile=True, loss=True):
     """Compiles model's blocks in place, in torchtitan's order: activation checkpointing
-    (--grad_checkpoint) innermost, compiled around it; and the loss's blocks (model.compile_loss).
-    The compiled blocks are what evaluation calls too: train() runs it under
+    (--grad_checkpoint) innermost, compiled around it (compile=False: the checkpointing alone, as
+    FSDP with --compile off needs it); with loss, the loss's blocks too (model.compile_loss). The
+    compiled blocks are what evaluation calls too: train() runs it under
     torch.compiler.set_stance("force_eager"), so that its other shapes never meet compiled code."""
     for block in model.transformer.h:
         if model.grad_checkpoint:
             checkpoint_block(block)
-        block.compile()
+        if compile:
+            block.compile()
     model.grad_checkpoint = False  # the blocks checkpoint themselves, inside their compiled code
-    model.compile_loss = True
+    model.compile_loss = compile and loss
 
 
 def checkpoint_block(block):

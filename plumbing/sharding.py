@@ -40,14 +40,10 @@ def shard_model(model, rt, compile_blocks):
 
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if rt.dtype == "bf16" else MixedPrecisionPolicy())
+    # the loss stays eager here: the root unit is not compiled
+    compiling.compile_blocks(model, compile_blocks, loss=False)
     for block in model.transformer.h:
-        if model.grad_checkpoint:
-            compiling.checkpoint_block(block)
-        if compile_blocks:
-            block.compile()
         fully_shard(block, mp_policy=mp)
-    # the blocks checkpoint themselves now, inside their compiled code
-    model.grad_checkpoint = False
     fully_shard(model, mp_policy=mp)
     assert model.transformer.wte.weight is model.lm_head.weight  # still tied
 
