@@ -14,11 +14,12 @@ Launch:
 The last line of stdout is one JSON object: {"n": ..., "acc": ..., "acc_norm": ...,
 "examples_per_s": ...}.
 
-HellaSwag's download, verification, parsing, rendering and scoring are plumbing/hellaswag_eval.py's,
-which --hellaswag_every also runs during training; this file is the command line:
+The scoring is the lecture's (train_gpt2.hellaswag_score, section 6), which --hellaswag_every also
+runs during training; HellaSwag's download, verification, parsing and rendering are
+plumbing/hellaswag_eval.py's; this file is the command line:
     examples = hellaswag_eval.load_examples(split="val")
-    counts = hellaswag_eval.score(model, examples, enc, device)  # {n, correct, correct_norm}
-    hellaswag_eval.accuracies(counts)                            # {n, acc, acc_norm}"""
+    counts = train_gpt2.hellaswag_score(model, examples, enc, device)  # {n, correct, correct_norm}
+    hellaswag_eval.accuracies(counts)                                 # {n, acc, acc_norm}"""
 
 import argparse
 import json
@@ -67,8 +68,8 @@ def main(argv):
     model = train_gpt2.load_model(args.model).to(rt.device)
     enc = token_files.get_encoding()
     t0 = time.time()
-    counts = hellaswag_eval.score(
-        model, examples, enc, rt.device, args.batch_size, rt.autocast, progress=True)
+    counts = train_gpt2.hellaswag_score(model, examples, enc, rt.device, args.batch_size,
+                                        rt.autocast, progress=True)
     dt = time.time() - t0
     print(json.dumps(dict(hellaswag_eval.accuracies(counts), model=args.model, device=rt.device,
                           dtype=rt.dtype, examples_per_s=round(counts["n"] / dt, 2),

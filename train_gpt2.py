@@ -5,17 +5,18 @@ Train GPT-2 from scratch, in a file that reads top to bottom as a lecture on pre
     2. the optimizer      AdamW as GPT-3 set it (or Muon for the matrices)
     3. the data           token shards cut into micro-batches, alike on any number of GPUs
     4. the schedule       linear warmup, then cosine decay of the learning rate
-    5. the training loop  train() and train_step(): the whole of pretraining
+    5. the training loop  the ranks (DDP), what training starts from, one step, the loop
     6. evaluation         val loss, HellaSwag, sampling text with a KV cache
     7. checks, loading    the flags against the model's shape; a trained model from disk
     8. the command line   train (the default), sample, export, plot, evaluate
-What real machines need and a reader can skip is in plumbing/, a module a job.
+What real machines need and a reader can skip is in plumbing/: one module for each job.
 
     python train_gpt2.py --data input.txt --n_layer 4 --n_head 4 --n_embd 128   # a laptop
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --data edu_fineweb10B  # 8 GPUs
 """
 
 import contextlib
+import datetime
 import math
 import os
 import time
@@ -29,9 +30,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 # the plumbing (plumbing/__init__.py lists its modules)
-from plumbing import checkpoints, chunked_loss, commands, compiling, errors, evaluate, flags
-from plumbing import formats, hellaswag_eval, huggingface, memory, mfu, optimizers, plot, resume
-from plumbing import runlog, runtime, sharding, signals, token_files, train_flags
+from plumbing import checkpoints, chunked_loss, commands, compiling, errors, hellaswag_eval
+from plumbing import huggingface, long_run, runtime, startup, token_files, train_flags
 
 # =============================================================================
 # 1. The model: GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners")
@@ -62,7 +62,7 @@ PRESETS = {
 
 
 def maybe_dropout(x, p):
-    # not F.dropout(x, 0): without dropout a run stays bit-identical to one before it existed
+    # at p = 0 no dropout operation at all: the forward is exactly GPT-2's, compiled or not
     return F.dropout(x, p) if p > 0 else x
 
 
@@ -86,9 +86,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:  # sampling: the keys and values of the tokens before are kept
             k, v = cache.update(k, v)  # (B, nh, T_past + T, hs)
-        assert cache is None or T == 1 or k.size(2) == T, "a cached forward takes one token a time"
-        # a query sees itself and the past: a new token after a cache may see it all
-        # softmax(q k^T / sqrt(hs)) v, in blocks (flash attention), never the (T, T) matrix whole
+        assert cache is None or T == 1 or k.size(2) == T, "cache: a whole prompt, then 1 token"
+        # softmax(q k^T / sqrt(hs)) v, in blocks (flash attention), never the (T, T) matrix whole.
+        # Causal: a query sees itself and the tokens before it. One token after the cached ones
+        # comes last: it sees them all, and needs no mask.
         causal = k.size(2) == T and T > 1
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)  # like q
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
@@ -140,7 +141,8 @@ class GPT(nn.Module):
         # are one matrix, a token's vector reads it and predicts it: 38M of 124M weights saved.
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
-        self.grad_checkpoint, self.dropout, self.compile_loss = False, 0.0, False  # by training
+        # what training sets: recompute blocks in backward, dropout, the loss compiled
+        self.grad_checkpoint, self.dropout, self.compile_loss = False, 0.0, False
         self.loss_block_bytes = None  # fp32 logits per block of the loss (None: the device's)
 
     def _init_weights(self, module):
@@ -211,8 +213,8 @@ class GPT(nn.Module):
 
 
 def configure_optimizer(model, lr, weight_decay, device_type, muon=None):
-    """AdamW as in the GPT-3 paper (appendix B): betas (0.9, 0.95), eps 1e-8, weight decay on
-    matrices only; with muon (Muon's settings), Muon for the blocks' matrices."""
+    """AdamW with GPT-3's betas (0.9, 0.95) and eps 1e-8 (paper, appendix B), weight decay on
+    matrices only (as build-nanogpt); with muon (its settings), Muon for the blocks' matrices."""
     params = [p for p in model.parameters() if p.requires_grad]
     # Muon only for the blocks' matrices, which map hidden states to hidden states; embeddings
     # (rows that learn from their own tokens alone) and 1-D tensors stay on AdamW (Jordan 2024)
@@ -231,7 +233,33 @@ def configure_optimizer(model, lr, weight_decay, device_type, muon=None):
         return adamw
     muon = Muon(matrices, **muon)
     muon.param_groups[0]["lr_ratio"] = muon.defaults["lr"] / lr  # its peak over AdamW's
-    return optimizers.Combined(adamw=adamw, muon=muon)
+    return Combined(adamw=adamw, muon=muon)
+
+
+class Combined:
+    """Optimizers (name=optimizer) as one, for the loop, GradScaler and checkpoints."""
+
+    def __init__(self, **parts):
+        self.parts = parts
+
+    @property
+    def param_groups(self):
+        return [group for opt in self.parts.values() for group in opt.param_groups]
+
+    def step(self):
+        for opt in self.parts.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none=True):
+        for opt in self.parts.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {name: opt.state_dict() for name, opt in self.parts.items()}
+
+    def load_state_dict(self, state):
+        for name, opt in self.parts.items():
+            opt.load_state_dict(state[name])
 
 
 class Muon(torch.optim.Optimizer):
@@ -260,8 +288,9 @@ class Muon(torch.optim.Optimizer):
 
 
 def orthogonalize(g, dtype, steps=5):
-    """About U V^T of g = U S V^T, without an SVD: a quintic Newton-Schulz iteration drives every
-    singular value towards 1 (Jordan's coefficients, tuned for 5 steps)."""
+    """Roughly U V^T of g = U S V^T, without an SVD: a quintic Newton-Schulz iteration maps each
+    singular value s to a s + b s^3 + c s^5. Jordan's coefficients lift small values fast in 5
+    steps and leave them between ~0.5 and ~1.5, not at 1: no worse for training (Jordan 2024)."""
     x = g.to(dtype)
     tall = x.size(0) > x.size(1)
     x = x.T if tall else x  # the iteration multiplies by x x^T: the smaller side
@@ -365,136 +394,29 @@ def grad_accum_steps(total_batch_size, batch_size, seq_len, world_size):
 
 
 # =============================================================================
-# 5. Training: the loop, one optimizer step, what the loop starts from. The flags' defaults
-# (train_flags.TrainConfig) are GPT-2 124M's recipe (GPT-3 paper, appendix B): 524,288 tokens a
-# step, max_lr 6e-4, 715 warmup steps, 19,073 steps (10B tokens), weight decay 0.1, clip 1.0.
+# 5. Training, in the order a run goes: setup_ddp (which process, which device), build_state (the
+# model, optimizer, loader), wrap_model (compiled, in DDP), train_step, and train: the loop, which
+# evaluates now and then (section 6). The defaults are GPT-2 124M's recipe: 524,288 tokens a step
+# and max_lr 6e-4 (GPT-3 paper, table 2.1), 715 warmup steps (375M tokens), weight decay 0.1, clip
+# 1.0 (appendix B); 19,073 steps: FineWeb-Edu's 10B-token sample once (build-nanogpt's budget).
 
 
-@runlog.holds_log_dir  # one run a --log_dir, held until train() ends
-@signals.keeps_signal_handlers  # a caller's Ctrl-C handler is back after train()
-def train(cfg):
-    """Pretraining: set up the machine; build (or restore) the model, optimizer and data; wrap the
-    model for speed; then loop: now and then evaluate, sample, checkpoint; always one step."""
-    rt = runtime.setup(cfg.device, cfg.dtype, check=lambda ranks: check_config(cfg, ranks),
-                       dist_timeout=cfg.dist_timeout)
-    s = build_state(cfg, rt)  # new, or a checkpoint's step, weights and data position
-    # train_model runs the steps (DDP or FSDP); s.model, the same weights, evaluates and is saved
-    train_model = wrap_model(s.model, cfg, rt, s.compile)
-    log = runlog.RunLog(cfg, rt, s)  # log.txt, W&B, console
-    hella = hellaswag_eval.for_training(cfg, rt) if cfg.hellaswag_every else None
-    enc = token_files.get_encoding() if cfg.sample_every or hella else None
-    flops, peak = mfu.flops_per_token(s.model.config, cfg.seq_len), mfu.peak_flops(rt)
-    stop = signals.StopSignal(rt.ddp)  # SIGTERM/SIGINT: end the step, checkpoint, exit
-    stop_for, new_ckpt = 0, None  # the signal all ranks stop for (0: none); the last checkpoint
-
-    def checkpoint(path, step):  # every rank (FSDP gathers); rank 0 writes, then prunes
-        checkpoints.save(path, s.model, s.optimizer, s.scaler, step, s.loader, cfg, s.wandb_id,
-                         cfg.fsdp)
-        if rt.master and cfg.keep_checkpoints:
-            checkpoints.prune(cfg.log_dir, cfg.keep_checkpoints, step, s.last_good)
-
-    # Why max_steps + 1 passes, the periodic work first: pass k evaluates, samples and saves the
-    # model after k steps; the last pass does that for the final model and takes no step.
-    for step in range(s.step, cfg.max_steps + 1):
-        last = step == cfg.max_steps
-        ckpt_path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
-        if stop_for:  # a signal came during the last step (on any rank): save, and leave
-            checkpoint(ckpt_path, step)
-            log.print(f"stopped by signal at step {step}; wrote {ckpt_path}; continue with "
-                      "--resume auto")
-            runtime.barrier(rt)  # no rank leaves before the checkpoint is written
-            raise errors.Stopped(stop_for)
-
-        periodic_work(s, cfg, rt, log, hella, enc, step, last)  # evaluations, samples
-        if cfg.checkpoint_every and step > s.step and (step % cfg.checkpoint_every == 0 or last):
-            checkpoint(ckpt_path, step)
-            new_ckpt = ckpt_path
-        if last:
-            runtime.barrier(rt)  # leave together (a group torn down under others can abort)
-            log.finish()
-            break
-
-        t0 = time.perf_counter()  # one optimizer step
-        # the learning rate is a function of the step: a resumed run goes on exactly
-        lr = get_lr(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-        try:
-            loss, norm = train_step(train_model, s, lr, cfg.grad_clip, rt, cfg.fsdp)
-        except torch.OutOfMemoryError:
-            raise memory.out_of_memory_error(step, s, cfg, rt) from None
-        stop_for = signals.agree_on_signal(stop.signum, rt)  # all ranks stop after this step
-        loss = loss.item()  # waits for the device to finish the step: now its time is known
-        dt = time.perf_counter() - t0
-        if not math.isfinite(loss):  # diverged: later steps would be wasted
-            raise errors.UserError(f"the loss is {loss} at step {step}; stopping. Last good "
-                                   f"checkpoint: {s.last_good or 'none'}; resume from it with a "
-                                   "lower --max_lr")
-        if new_ckpt and new_ckpt != s.last_good:  # its weights just gave a finite loss
-            s.last_good = new_ckpt
-            if rt.master and cfg.keep_checkpoints:  # the one it replaces may go now
-                checkpoints.prune(cfg.log_dir, cfg.keep_checkpoints, step, s.last_good)
-        tok_s = cfg.total_batch_size / dt
-        # MFU (PaLM paper, appendix B): the model's FLOP/s over the hardware's peak; 40-50% is good
-        util, peak = mfu.mfu_percent(tok_s, flops, peak, rt)  # (a CPU's peak: measured again)
-        log.step(step, loss, lr, norm.item(), dt, tok_s, util, cfg.max_steps)
-
-
-def periodic_work(s, cfg, rt, log, hella, enc, step, last):
-    """Every so often, and after the last step: the val loss, HellaSwag, samples, on s.model."""
-    # eagerly: FSDP compiles s.model's blocks in place; evaluation's shapes would recompile them
-    with torch.compiler.set_stance("force_eager"):
-        if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-            # the loss on text never trained on: falling train loss alone could be memorization
-            val_loss = evaluate_loss(s.model, s.val_shards, cfg.val_tokens, s.batch_size,
-                                     cfg.seq_len, rt, cfg.fsdp)
-            log(f"{step} val {val_loss:.6f}", f"step {step:5d} | val loss {val_loss:.6f}")
-        if hella is not None and (step % cfg.hellaswag_every == 0 or last):
-            counts = hellaswag_eval.totals(s.model, hella, enc, s.batch_size, rt, cfg.fsdp)
-            acc = hellaswag_eval.accuracies(counts)  # (acc, acc_norm: section 6)
-            log(f"{step} hella {acc['acc_norm']:.6f}",
-                f"step {step:5d} | hellaswag acc_norm {acc['acc_norm']:.4f} ({acc['n']} examples)")
-        # under FSDP every rank samples (the same texts): each forward needs all ranks
-        if cfg.sample_every and (rt.master or cfg.fsdp) and step > 0 and (
-                step % cfg.sample_every == 0 or last):
-            for i, text in enumerate(sample_texts(s.model, enc, cfg.prompt, 4, 32, rt,
-                                                  seed=cfg.seed + step)):
-                log.print(f"sample {i}: {text!r}")
-
-
-def train_step(model, s, lr, grad_clip, rt, fsdp=False):
-    """One step of s.optimizer: s.grad_accum micro-steps of s.loader's batches on every rank.
-    Returns the mean loss (a tensor) and the gradient norm before clipping."""
-    model.train()
-    loss_accum = torch.zeros((), device=rt.device)
-    for micro in range(s.grad_accum):
-        x, y = runtime.to_device(s.loader.next_batch(), rt)  # CUDA: copied while the GPU works
-        # DDP all-reduces gradients in backward(); only the last micro-step needs to, the others
-        # skip it (no_sync) and add up locally. FSDP likewise with sync_once, holding the whole
-        # gradient and weights until then; without it each rank only ever holds shards.
-        last = micro == s.grad_accum - 1
-        if fsdp:
-            model.set_requires_gradient_sync(last or not s.sync_once)
-            model.set_reshard_after_backward(last or not s.sync_once)
-        sync = model.no_sync() if rt.ddp and not fsdp and not last else contextlib.nullcontext()
-        with sync:
-            with rt.autocast():  # matmuls in bf16/fp16 if set up; weights and loss stay fp32
-                loss = model(x, y)[1]  # the loss alone: keeping (B, T, vocab) logits costs GBs
-            # Why divide: backward() adds up the micro-steps' gradients; we want the mean loss's
-            loss = loss / s.grad_accum
-            loss_accum += loss.detach()
-            s.scaler.scale(loss).backward()  # fp16: scaled up, so small gradients stay above 0
-    if rt.ddp:  # the mean over the ranks, for the log only (gloo before torch 2.8 has no AVG)
-        dist.all_reduce(loss_accum)
-        loss_accum /= rt.world_size
-    s.scaler.unscale_(s.optimizer)  # (fp16) true gradients again, before their norm is taken
-    # Why clip (to 1.0 in the GPT-3 recipe): a rare bad batch gives a huge gradient; scaled down
-    # it keeps its direction, but one step can throw the weights only so far
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    for group in s.optimizer.param_groups:  # Muon's: at its own peak, on the same schedule
-        group["lr"] = lr * group.get("lr_ratio", 1)
-    s.scaler.step(s.optimizer)  # (fp16) skips the step if a gradient overflowed to inf
-    s.scaler.update()
-    s.optimizer.zero_grad(set_to_none=True)
-    return loss_accum, norm
+def setup_ddp(cfg):
+    """Which process of the run this is, on which device. torchrun starts one process per GPU, on
+    every node, and tells each its place in environment variables."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # started by torchrun?
+    rank = int(os.environ.get("RANK", 0))  # this process among all: 0 .. world_size - 1
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # among this node's: the GPU it drives
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    check_config(cfg, world_size)  # the flags first: a typo costs no device setup
+    # the device ("cuda:<local_rank>" on GPUs; auto: cuda > mps > cpu), the dtype (auto: bf16
+    # where native, else fp16 on GPUs, else fp32); rt.master (rank 0) logs and saves checkpoints
+    rt = runtime.resolve(cfg.device, cfg.dtype, ranks=(ddp, rank, local_rank, world_size))
+    runtime.configure_process(rt)  # this GPU made current; TF32, CPU threads (runtime says why)
+    if ddp:  # the ranks meet. A long timeout: rank 0 alone may write a 19 GB checkpoint meanwhile
+        backend = "nccl" if rt.device_type == "cuda" else "gloo"  # NCCL between GPUs
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.dist_timeout))
+    return rt
 
 
 @dataclass
@@ -515,28 +437,20 @@ class TrainState:
 
 
 def build_state(cfg, rt):
-    """What training starts from: new (seeded by --seed), weights to fine-tune (--init_from), or a
-    whole training state to continue (--resume)."""
-    sharding.check_fsdp(cfg, rt)
-    ckpt = resume.to_resume(cfg, rt)  # None: a new run
+    """What training starts from: the model on its device, the optimizer, the data loader and the
+    micro-steps a step; new (seeded by --seed), fine-tuned (--init_from) or resumed (--resume)."""
+    ckpt = startup.checkpoint_to_resume(cfg, rt)  # None: a new run
     init_model = load_model(cfg.init_from, report=rt.master) if cfg.init_from else None
     config = model_config(cfg, ckpt, init_model)
-    splits = ("train", "val") if cfg.eval_every else ("train",)
-    train_shards, val_shards = (token_files.load_splits(cfg.data, splits) + [None])[:2]
+    train_shards, val_shards = token_files.train_and_val(cfg.data, val=bool(cfg.eval_every))
 
-    # --seed sets the initial weights (the same on every rank), the data order and, through
-    # rank_seed below, each rank's own dropout stream
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the initial weights: the same on every rank
     model = (init_model or GPT(config)).to(rt.device)
     model.grad_checkpoint, model.dropout = bool(cfg.grad_checkpoint), cfg.dropout
-    compile_model = runtime.use_compile(cfg.compile, rt)
-    if cfg.fsdp:  # before the optimizer and the checkpoint load, which work on the shards
-        sharding.shard_model(model, rt, compile_model)
-    auto = cfg.batch_size == "auto"
-    batch_size = memory.auto_batch_size(model, cfg, rt) if auto else cfg.batch_size
+    # to compile or not; FSDP's shards (--fsdp 1); --batch_size auto: the micro-batch that fits
+    batch_size, compile_model = startup.place_model(model, cfg, rt)
     grad_accum = grad_accum_steps(cfg.total_batch_size, batch_size, cfg.seq_len, rt.world_size)
-    # each rank its own stream, after --batch_size auto (whose trial steps draw from it)
-    torch.manual_seed(runtime.rank_seed(cfg.seed, rt.rank))
+    torch.manual_seed(runtime.rank_seed(cfg.seed, rt.rank))  # each rank its own dropout masks
     loader = DataLoader(train_shards, batch_size, cfg.seq_len, rt.rank, rt.world_size,
                         token_files.data_shuffle(cfg), cfg.seed)
     # Newton-Schulz in bf16 (as torch.optim.Muon), but fp32 where the run is not bf16 (GTX 960)
@@ -546,21 +460,18 @@ def build_state(cfg, rt):
                                     muon if cfg.optimizer == "muon" else None)
     # fp16 gradients underflow without loss scaling; bf16 and fp32 have fp32's exponent range
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "fp16")
-    sync_once = sharding.fsdp_sync_once(cfg, model, rt, grad_accum) if cfg.fsdp else True
     s = TrainState(model, optimizer, scaler, loader, val_shards, batch_size, grad_accum,
-                   compile_model, sync_once)
-    if ckpt is not None:
-        resume.restore(s, ckpt, cfg, rt)
-    s.step = s.step or cfg.init_step  # --init_from: new moments, the schedule at --init_step
+                   compile_model)
+    startup.restore(s, ckpt, cfg, rt)  # a checkpoint's weights, moments, data position, step
     return s
 
 
 def wrap_model(model, cfg, rt, compile_model):
-    """The model the training steps run: its blocks compiled (FSDP: by shard_model), in DDP
-    under torchrun."""
+    """The model the training steps run: its blocks compiled, in DDP under torchrun (--fsdp 1:
+    startup.place_model did both)."""
     if compile_model and not cfg.fsdp:
-        # Why compile: it fuses elementwise work (casts, GELU, LayerNorm, softmax) into kernels
-        # that read memory once, not once per operation
+        # Why compile: it fuses elementwise work (casts, GELU, LayerNorm, the residual adds) into
+        # kernels that read memory once, not once per operation; a block at a time: one graph
         compiling.compile_blocks(model)
     if rt.ddp and not cfg.fsdp:
         # DDP averages the gradients over the ranks in backward, bucket by bucket, overlapped
@@ -569,6 +480,97 @@ def wrap_model(model, cfg, rt, compile_model):
             model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None,
             gradient_as_bucket_view=True)
     return model
+
+
+def train_step(model, s, lr, grad_clip, rt, fsdp=False):
+    """One step of s.optimizer: s.grad_accum micro-steps of s.loader's batches on every rank.
+    Returns the mean loss (a tensor) and the gradient norm before clipping. Lines marked (fp16),
+    (FSDP) or (Muon) do nothing under the defaults (bf16 or fp32, DDP or one process, AdamW)."""
+    model.train()
+    loss_accum = torch.zeros((), device=rt.device)
+    for micro in range(s.grad_accum):
+        x, y = runtime.to_device(s.loader.next_batch(), rt)  # CUDA: copied while the GPU works
+        # DDP all-reduces gradients in backward(); only the last micro-step needs to, the others
+        # skip it (no_sync) and add up locally
+        last = micro == s.grad_accum - 1
+        sync = model.no_sync() if rt.ddp and not fsdp and not last else contextlib.nullcontext()
+        if fsdp:  # (FSDP) likewise with sync_once, holding the whole gradient and weights till then
+            model.set_requires_gradient_sync(last or not s.sync_once)
+            model.set_reshard_after_backward(last or not s.sync_once)
+        with sync:
+            with rt.autocast():  # matmuls in bf16/fp16 if set up; weights and loss stay fp32
+                loss = model(x, y)[1]  # the loss alone: keeping (B, T, vocab) logits costs GBs
+            # Why divide: backward() adds up the micro-steps' gradients; we want the mean loss's
+            loss = loss / s.grad_accum
+            loss_accum += loss.detach()
+            s.scaler.scale(loss).backward()  # (fp16) scaled up first: small gradients stay above 0
+    if rt.ddp:  # the mean loss over the ranks, for the log only
+        dist.all_reduce(loss_accum)
+        loss_accum /= rt.world_size
+    s.scaler.unscale_(s.optimizer)  # (fp16) the true gradients again, before their norm is taken
+    # Why clip (to 1.0 in the GPT-3 recipe): a rare bad batch gives a huge gradient; scaled down
+    # it keeps its direction, but one step can throw the weights only so far
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    for group in s.optimizer.param_groups:  # this step's learning rate; (Muon) at its own peak
+        group["lr"] = lr * group.get("lr_ratio", 1)
+    s.scaler.step(s.optimizer)  # the update; (fp16) skipped if a gradient overflowed to inf
+    s.scaler.update()
+    s.optimizer.zero_grad(set_to_none=True)
+    return loss_accum, norm
+
+
+@long_run.guards_the_run  # one run a --log_dir; a caller's Ctrl-C handler back afterwards
+def train(cfg):
+    """Pretraining: set up the ranks, build what training starts from, then loop: now and then
+    evaluate, sample and checkpoint; always one optimizer step."""
+    rt = setup_ddp(cfg)
+    s = build_state(cfg, rt)  # new, or a checkpoint's step, weights and data position
+    # train_model runs the steps (DDP or FSDP); s.model, the same weights, evaluates and is saved
+    train_model = wrap_model(s.model, cfg, rt, s.compile)
+    hella = hellaswag_eval.for_training(cfg, rt) if cfg.hellaswag_every else None  # examples
+    enc = token_files.get_encoding() if cfg.sample_every or hella else None  # GPT-2's tokenizer
+    run = long_run.LongRun(cfg, rt, s)  # the log, checkpoints, signals: a long run's machinery
+    log = run.log  # log.txt, W&B and the console, from rank 0
+
+    # Why max_steps + 1 passes, the evaluations first: pass k evaluates, samples and saves the
+    # model after k steps; the last pass does that for the final model and takes no step.
+    for step in range(s.step, cfg.max_steps + 1):
+        last = step == cfg.max_steps
+        run.stop_if_signalled(step)  # SIGTERM or Ctrl-C came: checkpoint here, and exit
+        # Eagerly: the blocks are compiled in place, and evaluation's shapes would recompile them
+        with torch.compiler.set_stance("force_eager"):
+            if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+                # the loss on text never trained on (falling train loss could be memorization)
+                val_loss = evaluate_loss(s.model, s.val_shards, cfg.val_tokens, s.batch_size,
+                                         cfg.seq_len, rt, cfg.fsdp)
+                log(f"{step} val {val_loss:.6f}", f"step {step:5d} | val loss {val_loss:.6f}")
+            if hella is not None and (step % cfg.hellaswag_every == 0 or last):
+                counts = hellaswag_eval.totals(hellaswag_score, s.model, hella, enc, s.batch_size,
+                                               rt, cfg.fsdp)
+                acc = hellaswag_eval.accuracies(counts)  # {n, acc, acc_norm}
+                log(f"{step} hella {acc['acc_norm']:.6f}", f"step {step:5d} | hellaswag acc_norm "
+                    f"{acc['acc_norm']:.4f} ({acc['n']} examples)")
+            # under FSDP every rank samples (the same texts): each forward needs all ranks
+            if cfg.sample_every and (rt.master or cfg.fsdp) and step > 0 and (
+                    step % cfg.sample_every == 0 or last):
+                for i, text in enumerate(sample_texts(s.model, enc, cfg.prompt, 4, 32, rt,
+                                                      seed=cfg.seed + step)):
+                    log.print(f"sample {i}: {text!r}")
+        if cfg.checkpoint_every and step > s.step and (step % cfg.checkpoint_every == 0 or last):
+            run.checkpoint(step)  # model_<step>.pt: weights, optimizer, data position, randomness
+        if last:
+            break
+
+        t0 = time.perf_counter()  # one optimizer step
+        # the learning rate is a function of the step: a resumed run goes on exactly
+        lr = get_lr(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        with run.out_of_memory(step):  # one line naming the fixes, not a traceback
+            loss, norm = train_step(train_model, s, lr, cfg.grad_clip, rt, cfg.fsdp)
+        loss = loss.item()  # waits for the device to finish the step: now its time is known
+        dt = time.perf_counter() - t0
+        run.after_step(step, loss)  # a non-finite loss stops the run; a signal stops it next pass
+        log.step(step, loss, lr, norm.item(), dt)  # with tokens a second, MFU and the time left
+    run.finish()  # the ranks leave together
 
 
 # =============================================================================
@@ -593,8 +595,27 @@ def evaluate_loss(model, val_shards, n_tokens, batch_size, seq_len, rt, fsdp=Fal
     return loss_sum / count
 
 
-# HellaSwag (Zellers et al. 2019): of 4 endings the model picks the least surprising, by the sum
-# (acc) or the mean per token (acc_norm) of its tokens' cross-entropy, as GPT-3 scored it.
+# HellaSwag (Zellers et al. 2019): a context and 4 endings, one of them right. The model reads
+# context + ending, for each of the 4; its cross-entropy on the ending's tokens says how surprised
+# it is, and the least surprising ending is its answer: by the loss summed over the ending (acc),
+# or by its mean per token (acc_norm: a long ending is not punished for its length; GPT-3's way).
+
+
+def hellaswag_score(model, examples, enc, device="cpu", batch_size=16,
+                    autocast=contextlib.nullcontext, progress=False):
+    """How many examples the model gets right: {n, correct (acc), correct_norm (acc_norm)}."""
+    rendered = [hellaswag_eval.render_example(ex, enc) for ex in examples]  # tokens
+    with runtime.eval_mode(model):  # no dropout
+        # (n, 4) each: an ending's summed loss, and its token count. For one ending, as if
+        # F.cross_entropy(model(ctx + end)[0][len(ctx) - 1:-1], end, reduction="sum"), batched
+        loss_sum, n_tokens = hellaswag_eval.ending_losses(model, rendered, device, batch_size,
+                                                          autocast, progress)
+    label = torch.tensor([ex["label"] for ex in examples])  # (n,) the right ending
+    pick = loss_sum.argmin(1)  # (n,) least surprising in all
+    pick_norm = (loss_sum / n_tokens.clamp(min=1)).argmin(1)  # (n,) least surprising a token
+    return dict(n=len(examples), correct=int((pick == label).sum()),
+                correct_norm=int((pick_norm == label).sum()))
+
 
 
 class KVCache:
@@ -667,7 +688,7 @@ def check_config(cfg, world_size):
         model_config(cfg)
     batch_size = None if cfg.batch_size == "auto" else cfg.batch_size
     grad_accum_steps(cfg.total_batch_size, batch_size, cfg.seq_len, world_size)
-    runlog.check_run_outputs(cfg)  # the prompt, the log directory, wandb: they read files
+    long_run.check_run_outputs(cfg)  # the prompt, the log directory, wandb: they read files
 
 
 def model_config(cfg, ckpt=None, init_model=None):
@@ -679,10 +700,7 @@ def model_config(cfg, ckpt=None, init_model=None):
                                f"{overrides} asked for; drop the shape flags or start a new "
                                "--log_dir")
     config = given or GPTConfig(**{**PRESETS[cfg.model], **overrides})
-    if config.n_embd % config.n_head:
-        raise errors.UserError(f"n_embd {config.n_embd} is not divisible by n_head "
-                               f"{config.n_head}; change one of them")
-    flags.check_seq_len(cfg.seq_len, config.block_size)
+    train_flags.check_shape(config, cfg.seq_len)  # heads that divide n_embd; seq_len fits
     return config
 
 
@@ -691,9 +709,7 @@ def load_model(path, report=False):
     GPT-2 weights (name or directory). report: say what was read."""
     if not os.path.isfile(path):
         return GPT.from_pretrained(path)
-    ckpt = checkpoints.load(path)
-    if report:
-        print(formats.init_report(path, ckpt))
+    ckpt = checkpoints.load(path, init_report=report)
     try:
         model = GPT(GPTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
@@ -704,46 +720,17 @@ def load_model(path, report=False):
 
 
 # =============================================================================
-# 8. The command line: train (the default), sample, export, plot, evaluate
-
-
-def train_main(argv):
-    try:
-        train(train_flags.parse(argv))
-    finally:
-        runtime.end_process_group()  # torchrun: ranks leave together
-
-
-def sample_main(argv):
-    args = commands.sample_args(argv, PRESETS)
-    rt = runtime.setup(args.device, args.dtype)
-    model, enc = load_model(args.checkpoint).to(rt.device), token_files.get_encoding()
-    for prompt in commands.prompts(args):  # --prompt, or (--interactive) each line of stdin
-        texts = sample_texts(model, enc, prompt, args.num_samples, args.max_new_tokens, rt,
-                             args.temperature, args.top_k, args.seed)
-        print("".join(f"--- sample {i}\n{text}\n" for i, text in enumerate(texts)), end="",
-              flush=True)
-
-
-def export_main(argv):
-    args = commands.export_args(argv)
-    huggingface.export(load_model(args.checkpoint), args.out)
-
-
-def evaluate_main(argv):
-    args = commands.evaluate_args(argv, PRESETS)
-    rt = runtime.setup(args.device, args.dtype)
-    evaluate.run(load_model(args.checkpoint).to(rt.device), args, rt)
+# 8. The command line: train (the default), or sample, export, evaluate, plot (commands)
 
 
 @errors.cli  # a mistake as one line and exit 2, a signal as its exit code
 def main(argv):
-    subcommands = {"sample": sample_main, "export": export_main, "evaluate": evaluate_main,
-                   "plot": plot.main}
-    if argv and argv[0] in subcommands:
-        subcommands[argv[0]](argv[1:])
-    else:
-        train_main(argv)
+    if argv and argv[0] in commands.SUBCOMMANDS:  # sample, export, evaluate, plot
+        return commands.run(argv, load_model, sample_texts, PRESETS)
+    try:
+        train(train_flags.parse(argv))
+    finally:
+        runtime.end_process_group()  # torchrun: the ranks leave together
 
 
 if __name__ == "__main__":

@@ -15,17 +15,18 @@ above it in this list, and never train_gpt2.py, hellaswag.py or fineweb.py.
     chunked_loss    the cross-entropy of the output layer, never holding all the logits
     compiling       --compile: a block at a time (the transformer's, and the loss's)
     sharding        --fsdp 1: the model sharded over the ranks (FSDP2)
-    optimizers      several optimizers stepping as one (--optimizer muon: Muon and AdamW)
     checkpoints     model_<step>.pt: save, load (ours or another program's), find, prune
     resume          --resume: which checkpoint, what may change, the exact restore
-    runlog          log.txt, W&B, the console; the checks of what a run writes; --log_dir held
-    signals         SIGTERM/SIGINT: finish the step, checkpoint, exit on every rank
     mfu             FLOPs per token and each device's peak
+    runlog          log.txt, W&B, the console, each step's line with MFU; --log_dir held
+    signals         SIGTERM/SIGINT: finish the step, checkpoint, exit on every rank
     memory          --batch_size auto (what fits in memory), the out-of-memory line
-    hellaswag_eval  HellaSwag: its files, its scoring (the least surprising ending), rank totals
+    startup         what build_state needs beyond the lesson: resume, FSDP, compile, batch size
+    long_run        what train()'s loop needs beyond the lesson: checkpoints, signals, stops, log
+    hellaswag_eval  HellaSwag: its files, the batched losses of its endings, rank totals
     huggingface     GPT-2 weights from and to Hugging Face's layout (--init_from gpt2, export)
-    commands        the flags of the subcommands sample, export and evaluate
     evaluate        `train_gpt2.py evaluate`: a model's loss on any text
     plot            `train_gpt2.py plot`: log.txt as a chart
+    commands        the subcommands sample, export, evaluate and plot: their flags and runs
     notebook        what notebooks/play.ipynb shows of a model
 """

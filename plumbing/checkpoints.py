@@ -91,12 +91,21 @@ def rng_state(device):
     }
 
 
-def load(path, mmap=False):
+def load(path, mmap=False, init_report=False):
     """A checkpoint dict, read without unpickling arbitrary objects (weights_only=True), or a
     UserError. Recognized by content: ours, build-nanogpt's, nanoGPT's and llm.c's
     (read_foreign_checkpoint), the others' turned into ours with their own "source" and (if known)
     "step", and no training state. mmap: tensors are read from disk only when used (FSDP's other
-    ranks never use the weights: rank 0 broadcasts them)."""
+    ranks never use the weights: rank 0 broadcasts them). init_report: print what --init_from
+    read (formats.init_report)."""
+    ckpt = read(path, mmap)
+    if init_report:
+        print(formats.init_report(path, ckpt))
+    return ckpt
+
+
+def read(path, mmap=False):
+    """load's checkpoint dict, without the report."""
     if not os.path.isfile(path):
         raise errors.UserError(
             f"checkpoint {path} does not exist; check the path (or use --resume auto)"

@@ -1,10 +1,35 @@
 """
-The flags of the subcommands sample, export and evaluate (train_gpt2.py runs them; plot's are
-plot.main's)."""
+train_gpt2.py's subcommands but train: sample, export, evaluate and plot, their flags and their
+runs; train_gpt2.main hands them the lecture's load_model and sample_texts."""
 
 import sys
 
-from plumbing import errors, flags, runtime
+from plumbing import errors, evaluate, flags, huggingface, plot, runtime, token_files
+
+SUBCOMMANDS = ("sample", "export", "evaluate", "plot")
+
+
+def run(argv, load_model, sample_texts, presets):
+    """`train_gpt2.py <subcommand> ...` (argv[0] one of SUBCOMMANDS): load_model(path) gives a model
+    from any checkpoint or Hugging Face GPT-2, sample_texts continues a prompt, presets names the
+    GPT-2 shapes the flags accept."""
+    name, argv = argv[0], argv[1:]
+    if name == "plot":
+        return plot.main(argv)
+    if name == "export":
+        args = export_args(argv)
+        return huggingface.export(load_model(args.checkpoint), args.out)
+    args = (sample_args if name == "sample" else evaluate_args)(argv, presets)
+    rt = runtime.setup(args.device, args.dtype)
+    model = load_model(args.checkpoint).to(rt.device)
+    if name == "evaluate":
+        return evaluate.run(model, args, rt)
+    enc = token_files.get_encoding()
+    for prompt in prompts(args):  # --prompt, or (--interactive) each line of stdin
+        texts = sample_texts(model, enc, prompt, args.num_samples, args.max_new_tokens, rt,
+                             args.temperature, args.top_k, args.seed)
+        print("".join(f"--- sample {i}\n{text}\n" for i, text in enumerate(texts)), end="",
+              flush=True)
 
 
 def model_flag(parser, presets, default, required=False):

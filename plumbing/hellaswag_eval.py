@@ -1,8 +1,8 @@
 """
-HellaSwag (Zellers et al. 2019) but its protocol: the official files downloaded once and verified,
-parsed, rendered into tokens; the losses of each example's 4 endings, batched; and the counts of a
-scoring (score: the ending the model finds least surprising) summed over the ranks, which
---hellaswag_every runs during training; hellaswag.py is the command line."""
+HellaSwag (Zellers et al. 2019) but its scoring (train_gpt2.hellaswag_score: the ending the model
+finds least surprising): the official files downloaded once and verified, parsed, rendered into
+tokens; the losses of each example's 4 endings, batched; and the scoring's counts summed over the
+ranks, as --hellaswag_every runs it during training; hellaswag.py is the command line."""
 
 import contextlib
 import hashlib
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from plumbing import chunked_loss, errors, files, runtime, sharding
+from plumbing import chunked_loss, errors, files, sharding
 
 # the official files, downloaded once into the cache beside train_gpt2.py
 CACHE_DIR = Path(__file__).resolve().parents[1] / ".cache" / "hellaswag"
@@ -159,39 +159,17 @@ def render_example(example, enc):
     return ctx, endings, example["label"]
 
 
-def score(model, examples, enc, device="cpu", batch_size=16, autocast=contextlib.nullcontext,
-          rank=0, world_size=1, progress=False):
-    """Right answers on this rank's share of the examples, examples[rank::world_size], batch_size
-    examples (x 4 endings) a forward: {n, correct, correct_norm}, to sum over ranks."""
-    mine = examples[rank::world_size]
-    rendered = [render_example(e, enc) for e in mine]
-    with runtime.eval_mode(model):  # no dropout in scoring
-        total, count = ending_losses(model, rendered, device, batch_size, autocast, progress)
-    labels = torch.tensor([label for _, _, label in rendered], dtype=torch.long)
-    return dict(n=len(mine), correct=int((total.argmin(1) == labels).sum()),
-                correct_norm=int(((total / count.clamp(min=1)).argmin(1) == labels).sum()))
-
-
-def totals(model, examples, enc, batch_size, rt, fsdp):
-    """HellaSwag counts {n, correct, correct_norm} of score, summed over the
-    ranks. Under FSDP each forward gathers weights from every rank, so all ranks must run the same
-    number: the examples that do not split evenly are scored on every rank and counted once; and the
-    root's weights, which the calls to features() and the loss (not forward()) would find sharded,
-    are gathered for the duration."""
+def totals(score, model, examples, enc, batch_size, rt, fsdp):
+    """HellaSwag counts {n, correct, correct_norm} of score (train_gpt2.hellaswag_score) over the
+    examples, each rank scoring examples[rank::world_size], summed over the ranks. Under FSDP each
+    forward gathers weights from every rank, so all ranks must run the same number: the examples
+    that do not split evenly are scored on every rank and counted once; and the root's weights,
+    which the calls to features() and the loss (not forward()) would find sharded, are gathered for
+    the duration."""
     split = len(examples) - len(examples) % rt.world_size if fsdp else len(examples)
     with sharding.gathered_root(model, rt, fsdp):
-        parts = [
-            score(
-                model,
-                examples[:split],
-                enc,
-                rt.device,
-                batch_size,
-                rt.autocast,
-                rt.rank,
-                rt.world_size,
-            )
-        ]
+        mine = examples[:split][rt.rank::rt.world_size]
+        parts = [score(model, mine, enc, rt.device, batch_size, rt.autocast)]
         if split < len(examples):
             rest = score(model, examples[split:], enc, rt.device, batch_size, rt.autocast)
             parts.append(rest if rt.master else dict.fromkeys(rest, 0))

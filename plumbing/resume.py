@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from plumbing import checkpoints, errors, optimizers, runtime, token_files
+from plumbing import checkpoints, errors, runtime, token_files
 
 # What a resumed run may change (the resume table in docs/checkpoints.md). A flag that decides which
 # tokens come next, or what the model is, must stay: a new value would repeat or skip data, or
@@ -179,7 +179,7 @@ def load_optimizer_state(optimizer, state, device_type):
     run's: its flags (--weight_decay, --muon_momentum, ... may change on resume) and this device's
     options (load_state_dict would restore the saved groups' own `fused` flag, so a CPU checkpoint
     would resume unfused on CUDA, and a CUDA one ask for fused on a CPU)."""
-    if isinstance(optimizer, optimizers.Combined):  # --optimizer muon: {name: its state}
+    if hasattr(optimizer, "parts"):  # --optimizer muon (train_gpt2.Combined): {name: its state}
         for name, part in optimizer.parts.items():
             load_optimizer_state(part, state[name], device_type)
         return

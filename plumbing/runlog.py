@@ -1,7 +1,7 @@
 """
 The run's log: log.txt (one "<step> <kind> <value>" line per event, the format `plot` and users'
-scripts read), Weights & Biases with --wandb_project, and the console, all from rank 0; the
-checks of what a run will write, made before it starts; and one run a --log_dir."""
+scripts read), Weights & Biases with --wandb_project, and the console, all from rank 0, with each
+step's MFU and the time left; and one run a --log_dir."""
 
 import dataclasses
 import functools
@@ -10,22 +10,7 @@ import os
 import numpy as np
 import torch
 
-from plumbing import checkpoints, errors, files, runtime, token_files, train_flags
-
-
-def check_run_outputs(cfg):
-    """What the run will show and write, last of the checks (the tokenizer is loaded only once the
-    flags are sound): the samples' prompt, the log directory (an earlier run's log is never
-    overwritten), wandb's import (missing: said before anything is written)."""
-    if cfg.sample_every and not token_files.get_encoding().encode(
-        cfg.prompt, allowed_special="all"
-    ):
-        raise errors.UserError(
-            "--prompt is empty; give some text for the samples (or --sample_every 0)"
-        )
-    check_log_dir(cfg)
-    if cfg.wandb_project is not None:
-        import_wandb()
+from plumbing import checkpoints, errors, files, mfu, runtime, train_flags
 
 
 def holds_log_dir(train):
@@ -68,6 +53,9 @@ class RunLog:
     def __init__(self, cfg, rt, s):
         self.rt, self.file, self.tracker = rt, os.path.join(cfg.log_dir, "log.txt"), None
         self.first_step, self.step_times = s.step, []  # the recent steps' seconds: the time left
+        self.tokens, self.max_steps = cfg.total_batch_size, cfg.max_steps  # a step's, the last
+        # MFU (PaLM paper, appendix B): the model's FLOP/s over the hardware's peak; 40-50% is good
+        self.flops, self.peak = mfu.flops_per_token(s.model.config, cfg.seq_len), mfu.peak_flops(rt)
         if not rt.master:
             return
         try:  # the folder exists: check_log_dir holds it
@@ -133,10 +121,12 @@ class RunLog:
                               **{k: v for k, v in (extra or {}).items() if v is not None}})
         self.print(line)
 
-    def step(self, step, loss, lr, norm, dt, tok_s, mfu, max_steps):
-        """The line of one optimizer step, with the time left: the median of the recent steps' times
-        (one slow step moves it little) times the steps left; n/a at a run's first step, whose time
-        is mostly compilation."""
+    def step(self, step, loss, lr, norm, dt):
+        """The line of one optimizer step that took dt seconds: its tokens a second, MFU, and the
+        time left: the median of the recent steps' times (one slow step moves it little) times the
+        steps left; n/a at a run's first step, whose time is mostly compilation."""
+        max_steps, tok_s = self.max_steps, self.tokens / dt
+        util, self.peak = mfu.mfu_percent(tok_s, self.flops, self.peak, self.rt)
         self.step_times = self.step_times[-19:] + [dt] if step > self.first_step else []
         step_times = self.step_times
         left = float(np.median(step_times)) * (max_steps - step - 1) if step_times else None
@@ -144,14 +134,14 @@ class RunLog:
             f"{step} train {loss:.6f}",
             f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | {1000 * dt:.1f} "
             f"ms | {tok_s:,.0f} tok/s | MFU "
-            + (f"{mfu:.1f}%" if mfu is not None else "n/a")
+            + (f"{util:.1f}%" if util is not None else "n/a")
             + (
                 " (above 100%: the CPU's measured peak is too low; was it busy?)"
-                if mfu and mfu > 100
+                if util and util > 100
                 else ""
             )
             + f" | ETA {'n/a' if left is None else format_duration(left)}",
-            {"train/lr": lr, "train/grad_norm": norm, "train/tok_per_s": tok_s, "train/mfu": mfu},
+            {"train/lr": lr, "train/grad_norm": norm, "train/tok_per_s": tok_s, "train/mfu": util},
         )
         if len(step_times) == 4 and step + 1 < max_steps:  # after the 5th step
             self.print(

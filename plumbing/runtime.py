@@ -46,10 +46,14 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
 def setup(device="auto", dtype="auto", check=None, dist_timeout=60):
-    """What the programs' entry points call (training, sample, evaluate, hellaswag.py, the benches):
-    the runtime (resolve), then the process configured for it (configure_process)."""
+    """What the programs' entry points but training call (sample, evaluate, hellaswag.py, the
+    benches): the runtime (resolve), the process configured for it (configure_process) and, under
+    torchrun, the process group; train_gpt2.setup_ddp does the same in the lecture's words."""
     rt = resolve(device, dtype, check)
-    configure_process(rt, dist_timeout)
+    configure_process(rt)
+    if rt.ddp and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if rt.device_type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=dist_timeout))
     return rt
 
 
@@ -59,14 +63,21 @@ def launched_rank():
     return int(os.environ.get("RANK", 0))
 
 
-def resolve(device="auto", dtype="auto", check=None):
-    """The one place that reads the environment: rank and world size from torchrun, the device, the
-    dtype. check(world_size), if given, validates the flags first. It changes nothing in the
-    process, so a notebook or a library user can call it (and then configure_process, or not)."""
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # set by torchrun
-    rank = launched_rank()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+def torchrun_ranks():
+    """(ddp, rank, local_rank, world_size) as torchrun's environment variables give them ((False, 0,
+    0, 1) for a process started alone); train_gpt2.setup_ddp reads them the same way."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return (ddp, launched_rank(), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def resolve(device="auto", dtype="auto", check=None, ranks=None):
+    """The device and dtype of this process, checked against the hardware and this PyTorch build;
+    its ranks as ranks gives them (ddp, rank, local_rank, world_size), else as torchrun's variables
+    do (torchrun_ranks). check(world_size), if given, validates the flags first. It changes nothing
+    in the process, so a notebook or a library user can call it (and then configure_process, or
+    not)."""
+    ddp, rank, local_rank, world_size = ranks or torchrun_ranks()
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     for name, value, choices in ("device", device, DEVICES), ("dtype", dtype, DTYPES):
         if value not in choices:  # as the command line's choices= would say it
@@ -124,7 +135,7 @@ def resolve(device="auto", dtype="auto", check=None):
                    local_world_size)
 
 
-def configure_process(rt, dist_timeout=60):
+def configure_process(rt):
     """The process-wide settings a training program makes for its runtime (opt-in: setup calls
     this), and what each costs:
     - CUDA: this rank's GPU as the current one; with fp32, matmuls on TF32 tensor cores (Ampere and
@@ -134,8 +145,7 @@ def configure_process(rt, dist_timeout=60):
       docs/checkpoints.md); the cores shared between the local ranks (overrides torchrun's
       OMP_NUM_THREADS=1); freed memory kept for the next step (keep_freed_memory: no page faults in
       a step, the largest gain on CPU, docs/speed-and-memory.md; but the process keeps its peak
-      memory until it exits).
-    - torchrun: the process group (NCCL or gloo), whose collectives wait dist_timeout minutes."""
+      memory until it exits)."""
     if rt.device_type == "cuda":
         torch.cuda.set_device(rt.device)
         if rt.dtype == "fp32":
@@ -157,11 +167,6 @@ def configure_process(rt, dist_timeout=60):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, cores // rt.local_world_size))
         keep_freed_memory()
-    if rt.ddp and not dist.is_initialized():
-        # The default timeout (10 minutes for NCCL) would abort the job while rank 0 alone writes a
-        # big checkpoint (gpt2-xl: ~19 GB) and the others wait for it in the next collective.
-        dist.init_process_group(backend="nccl" if rt.device_type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=dist_timeout))
 
 
 def end_process_group():

@@ -79,6 +79,12 @@ def load_splits(data, splits=("train", "val")):
             for split in splits]
 
 
+def train_and_val(data, val=True):
+    """(the train split's token arrays, the val split's or None where val is False): load_splits."""
+    splits = load_splits(data, ("train", "val") if val else ("train",))
+    return splits[0], splits[1] if val else None
+
+
 def load_split(data, split):
     """Token arrays of one split (load_splits)."""
     return load_splits(data, (split,))[0]

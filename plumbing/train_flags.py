@@ -154,6 +154,14 @@ def check(cfg):
             raise errors.UserError(message)
 
 
+def check_shape(config, seq_len):
+    """The model's shape (a GPTConfig, from the flags or a checkpoint) and --seq_len against it."""
+    if config.n_embd % config.n_head:
+        raise errors.UserError(f"n_embd {config.n_embd} is not divisible by n_head "
+                               f"{config.n_head}; change one of them")
+    flags.check_seq_len(seq_len, config.block_size)  # the position table has block_size rows
+
+
 def indivisible_batch(total, batch_size, seq_len, world_size):
     """The line for a --total_batch_size that micro-steps of batch_size (None: --batch_size auto,
     whole sequences) * seq_len * world_size tokens do not make up exactly."""

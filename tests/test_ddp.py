@@ -286,7 +286,7 @@ def test_fsdp_compiled_evaluation_adds_no_graphs_and_equals_eager(fsdp_compiled,
     rt = runtime.Runtime(False, 0, 0, 1, True, "cpu", "cpu", "fp32")
     val = tg.evaluate_loss(model, token_files.load_split(small_text, "val"), 1000, 2, 32, rt)
     assert abs(val - logged[(2, "val")]) < 2e-6  # the log's 6 decimals
-    hella = hellaswag_eval.accuracies(hellaswag_eval.score(model, hellaswag_eval.load_examples(HELLASWAG, limit=15), token_files.get_encoding()))
+    hella = hellaswag_eval.accuracies(tg.hellaswag_score(model, hellaswag_eval.load_examples(HELLASWAG, limit=15), token_files.get_encoding()))
     assert abs(hella["acc_norm"] - logged[(2, "hella")]) < 2e-6
     printed = [ln.split(": ", 1)[1] for ln in out.stdout.splitlines() if ln.startswith("sample ")]
     eager = tg.sample_texts(model, token_files.get_encoding(), "Hello, I'm a language model,", 4, 32, rt, seed=1337 + 2)

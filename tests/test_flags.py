@@ -107,7 +107,7 @@ SPEC = {  # command: (module, how to call it, its flags' kinds, the functions th
     "hellaswag": ("hellaswag", "main", {
         "model": "model_source", "data": "in_file", "split": ("choice", ["val", "train"]), "limit": "nonneg_int",
         "device": ("choice", DEVICES), "dtype": ("choice", DTYPES), "batch_size": "pos_int"},
-        ["plumbing.hellaswag_eval.score", "plumbing.hellaswag_eval.download"]),
+        ["train_gpt2.hellaswag_score", "plumbing.hellaswag_eval.download"]),
     "fineweb": ("fineweb", "main", {
         "source": "source", "name": None, "text_field": "text", "out": "out_dir", "shard_size": "pos_int",
         "workers": "workers", "prefix": "name"}, ["fineweb.write_shards"]),
@@ -260,7 +260,7 @@ def as_python(text):
 
 INT_KINDS = {"pos_int", "nonneg_int", "bit", "seed", "minutes", "batch_or_auto"}
 FLOAT_KINDS = {"pos_float", "nonneg_float", "dropout", "ratio"}
-# --prompt "" is refused only where samples are printed (runlog.check_run_outputs), beyond check()
+# --prompt "" is refused only where samples are printed (long_run.check_run_outputs), beyond check()
 PYTHON_CASES = [flag for flag, kind in TRAIN.items() if flag != "prompt"]
 
 

@@ -92,7 +92,7 @@ def test_scores_match_transformers(ours, examples, enc, reference):
     assert torch.equal((total / count).argmin(1), (ref_total / ref_count).argmin(1))
 
     labels = torch.tensor([e["label"] for e in examples])
-    counts = hellaswag_eval.score(ours, examples, enc, batch_size=7)
+    counts = train_gpt2.hellaswag_score(ours, examples, enc, batch_size=7)
     assert counts == dict(n=len(examples), correct=int((ref_total.argmin(1) == labels).sum()),
                           correct_norm=int(((ref_total / ref_count).argmin(1) == labels).sum()))
     acc = hellaswag_eval.accuracies(counts)
@@ -110,9 +110,12 @@ def test_batched_equals_unbatched(ours, examples, enc):
 
 
 def test_ranks_split_the_examples(ours, examples, enc):
+    # each of 3 ranks scores its share (the sums over the ranks left out: no process group here)
     examples = examples[:10]
-    full = hellaswag_eval.score(ours, examples, enc)
-    parts = [hellaswag_eval.score(ours, examples, enc, rank=r, world_size=3) for r in range(3)]
+    full = train_gpt2.hellaswag_score(ours, examples, enc)
+    ranks = [runtime.Runtime(False, r, r, 3, r == 0, "cpu", "cpu", "fp32") for r in range(3)]
+    parts = [hellaswag_eval.totals(train_gpt2.hellaswag_score, ours, examples, enc, 16, rt, False) for rt in ranks]
+    assert [p["n"] for p in parts] == [4, 3, 3]
     assert {k: sum(p[k] for p in parts) for k in full} == full
 
 
@@ -120,7 +123,7 @@ def test_eval_mode_restored_and_left_truncation(ours, enc):
     # A context longer than block_size loses its start; the ending is still scored in full.
     ex = dict(ctx="word " * 400, endings=["a b c", "d e", "f", "g h i j"], label=0)
     ours.train()
-    counts = hellaswag_eval.score(ours, [ex], enc)
+    counts = train_gpt2.hellaswag_score(ours, [ex], enc)
     assert ours.training and counts["n"] == 1
     rendered = [hellaswag_eval.render_example(ex, enc)]
     _, count = hellaswag_eval.ending_losses(ours, rendered)

@@ -109,5 +109,5 @@ def test_evaluation_and_hellaswag_at_the_auto_batch_fit_the_budget_it_was_chosen
     model.zero_grad(set_to_none=True)
     enc = tiktoken.get_encoding("gpt2")
     examples = hellaswag_eval.load_examples(HELLASWAG, limit=2 * b)
-    peak, _ = peak_bytes(lambda: hellaswag_eval.score(model, examples, enc, "cpu", b, rt.autocast))
+    peak, _ = peak_bytes(lambda: tg.hellaswag_score(model, examples, enc, "cpu", b, rt.autocast))
     assert peak < budget, (b, peak, budget)
