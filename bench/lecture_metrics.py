@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # what issue 33 asks of the product files: the lecture's weight, every file's width, a module's size
 LECTURE_BYTES, WIDTH, MODULE_BYTES, MODULE_LINES = 40_000, 100, 25_000, 400
+LECTURE_IMPORTS = 12  # issue 39: the plumbing modules the lecture may import
 
 
 def product_files():
@@ -34,6 +35,7 @@ def measure(path, loop_line=None):
     docstrings = set()  # lines that belong to a docstring
     functions = []  # (length in lines, name)
     loop = None  # (first line, last line) of the training loop
+    plumbing = set()  # the plumbing modules it imports
     for node in ast.walk(tree):
         if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
                 and node.body):
@@ -43,6 +45,8 @@ def measure(path, loop_line=None):
                 docstrings.update(range(first.lineno, first.end_lineno + 1))
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             functions.append((node.end_lineno - node.lineno + 1, node.name))
+        if isinstance(node, ast.ImportFrom) and node.module == "plumbing":
+            plumbing.update(a.name for a in node.names)
         if isinstance(node, ast.For) and (loop_line == node.lineno or (
                 loop_line is None and loop is None and getattr(node.target, "id", "") == "step")):
             loop = (node.lineno, node.end_lineno)
@@ -75,6 +79,7 @@ def measure(path, loop_line=None):
         "in the training loop": round(per({n for n in code if in_loop(n)}, sum(
             c for n, c in comments.items() if in_loop(n))), 2) if loop else None,
         "longest function": f"{name}() {length} lines",
+        "plumbing modules imported": len(plumbing),
         "training loop starts at line": loop[0] if loop else None,
         **({"comments per code line by section": ""} if sections else {}), **sections,
     }

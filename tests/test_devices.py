@@ -9,7 +9,7 @@ import torch
 
 import train_gpt2 as tg
 from conftest import run_cli
-from plumbing import errors, memory, mfu, resume, runtime
+from plumbing import errors, memory, mfu, resume, runtime, train_flags
 
 GiB = 1 << 30
 # What PyTorch's CUDA builds carry (torch.cuda.get_arch_list()), from its release support matrix: the CUDA 12.6
@@ -158,6 +158,23 @@ def test_process_group_timeout_fits_rank_0s_checkpoint_writes(monkeypatch):
     monkeypatch.setattr(runtime, "keep_freed_memory", lambda: None)
     runtime.setup("cpu", "fp32", dist_timeout=90)
     assert seen == dict(backend="gloo", timeout=datetime.timedelta(minutes=90))
+
+
+def test_the_lectures_ddp_setup_reads_torchrun_and_waits_dist_timeout(monkeypatch, tmp_path):
+    # train_gpt2.setup_ddp: torchrun's variables, the flags checked first, then the group with --dist_timeout
+    seen = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(tg.dist, "init_process_group", lambda *a, **kw: seen.update(args=a, **kw))
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: None)  # keep this process as it is
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: None)
+    cfg = train_flags.TrainConfig(log_dir=str(tmp_path), device="cpu", dtype="fp32", dist_timeout=90,
+                                  total_batch_size=16 * 1024)
+    rt = tg.setup_ddp(cfg)
+    assert (rt.ddp, rt.rank, rt.world_size, rt.master, rt.device) == (True, 0, 1, True, "cpu")
+    assert seen == dict(args=("gloo",), timeout=datetime.timedelta(minutes=90))
 
 
 FAULTS = """

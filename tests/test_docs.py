@@ -110,6 +110,7 @@ def test_the_lecture_keeps_the_shape_the_docs_promise():
     import lecture_metrics as lm
     m = lm.measure(ROOT / "train_gpt2.py")
     assert m["bytes"] <= lm.LECTURE_BYTES, f"train_gpt2.py: {m['bytes']:,} bytes"
+    assert 0 < m["plumbing modules imported"] <= lm.LECTURE_IMPORTS, m  # issue 39: 21 before
     assert int(m["longest function"].split()[1]) <= 80, m["longest function"]  # "train() 72 lines"
     model = next((v for k, v in m.items() if k.strip().startswith("1. The model")), None)
     assert model is not None, f"no '1. The model' section header in train_gpt2.py: {list(m)}"
