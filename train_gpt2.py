@@ -8,7 +8,7 @@ Train GPT-2 from scratch, in a file that reads top to bottom as a lecture on pre
     5. the training loop  the ranks (DDP), what training starts from, one step, the loop
     6. evaluation         val loss, HellaSwag, sampling text with a KV cache
     7. checks, loading    the flags against the model's shape; a trained model from disk
-    8. the command line   train (the default), sample, export, plot, evaluate
+    8. the command line   train (the default), sample, export, evaluate, plot
 What real machines need and a reader can skip is in plumbing/: one module for each job.
 
     python train_gpt2.py --data input.txt --n_layer 4 --n_head 4 --n_embd 128   # a laptop
@@ -85,7 +85,7 @@ class CausalSelfAttention(nn.Module):
         nh, hs = self.n_head, C // self.n_head
         q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:  # sampling: the keys and values of the tokens before are kept
-            k, v = cache.update(k, v)  # (B, nh, T_past + T, hs)
+            k, v = cache.update(k, v)  # (B, nh, T_past + T, hs) (KVCache, section 6)
         assert cache is None or T == 1 or k.size(2) == T, "cache: a whole prompt, then 1 token"
         # softmax(q k^T / sqrt(hs)) v, in blocks (flash attention), never the (T, T) matrix whole.
         # Causal: a query sees itself and the tokens before it. One token after the cached ones
@@ -138,7 +138,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # Weight tying (GPT-2; Press & Wolf 2017): the input embedding and the output projection
-        # are one matrix, a token's vector reads it and predicts it: 38M of 124M weights saved.
+        # are one matrix: a token's row embeds it and scores it as the next token (38M saved).
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # what training sets: recompute blocks in backward, dropout, the loss compiled
@@ -213,15 +213,15 @@ class GPT(nn.Module):
 
 
 def configure_optimizer(model, lr, weight_decay, device_type, muon=None):
-    """AdamW with GPT-3's betas (0.9, 0.95) and eps 1e-8 (paper, appendix B), weight decay on
-    matrices only (as build-nanogpt); with muon (its settings), Muon for the blocks' matrices."""
+    """AdamW with GPT-3's betas (0.9, 0.95) and eps 1e-8 (paper, appendix B), weight decay on 2-D
+    tensors only (as build-nanogpt); with muon (its settings), Muon for the blocks' matrices."""
     params = [p for p in model.parameters() if p.requires_grad]
     # Muon only for the blocks' matrices, which map hidden states to hidden states; embeddings
     # (rows that learn from their own tokens alone) and 1-D tensors stay on AdamW (Jordan 2024)
     blocks = model.transformer.h
     matrices = [p for b in blocks for p in b.parameters() if p.dim() == 2] if muon else []
     params = [p for p in params if all(p is not m for m in matrices)]
-    # Why: decay regularizes matmuls and embeddings; biases and gains need no pull to 0
+    # Why: decay regularizes the 2-D tensors (matmuls, embeddings); biases and gains need no pull
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -232,7 +232,7 @@ def configure_optimizer(model, lr, weight_decay, device_type, muon=None):
     if not muon:
         return adamw
     muon = Muon(matrices, **muon)
-    muon.param_groups[0]["lr_ratio"] = muon.defaults["lr"] / lr  # its peak over AdamW's
+    muon.param_groups[0]["lr_ratio"] = muon.defaults["lr"] / lr  # train_step: lr x this
     return Combined(adamw=adamw, muon=muon)
 
 
@@ -323,7 +323,7 @@ class DataLoader:
                 "shuffle": int(self.shuffle), "seed": self.seed}
 
     def load_state_dict(self, state):
-        # a checkpoint from before --shuffle holds only shard and pos: it goes on in file order
+        # an older checkpoint holds only shard and pos: it goes on in file order
         state = {"epoch": 0, "shuffle": 0, "seed": 0, **state}
         self.epoch, self.shard, self.pos = (int(state[k]) for k in ("epoch", "shard", "pos"))
         self.shuffle, self.seed = bool(state["shuffle"]), int(state["seed"])
@@ -402,18 +402,18 @@ def grad_accum_steps(total_batch_size, batch_size, seq_len, world_size):
 
 
 def setup_ddp(cfg):
-    """Which process of the run this is, on which device. torchrun starts one process per GPU, on
-    every node, and tells each its place in environment variables."""
+    """Which process of the run this is, on which device; cfg: the flags (train_flags, section 8).
+    torchrun starts one process per GPU, on every node, and tells each its place in env vars."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # started by torchrun?
     rank = int(os.environ.get("RANK", 0))  # this process among all: 0 .. world_size - 1
     local_rank = int(os.environ.get("LOCAL_RANK", 0))  # among this node's: the GPU it drives
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    check_config(cfg, world_size)  # the flags first: a typo costs no device setup
+    check_config(cfg, world_size)  # (section 7) the flags first: a typo costs no device setup
     # the device ("cuda:<local_rank>" on GPUs; auto: cuda > mps > cpu), the dtype (auto: bf16
     # where native, else fp16 on GPUs, else fp32); rt.master (rank 0) logs and saves checkpoints
     rt = runtime.resolve(cfg.device, cfg.dtype, ranks=(ddp, rank, local_rank, world_size))
     runtime.configure_process(rt)  # this GPU made current; TF32, CPU threads (runtime says why)
-    if ddp:  # the ranks meet. A long timeout: rank 0 alone may write a 19 GB checkpoint meanwhile
+    if ddp:  # the ranks meet. Long timeout: rank 0 alone may write gpt2-xl's 19 GB checkpoint
         backend = "nccl" if rt.device_type == "cuda" else "gloo"  # NCCL between GPUs
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.dist_timeout))
     return rt
@@ -453,7 +453,7 @@ def build_state(cfg, rt):
     torch.manual_seed(runtime.rank_seed(cfg.seed, rt.rank))  # each rank its own dropout masks
     loader = DataLoader(train_shards, batch_size, cfg.seq_len, rt.rank, rt.world_size,
                         token_files.data_shuffle(cfg), cfg.seed)
-    # Newton-Schulz in bf16 (as torch.optim.Muon), but fp32 where the run is not bf16 (GTX 960)
+    # Muon: no weight decay; Newton-Schulz in bf16 (as torch.optim.Muon), else in fp32
     ns_dtype = torch.bfloat16 if rt.dtype == "bf16" else torch.float32
     muon = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum, ns_dtype=ns_dtype)
     optimizer = configure_optimizer(model, cfg.max_lr, cfg.weight_decay, rt.device_type,
@@ -471,7 +471,7 @@ def wrap_model(model, cfg, rt, compile_model):
     startup.place_model did both)."""
     if compile_model and not cfg.fsdp:
         # Why compile: it fuses elementwise work (casts, GELU, LayerNorm, the residual adds) into
-        # kernels that read memory once, not once per operation; a block at a time: one graph
+        # kernels that read memory once, not once per operation; one graph that all blocks reuse
         compiling.compile_blocks(model)
     if rt.ddp and not cfg.fsdp:
         # DDP averages the gradients over the ranks in backward, bucket by bucket, overlapped
@@ -519,7 +519,7 @@ def train_step(model, s, lr, grad_clip, rt, fsdp=False):
     return loss_accum, norm
 
 
-@long_run.guards_the_run  # one run a --log_dir; a caller's Ctrl-C handler back afterwards
+@long_run.guards_the_run  # a lock on --log_dir; the caller's signal handlers back afterwards
 def train(cfg):
     """Pretraining: set up the ranks, build what training starts from, then loop: now and then
     evaluate, sample and checkpoint; always one optimizer step."""
@@ -543,6 +543,7 @@ def train(cfg):
                 # the loss on text never trained on (falling train loss could be memorization)
                 val_loss = evaluate_loss(s.model, s.val_shards, cfg.val_tokens, s.batch_size,
                                          cfg.seq_len, rt, cfg.fsdp)
+                # log(line of log.txt, line of the console)
                 log(f"{step} val {val_loss:.6f}", f"step {step:5d} | val loss {val_loss:.6f}")
             if hella is not None and (step % cfg.hellaswag_every == 0 or last):
                 counts = hellaswag_eval.totals(hellaswag_score, s.model, hella, enc, s.batch_size,
@@ -553,8 +554,9 @@ def train(cfg):
             # under FSDP every rank samples (the same texts): each forward needs all ranks
             if cfg.sample_every and (rt.master or cfg.fsdp) and step > 0 and (
                     step % cfg.sample_every == 0 or last):
-                for i, text in enumerate(sample_texts(s.model, enc, cfg.prompt, 4, 32, rt,
-                                                      seed=cfg.seed + step)):
+                texts = sample_texts(s.model, enc, cfg.prompt, num_samples=4, max_new_tokens=32,
+                                     rt=rt, seed=cfg.seed + step)
+                for i, text in enumerate(texts):
                     log.print(f"sample {i}: {text!r}")
         if cfg.checkpoint_every and step > s.step and (step % cfg.checkpoint_every == 0 or last):
             run.checkpoint(step)  # model_<step>.pt: weights, optimizer, data position, randomness
@@ -570,7 +572,7 @@ def train(cfg):
         dt = time.perf_counter() - t0
         run.after_step(step, loss)  # a non-finite loss stops the run; a signal stops it next pass
         log.step(step, loss, lr, norm.item(), dt)  # with tokens a second, MFU and the time left
-    run.finish()  # the ranks leave together
+    run.finish()  # the ranks wait for each other; W&B closes
 
 
 # =============================================================================
@@ -604,10 +606,11 @@ def evaluate_loss(model, val_shards, n_tokens, batch_size, seq_len, rt, fsdp=Fal
 def hellaswag_score(model, examples, enc, device="cpu", batch_size=16,
                     autocast=contextlib.nullcontext, progress=False):
     """How many examples the model gets right: {n, correct (acc), correct_norm (acc_norm)}."""
-    rendered = [hellaswag_eval.render_example(ex, enc) for ex in examples]  # tokens
+    # tokens: the context, and each ending with a leading space (as a word mid-sentence)
+    rendered = [hellaswag_eval.render_example(ex, enc) for ex in examples]
     with runtime.eval_mode(model):  # no dropout
         # (n, 4) each: an ending's summed loss, and its token count. For one ending, as if
-        # F.cross_entropy(model(ctx + end)[0][len(ctx) - 1:-1], end, reduction="sum"), batched
+        # F.cross_entropy(model([ctx + end])[0][0, len(ctx) - 1:-1], end, reduction="sum")
         loss_sum, n_tokens = hellaswag_eval.ending_losses(model, rendered, device, batch_size,
                                                           autocast, progress)
     label = torch.tensor([ex["label"] for ex in examples])  # (n,) the right ending
@@ -615,7 +618,6 @@ def hellaswag_score(model, examples, enc, device="cpu", batch_size=16,
     pick_norm = (loss_sum / n_tokens.clamp(min=1)).argmin(1)  # (n,) least surprising a token
     return dict(n=len(examples), correct=int((pick == label).sum()),
                 correct_norm=int((pick_norm == label).sum()))
-
 
 
 class KVCache:
@@ -695,12 +697,9 @@ def model_config(cfg, ckpt=None, init_model=None):
     """The model shape: the checkpoint's (resuming), the weights' (fine-tuning) or the preset's."""
     overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
     given = GPTConfig(**ckpt["config"]) if ckpt else init_model and init_model.config
-    if given and any(getattr(given, k) != v for k, v in overrides.items()):
-        raise errors.UserError(f"the checkpoint holds a model of shape {vars(given)}, not the "
-                               f"{overrides} asked for; drop the shape flags or start a new "
-                               "--log_dir")
     config = given or GPTConfig(**{**PRESETS[cfg.model], **overrides})
-    train_flags.check_shape(config, cfg.seq_len)  # heads that divide n_embd; seq_len fits
+    # the shape flags agree with given's; heads divide n_embd; seq_len fits the position table
+    train_flags.check_shape(config, cfg.seq_len, overrides if given else {})
     return config
 
 
@@ -730,7 +729,7 @@ def main(argv):
     try:
         train(train_flags.parse(argv))
     finally:
-        runtime.end_process_group()  # torchrun: the ranks leave together
+        runtime.end_process_group()  # torchrun: leave the process group
 
 
 if __name__ == "__main__":

@@ -154,8 +154,13 @@ def check(cfg):
             raise errors.UserError(message)
 
 
-def check_shape(config, seq_len):
-    """The model's shape (a GPTConfig, from the flags or a checkpoint) and --seq_len against it."""
+def check_shape(config, seq_len, overrides=None):
+    """The model's shape (a GPTConfig, from the flags or a checkpoint's or weights' own), the shape
+    flags that overrides gives ({name: value}) and --seq_len against it."""
+    if any(getattr(config, k) != v for k, v in (overrides or {}).items()):
+        raise errors.UserError(f"the checkpoint holds a model of shape {vars(config)}, not the "
+                               f"{overrides} asked for; drop the shape flags or start a new "
+                               "--log_dir")
     if config.n_embd % config.n_head:
         raise errors.UserError(f"n_embd {config.n_embd} is not divisible by n_head "
                                f"{config.n_head}; change one of them")
