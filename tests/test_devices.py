@@ -208,10 +208,13 @@ def test_cpu_steps_reuse_freed_memory_instead_of_faulting_in_new_pages():
         assert out.returncode == 0, out.stderr
         faults[how] = float(out.stdout)
     # Under glibc's defaults the step's large tensors are fresh mmaps, each 4 KB page zeroed by the kernel on its
-    # first write: 50,000 to 120,000 page faults a step for this model. After setup_runtime the heap keeps what
-    # a step frees and gives it to the next step: 0 or 1 a step.
-    assert faults["the C library's defaults"] > 20_000, faults
-    assert faults["setup_runtime"] < 1_000, faults
+    # first write: 50,000 to 120,000 page faults a step for this model here (a step's 77 MB tensors are ~19,000
+    # pages each). After setup_runtime the heap keeps what a step frees and gives it to the next step: 0 or 1 a
+    # step. Other versions of glibc fault more or less, so the claim is the ratio: a tenth at most, from a
+    # default that faults at least one 77 MB tensor's pages a step (else there would be nothing to prove here)
+    if faults["the C library's defaults"] < 77e6 / 4096:
+        pytest.skip(f"this C library already reuses freed memory: {faults}")
+    assert faults["setup_runtime"] * 10 < faults["the C library's defaults"], faults
 
 
 @pytest.mark.parametrize("free, trial_peak, ddp, fits", [
@@ -226,15 +229,19 @@ def test_cuda_batch_size_auto_leaves_room(free, trial_peak, ddp, fits):
 
 
 def test_resume_on_another_device_uses_that_devices_adamw(tmp_path):
+    # a checkpoint's optimizer groups hold the saving device's `fused` (and that run's weight decay); the resumed
+    # optimizer keeps its own, in both directions: saved unfused (as on MPS) into a CPU optimizer (fused), and
+    # saved fused (as on CUDA or a CPU) into an MPS one (unfused: MPS has no fused AdamW here)
     model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
-    cuda_opt = tg.configure_optimizer(model, 1e-3, 0.1, "cpu")
-    state = cuda_opt.state_dict()
-    for group in state["param_groups"]:
-        group["fused"] = True  # as a CUDA run saves it
-    cpu_opt = tg.configure_optimizer(model, 1e-3, 0.1, "cpu")
-    resume.load_optimizer_state(cpu_opt, state, "cpu")
-    expected = tg.configure_optimizer(model, 1e-3, 0.1, "cpu").param_groups[0]["fused"]
-    assert all(g["fused"] == expected for g in cpu_opt.param_groups)
+    for saved_on, resumed_on in (("mps", "cpu"), ("cpu", "mps")):
+        saved = tg.configure_optimizer(model, 1e-3, 0.5, saved_on)
+        state = saved.state_dict()
+        resumed = tg.configure_optimizer(model, 1e-3, 0.1, resumed_on)
+        mine = [g["fused"] for g in resumed.param_groups]
+        assert mine != [g["fused"] for g in state["param_groups"]]  # the two devices differ, or this proves nothing
+        resume.load_optimizer_state(resumed, state, resumed_on)
+        assert [g["fused"] for g in resumed.param_groups] == mine, (saved_on, resumed_on)
+        assert resumed.param_groups[0]["weight_decay"] == 0.1  # this run's flag, not the checkpoint's 0.5
 
 
 OOM = """

@@ -129,17 +129,6 @@ SPEC = {  # command: (module, how to call it, its flags' kinds, the functions th
 CASES = [(cmd, flag) for cmd, (_, _, flags, _) in SPEC.items() for flag, kind in flags.items() if kind is not None]
 
 
-SURVEY = [] if os.environ.get("FLAGS_SURVEY") else None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def survey_report():
-    yield
-    if SURVEY:
-        with open(os.environ["FLAGS_SURVEY"], "w") as f:
-            f.writelines(f"{c} --{fl} {v!r}: {o}\n" for c, fl, v, o in SURVEY)
-
-
 class Accepted(Exception):
     """The command reached its work with the drawn value."""
 
@@ -237,11 +226,6 @@ def test_a_value_outside_a_flags_domain_is_one_line_and_exit_2(cmd, flag, ws, mo
         argv = [*map(str, base_args(cmd, ws)), *extra, f"--{flag}", value]
         code = call(cmd, argv, monkeypatch)
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("warning:")]
-        if SURVEY is not None:  # FLAGS_SURVEY=1: every outcome recorded, nothing asserted
-            ok = code == 2 and len(err) == 1 and err[0].startswith("error: ")
-            SURVEY.append((cmd, flag, value, "ok" if ok and snapshot(ws) == before else
-                           "wrote files" if ok else f"{code} / {len(err)} lines: {err[-1][:150] if err else ''}"))
-            return
         assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (value, code, err[-3:])
         assert snapshot(ws) == before, f"{value!r}: files were written"
 

@@ -271,20 +271,31 @@ def test_default_dtype_makes_transformers_fp32_choices_example_by_example(ours, 
     assert torch.equal((total / count).argmin(1), (ref_total / ref_count).argmin(1))
 
 
-def test_cli(hf_dir, tmp_path):
-    r = run_cli("--model", hf_dir, "--data", VAL, "--limit", 12, "--device", "cpu", "--batch_size", 5)
+def test_cli_limit_and_batches_score_the_first_examples_as_transformers_does(hf_dir, examples, reference, tmp_path):
+    # --limit 20 in batches of 7 (the last one short): the choices of transformers' fp32 forward on those 20,
+    # where acc and acc_norm differ (5 and 7 right), so that swapping or merging them shows
+    n = 20
+    ref_total, ref_count = (t[:n] for t in reference)
+    labels = torch.tensor([e["label"] for e in examples[:n]])
+    acc = (ref_total.argmin(1) == labels).sum().item() / n
+    acc_norm = ((ref_total / ref_count).argmin(1) == labels).sum().item() / n
+    assert acc != acc_norm
+    r = run_cli("--model", hf_dir, "--data", VAL, "--limit", n, "--device", "cpu", "--batch_size", 7)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["n"] == 12 and 0 <= out["acc"] <= 1 and 0 <= out["acc_norm"] <= 1 and out["examples_per_s"] > 0
+    assert out["n"] == n and out["examples_per_s"] > 0
+    assert (out["acc"], out["acc_norm"]) == (acc, acc_norm)
 
+    # each bad input: one line that names it, exit 2
     corrupted = tmp_path / "corrupted.jsonl"
-    corrupted.write_bytes(VAL.read_bytes()[:3000])
-    for args in (["--model", hf_dir, "--data", tmp_path / "missing.jsonl"],
-                 ["--model", hf_dir, "--data", corrupted],
-                 ["--model", tmp_path / "no_such_model", "--data", VAL]):
+    corrupted.write_bytes(VAL.read_bytes()[:3000])  # cut in the middle of a line
+    for args, words in ((["--model", hf_dir, "--data", tmp_path / "missing.jsonl"], ["missing.jsonl"]),
+                        (["--model", hf_dir, "--data", corrupted], ["corrupted.jsonl line", "not valid JSON"]),
+                        (["--model", tmp_path / "no_such_model", "--data", VAL], ["no_such_model"])):
         r = run_cli(*args, "--device", "cpu")
         assert r.returncode == 2, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith("error: ") and all(w in r.stderr for w in words), r.stderr
 
 
 def test_the_download_cache_is_beside_the_program():

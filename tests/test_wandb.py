@@ -1,6 +1,7 @@
 """--wandb_project in W&B's offline mode (no network): the run's files, read back, hold what log.txt holds plus
 lr, grad norm and tok/s, and the config; a run killed and resumed continues the same W&B run."""
 import json
+import re
 import signal
 import struct
 
@@ -63,14 +64,18 @@ def test_wandb_offline_logs_what_log_txt_logs_and_a_resumed_run_continues_it(sma
     pytest.importorskip("wandb")
     log_dir = tmp_path / "run"
     # preempted (SIGTERM: W&B flushes its files at exit; after kill -9 the offline files of that life are empty)
-    rc, _, err = run_until(train_args(small_text, log_dir, "--wandb_project", "gpt2-test"), "step     4 | loss",
-                           signal.SIGTERM, env=OFFLINE)
+    rc, out, err = run_until(train_args(small_text, log_dir, "--wandb_project", "gpt2-test"), "step     4 | loss",
+                             signal.SIGTERM, env=OFFLINE)
     assert rc == 143, err
-    run_id = torch.load(log_dir / "model_00006.pt", weights_only=True)["wandb_id"]
+    # the step in progress when the signal came finishes, then the checkpoint: step 6 if the signal came during
+    # step 5, later on a machine too slow to deliver it by then; the line and the file name the same step
+    stopped = int(re.search(r"stopped by signal at step (\d+)", out)[1])
+    assert 6 <= stopped < 8, out
+    run_id = torch.load(log_dir / f"model_{stopped:05d}.pt", weights_only=True)["wandb_id"]
     assert [r[0] for r in offline_runs(log_dir)] == [run_id]
     out = run_cli(*train_args(small_text, log_dir, "--resume", "auto", "--wandb_project", "gpt2-test"), env=OFFLINE)
     assert out.returncode == 0, out.stderr
-    assert "resumed at step 6" in out.stdout
+    assert f"resumed at step {stopped}" in out.stdout
     runs = offline_runs(log_dir)
     assert [r[0] for r in runs] == [run_id, run_id]  # the resumed run continues the same W&B run
     assert torch.load(log_dir / "model_00008.pt", weights_only=True)["wandb_id"] == run_id
@@ -79,11 +84,14 @@ def test_wandb_offline_logs_what_log_txt_logs_and_a_resumed_run_continues_it(sma
     # the W&B history of both lives is log.txt exactly
     assert logged(history) == read_log(log_dir / "log.txt")
     train_rows = [h for h in runs[1][2] if "train/loss" in h]
-    assert [h["step"] for h in train_rows] == [6, 7]
+    assert [h["step"] for h in train_rows] == list(range(stopped, 8))
     for h in train_rows:  # and what stdout prints each step
         line = next(ln for ln in out.stdout.splitlines() if ln.startswith(f"step {h['step']:5d} | loss"))
         assert f"lr {h['train/lr']:.4e}" in line and f"norm {h['train/grad_norm']:.4f}" in line
-        assert h["train/tok_per_s"] > 0 and 0 < h["train/mfu"] < 100
+        # MFU is a measured CPU peak's share: above 100% only where that peak was measured low, and then the
+        # line says so
+        assert h["train/tok_per_s"] > 0 and h["train/mfu"] > 0
+        assert h["train/mfu"] <= 100 or "above 100%: the CPU's measured peak is too low" in line, line
 
 
 def test_wandb_missing_is_one_clear_line(small_text, tmp_path):
