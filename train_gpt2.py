@@ -312,6 +312,7 @@ class DataLoader:
     what one process with N*A steps sees, and (epoch, shard, pos) resumes on any number of ranks."""
 
     def __init__(self, shards, B, T, rank=0, world_size=1, shuffle=False, seed=0):
+        # the token arrays that hold a micro-batch (rank 0 names the shorter ones)
         self.shards = token_files.shards_that_fill(shards, B * T + 1, rank)
         self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
         self.shuffle, self.seed = shuffle, seed
@@ -412,7 +413,7 @@ def setup_ddp(cfg):
     # the device ("cuda:<local_rank>" on GPUs; auto: cuda > mps > cpu), the dtype (auto: bf16
     # where native, else fp16 on GPUs, else fp32); rt.master (rank 0) logs and saves checkpoints
     rt = runtime.resolve(cfg.device, cfg.dtype, ranks=(ddp, rank, local_rank, world_size))
-    runtime.configure_process(rt)  # this GPU made current; TF32, CPU threads (runtime says why)
+    runtime.configure_process(rt)  # this GPU made current; TF32, CPU threads
     if ddp:  # the ranks meet. Long timeout: rank 0 alone may write gpt2-xl's 19 GB checkpoint
         backend = "nccl" if rt.device_type == "cuda" else "gloo"  # NCCL between GPUs
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.dist_timeout))
@@ -453,7 +454,7 @@ def build_state(cfg, rt):
     torch.manual_seed(runtime.rank_seed(cfg.seed, rt.rank))  # each rank its own dropout masks
     loader = DataLoader(train_shards, batch_size, cfg.seq_len, rt.rank, rt.world_size,
                         token_files.data_shuffle(cfg), cfg.seed)
-    # Muon: no weight decay; Newton-Schulz in bf16 (as torch.optim.Muon), else in fp32
+    # Muon: no weight decay; Newton-Schulz in bf16 (as torch.optim.Muon), else fp32
     ns_dtype = torch.bfloat16 if rt.dtype == "bf16" else torch.float32
     muon = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum, ns_dtype=ns_dtype)
     optimizer = configure_optimizer(model, cfg.max_lr, cfg.weight_decay, rt.device_type,
@@ -571,7 +572,8 @@ def train(cfg):
         loss = loss.item()  # waits for the device to finish the step: now its time is known
         dt = time.perf_counter() - t0
         run.after_step(step, loss)  # a non-finite loss stops the run; a signal stops it next pass
-        log.step(step, loss, lr, norm.item(), dt)  # with tokens a second, MFU and the time left
+        # the step's line: total_batch_size / dt tokens a second, MFU, the time left
+        log.step(step, loss, lr, norm.item(), dt)
     run.finish()  # the ranks wait for each other; W&B closes
 
 
@@ -597,10 +599,9 @@ def evaluate_loss(model, val_shards, n_tokens, batch_size, seq_len, rt, fsdp=Fal
     return loss_sum / count
 
 
-# HellaSwag (Zellers et al. 2019): a context and 4 endings, one of them right. The model reads
-# context + ending, for each of the 4; its cross-entropy on the ending's tokens says how surprised
-# it is, and the least surprising ending is its answer: by the loss summed over the ending (acc),
-# or by its mean per token (acc_norm: a long ending is not punished for its length; GPT-3's way).
+# HellaSwag (Zellers et al. 2019): a context, 4 endings, one right. The model's cross-entropy on
+# an ending's tokens after the context says how surprised it is; the least surprising ending is its
+# answer: by the summed loss (acc) or the mean per token (acc_norm: long endings not punished).
 
 
 def hellaswag_score(model, examples, enc, device="cpu", batch_size=16,
