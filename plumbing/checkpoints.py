@@ -44,8 +44,10 @@ def atomic_save(obj, path):
         ) from None
 
 
-def save(path, model, optimizer, scaler, step, loader, train_config, wandb_id=None, fsdp=False):
-    """Called on every rank (under FSDP all of them gather the state); rank 0 writes the file."""
+def save(path, model, optimizer, scaler, step, loader, train_config, wandb_id=None, fsdp=False,
+         data=None):
+    """Called on every rank (under FSDP all of them gather the state); rank 0 writes the file. data:
+    data_files as the run found them when it opened them (None: as they are now)."""
     model_sd, optimizer_sd = training_state(model, optimizer, fsdp)
     # every rank's own generators, gathered to rank 0
     rng = [rng_state(next(model.parameters()).device)]
@@ -63,7 +65,7 @@ def save(path, model, optimizer, scaler, step, loader, train_config, wandb_id=No
             "config": dataclasses.asdict(model.config),
             "train_config": dataclasses.asdict(train_config),
             # what --data held: a resume on other files is refused
-            "data_files": data_files(train_config.data),
+            "data_files": data if data is not None else data_files(train_config.data),
             "step": step,  # optimizer steps done
             "loader": loader.state_dict(),
             # "ranks": each rank's; "torch"/"cuda": rank 0's, where checkpoints from before per-rank

@@ -43,6 +43,9 @@ class LongRun:
         self.stop = signals.StopSignal(rt.ddp)  # SIGTERM/SIGINT: end the step, checkpoint, exit
         self.stop_for = 0  # the signal all ranks stop for (0: none)
         self.new_ckpt = None  # the newest checkpoint written, until a step shows its loss finite
+        # what --data holds now, as the run opened it: what every checkpoint records, so that a file
+        # replaced or added during the run is named when a resume finds it (docs/data.md)
+        self.data_files = checkpoints.data_files(cfg.data)
 
     def path(self, step):
         return os.path.join(self.cfg.log_dir, f"model_{step:05d}.pt")
@@ -52,7 +55,7 @@ class LongRun:
         prunes the older ones (--keep_checkpoints)."""
         cfg, s = self.cfg, self.s
         checkpoints.save(self.path(step), s.model, s.optimizer, s.scaler, step, s.loader, cfg,
-                         s.wandb_id, cfg.fsdp)
+                         s.wandb_id, cfg.fsdp, self.data_files)
         self.new_ckpt = self.path(step)
         self.prune(step)
 

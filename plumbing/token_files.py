@@ -1,11 +1,13 @@
 """
-Token files: the GPT-2 tokenizer, uint16 token shards memory-mapped and checked (fineweb.py's .npy,
-llm.c's and nanoGPT's .bin), and a text file tokenized once and split into train and val."""
+Token files: the GPT-2 tokenizer, uint16 token shards checked and read as batches need them, never
+read changed (fineweb.py's .npy, llm.c's and nanoGPT's .bin), and a text file tokenized once and
+split into train and val."""
 
 import glob
 import os
 import re
 import sys
+import weakref
 
 import numpy as np
 import torch
@@ -26,10 +28,61 @@ def get_encoding():
             "or point TIKTOKEN_CACHE_DIR at a folder holding its files") from None
 
 
+class TokenFile:
+    """A uint16 token shard on disk, read as batches need it (sliced like an array: file[a:b]), with
+    os.pread from the file this run opened. Each read is checked, before and after, against the
+    file's size and modification time when it was opened: a file truncated or rewritten in place
+    while the run trains on it ends the run with one line naming it, where a memory map would die
+    of SIGBUS (truncated) or mix old and new tokens (rewritten). A file replaced by another renamed
+    over it keeps being read as it was: the run holds the old one open (docs/data.md)."""
+
+    def __init__(self, path, offset, n):
+        self.filename, self.offset, self.n = path, offset, n  # tokens start at byte offset
+        self.fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self.fd)  # closed with the object
+        self.stamp = self.now()
+
+    def now(self):
+        st = os.fstat(self.fd)
+        return st.st_size, st.st_mtime_ns
+
+    def check(self):
+        if self.now() != self.stamp:
+            (size, _), (now, _) = self.stamp, self.now()
+            raise errors.UserError(
+                f"{self.filename} changed while this run read it ({size:,} bytes when opened, "
+                f"{now:,} now): a token file must not be rewritten in place during a run; put it "
+                "back as it was and continue with --resume auto, or start a new run "
+                "(docs/data.md: what is safe to do to a data directory during a run)")
+
+    def __len__(self):
+        return self.n
+
+    def __array__(self, dtype=None, copy=None):  # np.asarray(file): all its tokens
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice):  # one token
+            return self[index:index + 1][0] if index >= 0 else self[self.n + index]
+        start, stop, _ = index.indices(self.n)  # the tokens [start, stop)
+        self.check()
+        data = os.pread(self.fd, 2 * max(0, stop - start), self.offset + 2 * start)
+        self.check()  # a rewrite during the read would have mixed old and new tokens
+        return np.frombuffer(data, dtype=np.uint16)
+
+
 def load_tokens(path):
-    """A uint16 token shard, memory-mapped: it is read from disk only as batches need it. A .npy
-    (fineweb.py, build-nanogpt), nanoGPT's train.bin or val.bin (raw), or llm.c's .bin, whose
-    256-int32 header read_llmc_tokens checks."""
+    """A uint16 token shard as a TokenFile: read from disk only as batches need it, and checked
+    that it does not change under the run. A .npy (fineweb.py, build-nanogpt), nanoGPT's train.bin
+    or val.bin (raw), or llm.c's .bin, whose 256-int32 header read_llmc_tokens checks."""
+    mapped = map_tokens(path)
+    tokens = TokenFile(path, mapped.offset, len(mapped))
+    tokens.check()  # as it was when mapped and checked
+    return tokens
+
+
+def map_tokens(path):
+    """A uint16 token shard memory-mapped, checked to hold GPT-2 ids (load_tokens)."""
     if os.path.basename(path) in formats.NANOGPT_TOKEN_FILES:
         arr = formats.read_nanogpt_tokens(path)
     elif path.endswith(".bin"):

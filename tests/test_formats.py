@@ -248,7 +248,7 @@ def test_nanogpt_data_dir_reads_as_its_train_py_reads_it(tmp_path):
         del arr
     train, val = token_files.load_splits(str(d))
     assert [len(s) for s in train + val] == [len(ids["train"]), len(ids["val"])]
-    assert val[0].tolist() == ids["val"]
+    assert val[0][:].tolist() == ids["val"]
     # nanoGPT's train.py get_batch, at the positions our unshuffled loader reads (consecutive blocks)
     data = np.memmap(d / "train.bin", dtype=np.uint16, mode="r")
     B, T = 4, 32
@@ -263,7 +263,7 @@ def test_nanogpt_data_dir_reads_as_its_train_py_reads_it(tmp_path):
     header = np.zeros(256, dtype="<i4")  # an llm.c shard that happens to be named train.bin: still llm.c's
     header[:3] = [20240520, 1, 100]
     (tmp_path / "train.bin").write_bytes(header.tobytes() + np.array(ids["train"][:100], dtype=np.uint16).tobytes())
-    assert token_files.load_tokens(str(tmp_path / "train.bin")).tolist() == ids["train"][:100]
+    assert token_files.load_tokens(str(tmp_path / "train.bin"))[:].tolist() == ids["train"][:100]
     for size in (0, 2 * 50 + 1):  # empty, truncated mid-token
         (d / "val.bin").write_bytes(bytes(size))
         with pytest.raises(errors.UserError, match=f"val.bin holds {size} bytes, .*run nanoGPT's prepare.py again"):
