@@ -30,6 +30,7 @@ COMMANDS = {  # name: (module, the argv prefix its main() takes)
     "fineweb.py": ("fineweb", []), "bench/bench_train.py": ("bench_train", []),
     "bench/bench_fsdp.py": ("bench_fsdp", []), "bench/bench_hellaswag.py": ("bench_hellaswag", []),
     "bench/bench_fineweb.py": ("bench_fineweb", []), "bench/bench_muon.py": ("bench_muon", []),
+    "bench/bench_budget.py": ("bench_budget", []),
 }
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 

@@ -125,6 +125,8 @@ SPEC = {  # command: (module, how to call it, its flags' kinds, the functions th
                                            "steps": "nonneg_int", "device": ("choice", ["cpu", "cuda"]),
                                            "variants": ("choice", ["lr", "qkv", "steptime"])},
                    ["bench_muon.bench", "bench_muon.step_times"]),
+    "bench_budget": ("bench_budget", "argv", {"data": "in_file", "depths": "pos_int", "minutes": "pos_float"},
+                     ["bench_budget.bench"]),
 }
 CASES = [(cmd, flag) for cmd, (_, _, flags, _) in SPEC.items() for flag, kind in flags.items() if kind is not None]
 
@@ -174,6 +176,7 @@ def base_args(cmd, ws):
         "bench_fineweb": ["--data", ROOT / "tests" / "data" / "c4_sample.jsonl", "--repeat", "1", "--rounds", "1",
                           "--workers", "1"],
         "bench_muon": ["--shape", "quickstart", "--steps", "10"],
+        "bench_budget": ["--depths", "1", "--minutes", "0.1"],
     }[cmd]
 
 
