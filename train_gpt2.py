@@ -16,7 +16,6 @@ What real machines need and a reader can skip is in plumbing/: one module for ea
 """
 
 import contextlib
-import datetime
 import math
 import os
 import time
@@ -416,7 +415,7 @@ def setup_ddp(cfg):
     runtime.configure_process(rt)  # this GPU made current; TF32, CPU threads
     if ddp:  # the ranks meet. Long timeout: rank 0 alone may write gpt2-xl's 19 GB checkpoint
         backend = "nccl" if rt.device_type == "cuda" else "gloo"  # NCCL between GPUs
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.dist_timeout))
+        dist.init_process_group(backend, **runtime.rendezvous(rank, world_size, cfg.dist_timeout))
     return rt
 
 

@@ -53,7 +53,7 @@ def setup(device="auto", dtype="auto", check=None, dist_timeout=60):
     configure_process(rt)
     if rt.ddp and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if rt.device_type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=dist_timeout))
+                                **rendezvous(rt.rank, rt.world_size, dist_timeout))
     return rt
 
 
@@ -167,6 +167,26 @@ def configure_process(rt):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, cores // rt.local_world_size))
         keep_freed_memory()
+
+
+def rendezvous(rank, world_size, minutes):
+    """init_process_group's keywords beside the backend: where the ranks meet, and how long every
+    collective waits (minutes: rank 0 alone may write a big checkpoint while the others wait).
+
+    Under torchrun the ranks meet in torchrun's own store, which outlives the workers it restarts
+    (--max-restarts): a restarted group would read the previous round's addresses there and fail
+    or hang in init_process_group (pytorch/pytorch#135712). So each round meets under a prefix of
+    its own, its TORCHELASTIC_RESTART_COUNT. Elsewhere (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, other
+    launchers) the env:// rendezvous, as init_process_group does by default."""
+    timeout = datetime.timedelta(minutes=minutes)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return dict(timeout=timeout)
+    # a client of torchrun's store, as env:// makes it when the agent's store is shared
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    round_ = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dict(store=dist.PrefixStore(f"round{round_}", store), rank=rank, world_size=world_size,
+                timeout=timeout)
 
 
 def end_process_group():

@@ -1,7 +1,11 @@
-"""Faults during a run, injected at a chosen step (issue 41): here the token files changed underneath a run.
-A train shard truncated or rewritten in place ends the run with one line naming it, its last checkpoint intact
-(a memory-mapped shard died of SIGBUS, or mixed old and new tokens); one replaced by a new file renamed over it
-is read as it was, to the same weights as an undisturbed run, and the resume check names the change later."""
+"""Faults during a run, injected at a chosen step (issue 41).
+- Token files changed underneath a run: a train shard truncated or rewritten in place ends the run with one line
+  naming it, its last checkpoint intact (a memory-mapped shard died of SIGBUS, or mixed old and new tokens); one
+  replaced by a new file renamed over it is read as it was, to the same weights as an undisturbed run, and the
+  resume check names the change later.
+- A rank killed (-9) under torchrun with restarts allowed: torchrun restarts the group, which resumes from the
+  last checkpoint and ends bit-equal to an uninterrupted run (before runtime.rendezvous, the restarted group read
+  the previous round's addresses in torchrun's store and failed or hung in init_process_group)."""
 import os
 import shutil
 import subprocess
@@ -94,3 +98,48 @@ def test_a_shard_replaced_by_rename_is_read_as_it_was(tiny_shards, undisturbed, 
     # resuming on the new files is refused in one line, naming the data
     out = run_cli(*train_args(data, tmp_path / "log", "--resume", "auto", "--max_steps", "8"))
     assert out.returncode == 2 and "holds other files" in out.stderr, out.stderr
+
+
+KILL = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import train_gpt2 as tg
+real, steps = tg.train_step, []
+def step(*args, **kwargs):  # rank KILL_RANK kills itself (-9) after its KILL_AT-th step, in the first round only
+    out = real(*args, **kwargs)
+    steps.append(1)
+    if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and os.environ["RANK"] == os.environ["KILL_RANK"] \
+            and len(steps) == int(os.environ["KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+tg.train_step = step
+tg.main(sys.argv[2:])
+"""
+RANKS = ["--max_steps", "10", "--eval_every", "5", "--checkpoint_every", "2", "--total_batch_size", "128",
+         "--resume", "auto"]
+
+
+def torchrun(*args, env=None):
+    return run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, env=env)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_shards, tmp_path_factory):
+    """An uninterrupted 2-rank run, and the script that kills a rank."""
+    d = tmp_path_factory.mktemp("two_ranks")
+    (d / "kill.py").write_text(KILL)
+    out = torchrun(d / "kill.py", ROOT, *train_args(tiny_shards, d / "whole", *RANKS)[1:],
+                   env={**os.environ, "KILL_RANK": "-1", "KILL_AT": "0"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return d
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_killed_rank_restarts_under_torchrun_and_ends_as_an_uninterrupted_run(tiny_shards, two_ranks, tmp_path,
+                                                                                 rank):
+    out = torchrun("--max-restarts=1", two_ranks / "kill.py", ROOT,
+                   *train_args(tiny_shards, tmp_path / "log", *RANKS, "--dist_timeout", "1")[1:],
+                   env={**os.environ, "KILL_RANK": str(rank), "KILL_AT": "5"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed at step 4" in out.stdout  # the last checkpoint before the kill at step 5
+    assert same_weights(weights(tmp_path / "log" / "model_00010.pt"), weights(two_ranks / "whole" / "model_00010.pt"))
