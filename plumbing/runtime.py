@@ -175,11 +175,19 @@ def rendezvous(rank, world_size, minutes):
 
     Under torchrun the ranks meet in torchrun's own store, which outlives the workers it restarts
     (--max-restarts): a restarted group would read the previous round's addresses there and fail
-    or hang in init_process_group (pytorch/pytorch#135712). So each round meets under a prefix of
-    its own, its TORCHELASTIC_RESTART_COUNT. Elsewhere (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, other
-    launchers) the env:// rendezvous, as init_process_group does by default."""
+    or hang in init_process_group (pytorch/pytorch#135712). On one node each round meets under a
+    prefix of its own, its TORCHELASTIC_RESTART_COUNT. On several nodes that count is each node's
+    own (an agent whose workers did not fail restarts without counting), so no prefix is safe: the
+    env:// rendezvous, and where restarts are allowed, one line naming the variable that makes
+    torchrun give every round a new store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)."""
     timeout = datetime.timedelta(minutes=minutes)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return dict(timeout=timeout)
+    if int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1:  # several nodes
+        if rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0:
+            print("warning: torchrun's restarts on several nodes can hang in init_process_group "
+                  "(pytorch/pytorch#135712); set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before "
+                  "torchrun on every node (docs/scale.md)", file=sys.stderr)
         return dict(timeout=timeout)
     # a client of torchrun's store, as env:// makes it when the agent's store is shared
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,

@@ -4,6 +4,7 @@ read changed (fineweb.py's .npy, llm.c's and nanoGPT's .bin), and a text file to
 split into train and val."""
 
 import glob
+import operator
 import os
 import re
 import sys
@@ -34,12 +35,12 @@ class TokenFile:
     file's size and modification time when it was opened: a file truncated or rewritten in place
     while the run trains on it ends the run with one line naming it, where a memory map would die
     of SIGBUS (truncated) or mix old and new tokens (rewritten). A file replaced by another renamed
-    over it keeps being read as it was: the run holds the old one open (docs/data.md)."""
+    over it keeps being read as it was: the run holds the old one open (docs/data.md). A rewrite
+    that keeps both the size and the modification time (cp -p, rsync -t) is not seen."""
 
-    def __init__(self, path, offset, n):
-        self.filename, self.offset, self.n = path, offset, n  # tokens start at byte offset
-        self.fd = os.open(path, os.O_RDONLY)
-        weakref.finalize(self, os.close, self.fd)  # closed with the object
+    def __init__(self, path, fd, offset, n):
+        self.filename, self.fd, self.offset, self.n = path, fd, offset, n  # tokens from offset
+        weakref.finalize(self, os.close, fd)  # closed with the object
         self.stamp = self.now()
 
     def now(self):
@@ -63,21 +64,37 @@ class TokenFile:
 
     def __getitem__(self, index):
         if not isinstance(index, slice):  # one token
-            return self[index:index + 1][0] if index >= 0 else self[self.n + index]
-        start, stop, _ = index.indices(self.n)  # the tokens [start, stop)
+            i = operator.index(index)  # a Python int: numpy's small ints would overflow below
+            if not -self.n <= i < self.n:
+                raise IndexError(f"token {i} of a file of {self.n}")
+            return self[i % self.n:i % self.n + 1][0]
+        start, stop, step = index.indices(self.n)
+        if step != 1:  # rare: read the span, then step through it
+            return self[:][index]
         self.check()
-        data = os.pread(self.fd, 2 * max(0, stop - start), self.offset + 2 * start)
+        end, at, parts = self.offset + 2 * max(start, stop), self.offset + 2 * start, []
+        while at < end:  # one pread returns at most ~2 GB on Linux
+            part = os.pread(self.fd, min(end - at, 1 << 30), at)
+            if not part:
+                break
+            parts.append(part)
+            at += len(part)
         self.check()  # a rewrite during the read would have mixed old and new tokens
-        return np.frombuffer(data, dtype=np.uint16)
+        return np.frombuffer(b"".join(parts), dtype=np.uint16)
 
 
 def load_tokens(path):
     """A uint16 token shard as a TokenFile: read from disk only as batches need it, and checked
     that it does not change under the run. A .npy (fineweb.py, build-nanogpt), nanoGPT's train.bin
     or val.bin (raw), or llm.c's .bin, whose 256-int32 header read_llmc_tokens checks."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise errors.UserError(f"cannot open token file {path} ({e.strerror})") from None
+    tokens = TokenFile(path, fd, 0, 0)  # the file as opened: its size and time, before the scan
     mapped = map_tokens(path)
-    tokens = TokenFile(path, mapped.offset, len(mapped))
-    tokens.check()  # as it was when mapped and checked
+    tokens.offset, tokens.n = mapped.offset, len(mapped)
+    tokens.check()  # as it was when opened, through the checks of map_tokens
     return tokens
 
 

@@ -8,6 +8,7 @@
   the previous round's addresses in torchrun's store and failed or hung in init_process_group)."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -27,7 +28,8 @@ def train_args(data, log_dir, *extra):
 
 
 def run_and_act(args, pattern, act):
-    """Starts training, waits until stdout prints a line with pattern, then calls act() while the run goes on.
+    """Starts training, waits until stdout prints a line with pattern, then stops the run (SIGSTOP), calls act()
+    and lets it go on (SIGCONT): the fault lands while the run is under way, however slow the machine.
     Returns (exit code, stdout, stderr)."""
     proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -35,10 +37,30 @@ def run_and_act(args, pattern, act):
     for line in proc.stdout:
         seen.append(line)
         if pattern in line:
+            proc.send_signal(signal.SIGSTOP)
             act()
+            proc.send_signal(signal.SIGCONT)
             break
     rest, err = proc.communicate(timeout=300)
     return proc.returncode, "".join(seen) + rest, err
+
+
+def test_a_token_file_reads_what_the_array_holds(tmp_path):
+    # TokenFile against numpy's own indexing of the same tokens: slices (empty, past the end, stepped, reversed),
+    # single tokens (negative, numpy integers), and IndexError past either end
+    from plumbing import token_files
+    tokens = np.random.default_rng(0).integers(0, 50257, 1000, dtype=np.uint16)
+    np.save(tmp_path / "x_train_000001.npy", tokens)
+    f = token_files.load_tokens(str(tmp_path / "x_train_000001.npy"))
+    for index in (slice(None), slice(10, 20), slice(990, 2000), slice(5, 2), slice(None, None, 3),
+                  slice(None, None, -1), slice(-7, None)):
+        assert np.array_equal(f[index], tokens[index]), index
+    for i in (0, 999, -1, -1000, np.uint16(999), np.int32(-3)):
+        assert f[i] == tokens[i], i
+    for i in (1000, -1001):
+        with pytest.raises(IndexError):
+            f[i]
+    assert np.array_equal(np.asarray(f), tokens) and len(f) == len(tokens)
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +165,31 @@ def test_a_killed_rank_restarts_under_torchrun_and_ends_as_an_uninterrupted_run(
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed at step 4" in out.stdout  # the last checkpoint before the kill at step 5
     assert same_weights(weights(tmp_path / "log" / "model_00010.pt"), weights(two_ranks / "whole" / "model_00010.pt"))
+
+
+def test_rendezvous_gives_each_round_of_restarts_its_own_corner_of_torchruns_store(monkeypatch, capsys):
+    # one node: keys written through the store rendezvous gives land under the round's prefix in torchrun's store
+    # (a TCPStore server stands in for torchrun's); several nodes: env:// and, with restarts allowed, one line
+    import datetime
+
+    import torch.distributed as dist
+
+    from plumbing import runtime
+    server = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=datetime.timedelta(seconds=30))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "3")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
+    kw = runtime.rendezvous(0, 2, 5)
+    assert (kw["rank"], kw["world_size"], kw["timeout"]) == (0, 2, datetime.timedelta(minutes=5))
+    kw["store"].set("addr", "here")
+    assert server.get("round3/addr") == b"here" and not server.check(["addr"])
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    assert runtime.rendezvous(0, 4, 5) == dict(timeout=datetime.timedelta(minutes=5))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in err[0]
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # the variable set: torchrun's stores are new
+    assert runtime.rendezvous(0, 4, 5) == dict(timeout=datetime.timedelta(minutes=5))
+    assert capsys.readouterr().err == ""
