@@ -699,7 +699,7 @@ def model_config(cfg, ckpt=None, init_model=None):
     given = GPTConfig(**ckpt["config"]) if ckpt else init_model and init_model.config
     config = given or GPTConfig(**{**PRESETS[cfg.model], **overrides})
     # the shape flags agree with given's; heads divide n_embd; seq_len fits the position table
-    train_flags.check_shape(config, cfg.seq_len, overrides if given else {})
+    train_flags.check_shape(config, cfg.seq_len, overrides)
     return config
 
 

@@ -45,11 +45,11 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
-def setup(device="auto", dtype="auto", check=None, dist_timeout=60):
+def setup(device="auto", dtype="auto", dist_timeout=60):
     """What the programs' entry points but training call (sample, evaluate, hellaswag.py, the
     benches): the runtime (resolve), the process configured for it (configure_process) and, under
     torchrun, the process group; train_gpt2.setup_ddp does the same in the lecture's words."""
-    rt = resolve(device, dtype, check)
+    rt = resolve(device, dtype)
     configure_process(rt)
     if rt.ddp and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if rt.device_type == "cuda" else "gloo",
@@ -71,19 +71,16 @@ def torchrun_ranks():
             int(os.environ.get("WORLD_SIZE", 1)))
 
 
-def resolve(device="auto", dtype="auto", check=None, ranks=None):
+def resolve(device="auto", dtype="auto", ranks=None):
     """The device and dtype of this process, checked against the hardware and this PyTorch build;
     its ranks as ranks gives them (ddp, rank, local_rank, world_size), else as torchrun's variables
-    do (torchrun_ranks). check(world_size), if given, validates the flags first. It changes nothing
-    in the process, so a notebook or a library user can call it (and then configure_process, or
-    not)."""
+    do (torchrun_ranks). It changes nothing in the process, so a notebook or a library user can
+    call it (and then configure_process, or not)."""
     ddp, rank, local_rank, world_size = ranks or torchrun_ranks()
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     for name, value, choices in ("device", device, DEVICES), ("dtype", dtype, DTYPES):
         if value not in choices:  # as the command line's choices= would say it
             raise errors.UserError(f"unknown --{name} {value!r}; use {', '.join(choices)}")
-    if check is not None:
-        check(world_size)
     if device == "auto":
         device = ("cuda" if torch.cuda.is_available()
                   else "mps" if torch.backends.mps.is_available() else "cpu")

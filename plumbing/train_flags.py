@@ -154,10 +154,10 @@ def check(cfg):
             raise errors.UserError(message)
 
 
-def check_shape(config, seq_len, overrides=None):
+def check_shape(config, seq_len, overrides):
     """The model's shape (a GPTConfig, from the flags or a checkpoint's or weights' own), the shape
     flags that overrides gives ({name: value}) and --seq_len against it."""
-    if any(getattr(config, k) != v for k, v in (overrides or {}).items()):
+    if any(getattr(config, k) != v for k, v in overrides.items()):
         raise errors.UserError(f"the checkpoint holds a model of shape {vars(config)}, not the "
                                f"{overrides} asked for; drop the shape flags or start a new "
                                "--log_dir")

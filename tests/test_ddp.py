@@ -20,8 +20,8 @@ ARGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2"
         "--hellaswag_every", "3", "--hellaswag_limit", "15", "--hellaswag_data", str(HELLASWAG)]
 
 
-def torchrun(n, *args):
-    return run_cli("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args)
+def torchrun(n, *args, env=None):
+    return run_cli("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args, env=env)
 
 
 def read_log(path):

@@ -14,7 +14,8 @@ import sys
 
 import numpy as np
 import pytest
-import torch
+from test_ddp import torchrun
+from test_train import assert_same_weights, weights
 
 from conftest import ROOT, run_cli
 
@@ -77,14 +78,6 @@ def copy_of(shards, tmp_path):
     return data, sorted(data.glob("*_train_*.npy"))
 
 
-def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
-
-
-def same_weights(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def truncate(paths):  # as `> file` or a writer that opens with "wb" and has written nothing yet
     for p in paths:
         os.truncate(p, 128)
@@ -104,7 +97,7 @@ def test_a_shard_changed_in_place_ends_the_run_in_one_line(tiny_shards, undistur
     assert len(lines) == 1 and lines[0].startswith("error: ") and "changed while this run read it" in lines[0]
     assert any(str(p) in lines[0] for p in train), lines[0]
     # the checkpoint written before the fault is whole: the undisturbed run's, bit for bit
-    assert same_weights(weights(tmp_path / "log" / "model_00002.pt"), weights(undisturbed / "model_00002.pt"))
+    assert_same_weights(weights(tmp_path / "log" / "model_00002.pt"), weights(undisturbed / "model_00002.pt"))
 
 
 def test_a_shard_replaced_by_rename_is_read_as_it_was(tiny_shards, undisturbed, tmp_path):
@@ -116,7 +109,7 @@ def test_a_shard_replaced_by_rename_is_read_as_it_was(tiny_shards, undisturbed, 
             os.replace(p.with_suffix(".tmp.npy"), p)
     rc, _, err = run_and_act(train_args(data, tmp_path / "log"), "step     2 | loss", replace)
     assert rc == 0, err
-    assert same_weights(weights(tmp_path / "log" / "model_00006.pt"), weights(undisturbed / "model_00006.pt"))
+    assert_same_weights(weights(tmp_path / "log" / "model_00006.pt"), weights(undisturbed / "model_00006.pt"))
     # resuming on the new files is refused in one line, naming the data
     out = run_cli(*train_args(data, tmp_path / "log", "--resume", "auto", "--max_steps", "8"))
     assert out.returncode == 2 and "holds other files" in out.stderr, out.stderr
@@ -141,16 +134,12 @@ RANKS = ["--max_steps", "10", "--eval_every", "5", "--checkpoint_every", "2", "-
          "--resume", "auto"]
 
 
-def torchrun(*args, env=None):
-    return run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, env=env)
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tiny_shards, tmp_path_factory):
     """An uninterrupted 2-rank run, and the script that kills a rank."""
     d = tmp_path_factory.mktemp("two_ranks")
     (d / "kill.py").write_text(KILL)
-    out = torchrun(d / "kill.py", ROOT, *train_args(tiny_shards, d / "whole", *RANKS)[1:],
+    out = torchrun(2, d / "kill.py", ROOT, *train_args(tiny_shards, d / "whole", *RANKS)[1:],
                    env={**os.environ, "KILL_RANK": "-1", "KILL_AT": "0"})
     assert out.returncode == 0, out.stderr[-3000:]
     return d
@@ -159,12 +148,12 @@ def two_ranks(tiny_shards, tmp_path_factory):
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_killed_rank_restarts_under_torchrun_and_ends_as_an_uninterrupted_run(tiny_shards, two_ranks, tmp_path,
                                                                                  rank):
-    out = torchrun("--max-restarts=1", two_ranks / "kill.py", ROOT,
+    out = torchrun(2, "--max-restarts=1", two_ranks / "kill.py", ROOT,
                    *train_args(tiny_shards, tmp_path / "log", *RANKS, "--dist_timeout", "1")[1:],
                    env={**os.environ, "KILL_RANK": str(rank), "KILL_AT": "5"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed at step 4" in out.stdout  # the last checkpoint before the kill at step 5
-    assert same_weights(weights(tmp_path / "log" / "model_00010.pt"), weights(two_ranks / "whole" / "model_00010.pt"))
+    assert_same_weights(weights(tmp_path / "log" / "model_00010.pt"), weights(two_ranks / "whole" / "model_00010.pt"))
 
 
 def test_rendezvous_gives_each_round_of_restarts_its_own_corner_of_torchruns_store(monkeypatch, capsys):
